@@ -1,0 +1,54 @@
+"""Versions, devices and which backends can run here (and why not): ``python -m lora_kernels.info``."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import backends
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception as e:  # missing or broken
+        return f"not available ({type(e).__name__})"
+
+
+def info(as_dict: bool = False):
+    """Report versions, devices and backend availability; prints it, or returns a dict when as_dict."""
+    from . import __version__
+
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    report = {
+        "lora_kernels": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda or "none (CPU build)",
+        "triton": _version("triton"),
+        "triton interpreter (TRITON_INTERPRET=1)": backends.triton_interpreting(),
+        "devices": {},
+    }
+    for dev in devices:
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+        st = backends.status(dev)
+        auto = backends.resolve("auto", dev, torch.bfloat16) if dev.type == "cuda" else "torch"
+        report["devices"][str(dev)] = {
+            "name": name,
+            "auto backend (bf16)": auto,
+            "backends": {k: ("available" if v is None else f"unavailable: {v}") for k, v in st.items()},
+        }
+    if as_dict:
+        return report
+    for key, value in report.items():
+        if key != "devices":
+            print(f"{key:42s} {value}")
+    for dev, d in report["devices"].items():
+        print(f"\n[{dev}] {d['name']}  (auto -> {d['auto backend (bf16)']})")
+        for k, v in d["backends"].items():
+            print(f"  {k:8s} {v}")
+    return None
+

@@ -1,0 +1,177 @@
+"""The implementations of the op contract, which of them can run here, and why not.
+
+Every backend provides the same two functions on 2-D inputs (see ``lora_kernels.ops`` for the contract):
+
+    forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa) -> (y, xa)
+    backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic)
+        -> (dx or empty, dA, dB)
+
+``seed`` is a one-element int64 tensor on the inputs' device (None when dropout_p == 0); ``xa`` is the
+fp32 (fp64 for fp64 inputs) product dropout(x) A^T that the forward saves for the backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from . import reference
+
+NAMES = ("auto", "torch", "triton", "cuda")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ALL_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run these tensors here; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# torch: the reference formulas, in the inputs' dtype.
+# --------------------------------------------------------------------------------------------
+def _xa_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class TorchBackend:
+    name = "torch"
+
+    @staticmethod
+    def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+        return None
+
+    @staticmethod
+    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa):
+        y, xa = reference.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_int(seed))
+        xa = xa.to(_xa_dtype(x.dtype)) if save_xa else x.new_empty((0,), dtype=_xa_dtype(x.dtype))
+        return y, xa
+
+    @staticmethod
+    def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
+        dx, da, db = reference.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p,
+                                             _seed_int(seed), need_dx)
+        return (dx if need_dx else x.new_empty((0,))), da, db
+
+
+def _seed_int(seed):
+    return None if seed is None else int(seed.reshape(()).item())
+
+
+# --------------------------------------------------------------------------------------------
+# triton: the fused kernels of lora_kernels.kernels.
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton cannot be imported ({type(e).__name__}: {e})"
+    try:
+        from . import kernels  # noqa: F401
+    except Exception as e:
+        return f"the Triton kernels failed to load ({type(e).__name__}: {e})"
+    return None
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before triton was imported)."""
+    if _triton_import_error() is not None:
+        return False
+    from .kernels.configs import INTERPRET
+
+    return INTERPRET
+
+
+class TritonBackend:
+    name = "triton"
+
+    @staticmethod
+    def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+        err = _triton_import_error()
+        if err:
+            return err
+        if dtype not in KERNEL_DTYPES:
+            return f"the Triton kernels support float16, bfloat16 and float32, not {dtype}"
+        if triton_interpreting():
+            if device.type != "cpu":
+                return "TRITON_INTERPRET=1 is set: the Triton interpreter runs on CPU tensors only"
+            return None
+        if device.type != "cuda":
+            return (f"Triton kernels need CUDA tensors (got {device.type}); on CPU they run only in the "
+                    "interpreter (set TRITON_INTERPRET=1 before triton is imported)")
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"the Triton kernels need compute capability >= 8.0, the GPU has {major}.{minor}"
+        return None
+
+    @staticmethod
+    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa):
+        from .kernels.forward import lora_forward
+
+        return lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa)
+
+    @staticmethod
+    def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
+        from .kernels.backward import lora_backward
+
+        return lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic)
+
+
+# --------------------------------------------------------------------------------------------
+# cuda: the csrc extension.
+# --------------------------------------------------------------------------------------------
+class CudaBackend:
+    name = "cuda"
+
+    @staticmethod
+    def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+        return ("the CUDA C++ extension (lora_kernels._C) is not part of this build; "
+                "use backend='triton' or 'torch'")
+
+    forward = backward = None
+
+
+BACKENDS = {b.name: b for b in (TorchBackend, TritonBackend, CudaBackend)}
+
+
+# --------------------------------------------------------------------------------------------
+# Choice
+# --------------------------------------------------------------------------------------------
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend to run for tensors on `device` of `dtype`; raises if `name` cannot run them."""
+    if name not in NAMES:
+        raise ValueError(f"backend: unknown name {name!r}; expected one of {', '.join(map(repr, NAMES))}")
+    if name != "auto":
+        reason = BACKENDS[name].unavailable_reason(device, dtype)
+        if reason:
+            raise BackendUnavailableError(f"backend {name!r} is unavailable for {dtype} tensors on {device}: {reason}")
+        return name
+    forced = os.environ.get("LORA_KERNELS_BACKEND")
+    if forced:
+        return resolve(forced, device, dtype)
+    if device.type != "cuda" or dtype == torch.float64:
+        return "torch"  # the fastest choice on CPU: the interpreter is a correctness tool, not a fast path
+    reason = TritonBackend.unavailable_reason(device, dtype)
+    if reason is None:
+        return "triton"
+    warn_once(f"auto-fallback-{device}-{dtype}",
+              f"lora_kernels: falling back to the unfused torch backend on {device} ({dtype}): {reason}. "
+              "`python -m lora_kernels.info` shows the backends and why they are unavailable.")
+    return "torch"
+
+
+def status(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, str | None]:
+    """{backend name: None if usable, else the reason} for tensors on `device` of `dtype`."""
+    return {name: b.unavailable_reason(device, dtype) for name, b in BACKENDS.items()}

@@ -1,0 +1,110 @@
+"""Autotune configurations of the Triton kernels, per GPU generation, and launch-time helpers.
+
+The lists are starting points for sm_80 (A100) and sm_90 (H100/H200); `early_config_prune` keeps the
+ones of the running GPU's generation that suit the padded rank. Under the Triton interpreter
+(TRITON_INTERPRET=1, the CPU test path) every kernel gets a single small config: the interpreter
+cannot benchmark, and its run time grows with the number of programs.
+"""
+
+import functools
+
+import torch
+import triton
+
+try:  # triton >= 3.4 keeps its settings in knobs
+    INTERPRET = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # pragma: no cover - older triton
+    import os
+
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _cfg(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+# Rows: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, largest padded rank the row serves), per GPU generation
+# and element size (2: fp16/bf16, 4: fp32, which needs smaller tiles for the same shared memory).
+# "gemm": the forward (tile [BLOCK_M, BLOCK_N], reducing over K) and the dX backward (tile
+# [BLOCK_M, BLOCK_K], reducing over N). "thin": xa = dropout(x) A^T and the A/B-only backward.
+TABLES = {
+    "gemm": {
+        90: {2: [(128, 256, 64, 8, 3, 32), (128, 128, 64, 8, 4, 64), (128, 128, 64, 4, 4, 32),
+                 (64, 128, 64, 4, 4, 256), (64, 64, 64, 4, 4, 256)],
+             4: [(128, 128, 32, 8, 3, 64), (64, 128, 32, 4, 3, 256), (64, 64, 32, 4, 3, 256)]},
+        80: {2: [(128, 256, 32, 8, 3, 32), (128, 128, 32, 4, 4, 64), (128, 64, 32, 4, 4, 64),
+                 (64, 128, 32, 4, 4, 256), (64, 64, 32, 4, 3, 256)],
+             4: [(128, 128, 32, 8, 3, 64), (64, 128, 32, 4, 3, 256), (64, 64, 32, 4, 3, 256)]},
+    },
+    "thin": {
+        90: {2: [(64, 64, 128, 4, 4, 256), (128, 64, 64, 8, 3, 128), (32, 64, 128, 4, 4, 256)],
+             4: [(64, 64, 64, 4, 3, 256), (32, 64, 64, 4, 3, 256)]},
+        80: {2: [(64, 64, 64, 4, 4, 256), (128, 64, 32, 8, 3, 128), (32, 64, 64, 4, 4, 256)],
+             4: [(64, 64, 32, 4, 3, 256), (32, 64, 32, 4, 3, 256)]},
+    },
+}
+_INTERPRETER = (32, 32, 32, 4, 1)
+
+
+def _build(kind):
+    """(all configs of a kind, {id(config): (arch, element size, row)})."""
+    configs, info = [], {}
+    for arch, by_size in TABLES[kind].items():
+        for elem_bytes, table in by_size.items():
+            for row in table:
+                c = _cfg(*row[:5])
+                configs.append(c)
+                info[id(c)] = (arch, elem_bytes, row)
+    return configs, info
+
+
+if INTERPRET:
+    FORWARD_CONFIGS = BACKWARD_CONFIGS = XA_CONFIGS = [_cfg(*_INTERPRETER)]
+    _INFO = {}
+else:
+    FORWARD_CONFIGS, _fwd_info = _build("gemm")
+    BACKWARD_CONFIGS, _bwd_info = _build("gemm")
+    XA_CONFIGS, _xa_info = _build("thin")
+    _INFO = {**_fwd_info, **_bwd_info, **_xa_info}
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device_index: int) -> int:
+    major, _ = torch.cuda.get_device_capability(device_index)
+    return 90 if major >= 9 else 80
+
+
+def _eligible(configs, elem_bytes: int, block_r: int):
+    """Configs of the running GPU's generation and this element size that serve the padded rank
+    (if none does, the one serving the largest rank)."""
+    if INTERPRET or not torch.cuda.is_available():
+        return configs[:1]
+    arch = _arch(torch.cuda.current_device())
+    mine = [c for c in configs if _INFO[id(c)][:2] == (arch, elem_bytes)]
+    kept = [c for c in mine if block_r <= _INFO[id(c)][2][5]]
+    return kept or [max(mine, key=lambda c: _INFO[id(c)][2][5])]
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """early_config_prune hook of the autotuners; the first kernel argument (X or DY) gives the dtype."""
+    first = next(iter(named_args.values()), None)
+    elem_bytes = first.element_size() if isinstance(first, torch.Tensor) else 2
+    return _eligible(configs, elem_bytes, kwargs.get("BLOCK_R", 16))
+
+
+def fixed_config(configs, elem_bytes: int, block_r: int):
+    """One config chosen without timing (deterministic mode, where buffer shapes follow BLOCK_M)."""
+    return _eligible(configs, elem_bytes, block_r)[0]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs compute in true fp32 unless the user allowed TF32 for matmuls."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
+        return "tf32"
+    return "ieee"
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: one tuning per power of two, not per sequence length."""
+    return triton.next_power_of_2(max(int(m), 1))

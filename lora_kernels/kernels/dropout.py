@@ -1,0 +1,53 @@
+"""In-kernel dropout mask: Philox4x32-10 on (seed, element index), regenerated wherever it is needed.
+
+The mask of element (m, k) of x [M, K] is a pure function of (seed, m, k), so forward and backward
+(and the torch reference, and the CUDA kernels) agree without ever storing an M x K mask. One Philox
+call yields four 32-bit words, which serve four consecutive columns: counter ``m * ceil(K/4) + k // 4``,
+word ``k % 4``. The bit-exact PyTorch twin is ``lora_kernels.reference.dropout_keep_mask``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _philox4x32(c0, c1, k0, k1, ROUNDS: tl.constexpr):
+    # c2 = c3 = 0 at entry; the four words come back as uint32 tensors.
+    c2 = c0 * 0
+    c3 = c0 * 0
+    for _ in tl.static_range(ROUNDS):
+        _c0 = c0
+        _c2 = c2
+        c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
+        c1 = _c2 * 0xCD9E8D57
+        c3 = _c0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def dropout_keep(seed_ptr, row_start, col_start, K, threshold,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Keep-mask [BLOCK_M, BLOCK_K] for rows row_start.., columns col_start.. (col_start % 4 == 0)."""
+    seed = tl.load(seed_ptr).to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    k4 = (K + 3) // 4
+    rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    quads = col_start // 4 + tl.arange(0, BLOCK_K // 4)
+    counter = rows[:, None] * k4 + quads[None, :]
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    w0, w1, w2, w3 = _philox4x32(c0, c1, k0, k1, 10)
+    # Columns 4j..4j+3 take words 0..3 of counter j.
+    words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
+    return (words >> 1).to(tl.int32) >= threshold
+
+
+def dropout_args(p: float) -> tuple[int, float]:
+    """Host-side kernel arguments (threshold on 31-bit words, 1 / (1 - p)) for dropout probability p."""
+    from ..reference import dropout_threshold
+
+    return dropout_threshold(p), 1.0 / (1.0 - p)

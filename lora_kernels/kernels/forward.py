@@ -1,0 +1,206 @@
+"""Fused LoRA forward in Triton: y = x W0^T + bias + scaling * (dropout(x) A^T) B^T.
+
+Two variants, picked per call by ``forward_variant``:
+
+* ``fused`` (one launch; dropout off, r <= 64): each (m, n) tile program streams its x tile once and
+  feeds it to two dots, x W0^T and x A^T. x A^T is recomputed by every column of programs, which costs
+  r / BLOCK_N extra MMA work and no extra memory traffic; the programs of column 0 store xa for the
+  backward. The epilogue adds (scaling * xa) B^T and the bias.
+* ``xa_first`` (two launches; dropout on, or large r): a thin kernel computes xa = dropout(x) A^T once
+  (the dropout mask is generated once per element instead of once per column of programs), then the
+  GEMM treats (scaling * xa) B^T as one extra K step over r.
+
+xa is kept in fp32 [M, r] (a few hundred KiB) for the backward.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import FORWARD_CONFIGS, INTERPRET, XA_CONFIGS, dot_precision, m_bucket, prune_configs
+from .dropout import dropout_args, dropout_keep
+from .memory import empty
+
+
+@triton.jit
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped order: GROUP_M row-tiles share each column of W0 while it sits in L2.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % group_size)
+    pid_n = (pid % per_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=FORWARD_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "FUSE_XA"],
+                 prune_configs_by={"early_config_prune": prune_configs})
+@triton.jit
+def lora_fwd_kernel(
+    X, W, BIAS, A, B, XA, Y,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_bias, stride_xam, stride_ym, stride_yn,
+    scaling,
+    M_BUCKET,
+    HAS_BIAS: tl.constexpr, FUSE_XA: tl.constexpr, STORE_XA: tl.constexpr,
+    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Out-of-range rows/columns wrap around: loads stay in bounds without masks, stores are masked.
+    rows = offs_m % M
+    cols = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = W + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    a_ptrs = A + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        if FUSE_XA:
+            a = tl.load(a_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+            xa = tl.dot(x, a, xa, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if FUSE_XA:
+        if STORE_XA:
+            if pid_n == 0:
+                xa_ptrs = XA + offs_m[:, None] * stride_xam + offs_r[None, :]
+                tl.store(xa_ptrs, xa, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+        b = tl.load(B + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                    mask=offs_r[:, None] < R, other=0.0)
+        xs = (xa * scaling).to(Y.dtype.element_ty)
+        if UPCAST:
+            xs = xs.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(xs, b, acc, input_precision=DOT_PRECISION)
+    else:
+        # The low-rank term as extra K steps over r, reading the precomputed fp32 xa.
+        for r0 in range(0, R, BLOCK_K):
+            r_ok = offs_k < R - r0
+            xs = tl.load(XA + rows[:, None] * stride_xam + (r0 + offs_k)[None, :], mask=r_ok[None, :], other=0.0)
+            xs = (xs * scaling).to(Y.dtype.element_ty)
+            b = tl.load(B + cols[None, :] * stride_bn + (r0 + offs_k)[:, None] * stride_br,
+                        mask=r_ok[:, None], other=0.0)
+            if UPCAST:
+                xs = xs.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(xs, b, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
+    y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.autotune(configs=XA_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "DROPOUT"])
+@triton.jit
+def lora_xa_kernel(
+    X, A, XA, SEED,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_xam,
+    threshold, keep_scale,
+    M_BUCKET,
+    DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """xa[M, r] = dropout(x) A^T in fp32; one program per BLOCK_M rows and BLOCK_R ranks."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = offs_m % M
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    a_ptrs = A + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        if DROPOUT:
+            keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, threshold, BLOCK_M, BLOCK_K)
+            x = tl.where(keep, x, 0.0)
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    if DROPOUT:
+        acc *= keep_scale  # masking is exact; the 1 / (1 - p) factor is applied once, in fp32
+    tl.store(XA + offs_m[:, None] * stride_xam + offs_r[None, :], acc,
+             mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+
+
+def block_r(r: int) -> int:
+    """Rank padded for tl.dot: a power of two, at least 16 (GPU MMA needs K >= 16)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def forward_variant(r: int, dropout_p: float) -> str:
+    """Which forward to run. Fused keeps a [BLOCK_M, r] accumulator in registers next to the main one,
+    so it is limited to r <= 64; with dropout the mask would be regenerated by every column of programs."""
+    return "fused" if dropout_p == 0.0 and block_r(r) <= 64 else "xa_first"
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_p: float, save_xa: bool,
+                 variant: str | None = None):
+    """Launch the forward on 2-D x [M, K]; returns (y [M, N], xa [M, r] fp32 or an empty tensor)."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    y = empty((M, N), x.device, x.dtype)
+    variant = variant or forward_variant(R, dropout_p)
+    need_xa = save_xa or variant == "xa_first"
+    xa = empty((M, R) if need_xa else (0,), x.device, torch.float32)
+    if M == 0:
+        return y, xa
+    br = block_r(R)
+    precision = dot_precision(x.dtype)
+    upcast = INTERPRET
+    mb = m_bucket(M)
+    if variant == "xa_first":
+        threshold, keep_scale = dropout_args(dropout_p)
+        xa_br = min(br, 128)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, xa_br))
+        lora_xa_kernel[grid](
+            x, lora_A, xa, seed if seed is not None else x,
+            M, K, R,
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0),
+            threshold, keep_scale, mb,
+            DROPOUT=dropout_p > 0.0, BLOCK_R=xa_br, DOT_PRECISION=precision, UPCAST=upcast,
+        )
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    lora_fwd_kernel[grid](
+        x, weight, bias if bias is not None else x, lora_A, lora_B, xa, y,
+        M, N, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), bias.stride(0) if bias is not None else 0,
+        xa.stride(0) if need_xa else 0, y.stride(0), y.stride(1),
+        float(scaling), mb,
+        HAS_BIAS=bias is not None, FUSE_XA=variant == "fused", STORE_XA=need_xa,
+        BLOCK_R=br, DOT_PRECISION=precision, UPCAST=upcast,
+    )
+    if not save_xa:
+        xa = xa.new_empty((0,))
+    return y, xa

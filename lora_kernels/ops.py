@@ -1,0 +1,200 @@
+"""The op contract of lora-kernels: schemas, argument checks, fake (meta) implementations, autograd.
+
+Two named ops live in the ``lora_kernels`` namespace; every backend (see ``backends.py``) implements both:
+
+``lora_kernels::lora_linear_fwd(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, backend)
+    -> (y, xa)``
+    x [M, K]; weight W0 [N, K]; bias [N] or None; lora_A [r, K]; lora_B [N, r]; seed: one-element int64
+    tensor on x's device (None when dropout_p == 0).
+    y [M, N] = x W0^T + bias + scaling * (dropout(x) A^T) B^T, in x's dtype;
+    xa [M, r] = dropout(x) A^T in fp32 (fp64 for fp64 inputs) if save_xa, else an empty tensor.
+``lora_kernels::lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx,
+                                deterministic, backend) -> (dx, dA, dB)``
+    dx [M, K] (an empty tensor when need_dx is False), dA [r, K], dB [N, r]; deterministic asks for bitwise
+    repeatable results (no float atomics).
+
+Dropout is inverted dropout with the counter-based mask of ``reference.dropout_keep_mask``: a pure
+function of (seed, row, column), so the backward regenerates it instead of storing it.
+
+``lora_linear`` (the public function) flattens leading dims, checks arguments, draws the seed, picks the
+backend and calls the forward op; autograd is registered on the forward op, so torch.compile traces it
+without a graph break. Grads of weight and bias, if they require grad, are computed too (plain GEMM and
+sum in the backward).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+__all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "check_args"]
+
+
+def _fmt_dtype(dtypes):
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    """Raise a ValueError/TypeError naming the argument and the expected value; x is [..., K]."""
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+    if x.dtype not in backends.ALL_DTYPES:
+        raise TypeError(f"x: unsupported dtype {x.dtype}; expected one of {_fmt_dtype(backends.ALL_DTYPES)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-D tensor [out_features, in_features], got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x: last dimension must be in_features = {K} (weight.shape[1]), got shape {tuple(x.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A: expected shape [r, {K}], got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"rank r (lora_A.shape[0]) must be >= 1, got {r}")
+    if r > min(N, K):
+        raise ValueError(f"rank r = {r} must be <= min(in_features, out_features) = {min(N, K)}")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B: expected shape [{N}, {r}] (out_features, r), got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias: expected shape [{N}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}; cast one of them")
+        if t.device != x.device:
+            raise ValueError(f"{name}: on device {t.device}, expected x's device {x.device}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite number, got {scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+
+
+def _check_seed(seed, device, dropout_p):
+    if dropout_p > 0.0:
+        if seed is None or seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError("seed: dropout_p > 0 needs a one-element int64 tensor")
+        if seed.device != device:
+            raise ValueError(f"seed: on device {seed.device}, expected x's device {device}")
+
+
+def _backend(name: str):
+    impl = backends.BACKENDS.get(name)
+    if impl is None or name == "auto":
+        raise ValueError(f"backend: the ops take a resolved backend name, one of 'torch', 'triton', 'cuda'; got {name!r}")
+    return impl
+
+
+# --------------------------------------------------------------------------------------------
+# Forward op
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                    seed: Optional[Tensor], scaling: float, dropout_p: float, save_xa: bool,
+                    backend: str) -> tuple[Tensor, Tensor]:
+    check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    _check_seed(seed, x.device, dropout_p)
+    impl = _backend(backend)
+    backends.resolve(backend, x.device, x.dtype)  # raises with the reason if it cannot run here
+    return impl.forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa)
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, backend):
+    check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    xa_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    xa = x.new_empty((x.shape[0], lora_A.shape[0]) if save_xa else (0,), dtype=xa_dtype)
+    return y, xa
+
+
+# --------------------------------------------------------------------------------------------
+# Backward op
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
+                    seed: Optional[Tensor], scaling: float, dropout_p: float, need_dx: bool,
+                    deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
+    if tuple(grad_y.shape) != (M, N):
+        raise ValueError(f"grad_y: expected shape [{M}, {N}], got {tuple(grad_y.shape)}")
+    if tuple(xa.shape) != (M, r):
+        raise ValueError(f"xa: expected the saved [{M}, {r}] product of the forward (save_xa=True), "
+                         f"got shape {tuple(xa.shape)}")
+    _check_seed(seed, x.device, dropout_p)
+    impl = _backend(backend)
+    return impl.backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic)
+
+
+@lora_linear_bwd.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic, backend):
+    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd of the forward op
+# --------------------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, backend = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y, grad_xa):
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+    grad_x = grad_w = grad_bias = grad_a = grad_bb = None
+    if need_x or need_a or need_bb:
+        dx, grad_a, grad_bb = torch.ops.lora_kernels.lora_linear_bwd(
+            grad_y, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, need_x,
+            torch.are_deterministic_algorithms_enabled(), ctx.backend)
+        grad_x = dx if need_x else None
+    if need_w:  # W0 is frozen in LoRA; computed for callers that train it anyway
+        grad_w = grad_y.t() @ x
+    if need_b and ctx.has_bias:
+        grad_bias = grad_y.sum(0)
+    return grad_x, grad_w, grad_bias, grad_a, grad_bb, None, None, None, None, None
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------
+def draw_seed(device: torch.device) -> Tensor:
+    """A dropout seed from torch's generator for `device` (so torch.manual_seed makes runs repeatable)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                scaling: float, dropout_p: float = 0.0, *, backend: str = "auto",
+                seed: Optional[Tensor] = None) -> Tensor:
+    """y = x W0^T + bias + scaling * (dropout(x) A^T) B^T, fused; x may have any leading dims.
+
+    Dropout (inverted, like torch) applies whenever dropout_p > 0; pass ``seed`` (one-element int64
+    tensor) to fix the mask, otherwise one is drawn from torch's generator.
+    """
+    check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    name = backends.resolve(backend, x.device, x.dtype)
+    if dropout_p > 0.0 and seed is None:
+        seed = draw_seed(x.device)
+    elif dropout_p == 0.0:
+        seed = None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    params = (x, weight, bias, lora_A, lora_B)
+    save_xa = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    y, _ = torch.ops.lora_kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, seed, float(scaling),
+                                                  float(dropout_p), save_xa, name)
+    return y.reshape(*lead, weight.shape[0])

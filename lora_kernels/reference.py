@@ -1,0 +1,116 @@
+"""Pure-PyTorch LoRA formulas: the ``torch`` backend and the oracle every other backend is tested against.
+
+Everything here is written in plain tensor ops, in the dtype of the inputs, the way an eager
+PEFT-style layer computes it. Run it on fp64 copies of the inputs and it is the reference the
+kernels are measured against.
+
+Dropout masks follow the package's counter-based scheme (docs/design.md, "Dropout"): the mask of
+element (m, k) of x [M, K] is a pure function of (seed, m, k), computed with Philox4x32-10. This file
+holds the bit-exact PyTorch version of that function, so the reference, the Triton kernels and the
+CUDA kernels draw the same mask for the same seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "philox4x32",
+    "dropout_keep_mask",
+    "dropout_threshold",
+    "lora_forward",
+    "lora_backward",
+]
+
+_M32 = 0xFFFFFFFF
+_M16 = 0xFFFF
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_ROUNDS = 10
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product of a constant a and int64 tensor b (both < 2**32).
+
+    Split into 16-bit halves so no intermediate leaves int64 (signed overflow is not relied on).
+    """
+    ah, al = a >> 16, a & _M16
+    bh, bl = b >> 16, b & _M16
+    mid = ah * bl + al * bh
+    t = al * bl + ((mid & _M16) << 16)
+    lo = t & _M32
+    hi = ah * bh + (mid >> 16) + (t >> 32)
+    return hi & _M32, lo
+
+
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, ...]:
+    """Philox4x32 (Salmon et al., 2011) on int64 tensors holding 32-bit words; key (k0, k1).
+
+    Returns the four output words as int64 tensors with values in [0, 2**32). Identical, bit for bit,
+    to the Triton kernels' ``_philox4x32``.
+    """
+    c0, c1, c2, c3 = (torch.as_tensor(c).to(torch.int64) & _M32 for c in (c0, c1, c2, c3))
+    k0, k1 = k0 & _M32, k1 & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mul_hi_lo(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & _M32
+        k1 = (k1 + PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """An element is kept when its 31-bit random integer is >= this threshold (P(keep) = 1 - p)."""
+    return int(p * 2**31)
+
+
+def dropout_keep_mask(seed: int, m: int, k: int, p: float, device=None) -> torch.Tensor:
+    """Boolean keep-mask [m, k] of the package's dropout scheme.
+
+    Element (i, j) uses the 64-bit Philox counter ``c = i * ceil(k / 4) + j // 4`` as (c0, c1) = (low,
+    high word of c), c2 = c3 = 0, key (low, high word of the seed), and output word ``j % 4``; it is kept iff
+    ``word >> 1 >= floor(p * 2**31)``.
+    """
+    k4 = (k + 3) // 4
+    rows = torch.arange(m, device=device, dtype=torch.int64)[:, None]
+    cols = torch.arange(k4, device=device, dtype=torch.int64)[None, :]
+    counter = rows * k4 + cols
+    zero = torch.zeros_like(counter)
+    seed = int(seed)
+    words = philox4x32(counter & _M32, counter >> 32, zero, zero, seed & _M32, (seed >> 32) & _M32)
+    bits = torch.stack(words, dim=-1).reshape(m, 4 * k4)[:, :k]
+    return (bits >> 1) >= dropout_threshold(p)
+
+
+def _dropped(x: torch.Tensor, seed: int | None, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inverted dropout of a 2-D x with the package's mask; returns (x * D, D) (D None when p == 0)."""
+    if p == 0.0:
+        return x, None
+    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
+    d = keep.to(x.dtype) * (1.0 / (1.0 - p))
+    return x * d, d
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0, seed: int | None = None):
+    """y = x W0^T + bias + scaling * (dropout(x) A^T) B^T for a 2-D x; returns (y, xa) with xa = dropout(x) A^T."""
+    xd, _ = _dropped(x, seed, dropout_p)
+    xa = xd @ lora_A.t()
+    y = torch.nn.functional.linear(x, weight, bias) + (xa @ lora_B.t()) * scaling
+    return y, xa
+
+
+def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling: float, dropout_p: float = 0.0,
+                  seed: int | None = None, need_dx: bool = True):
+    """Gradients (dx or None, dA, dB) of lora_forward for a 2-D x, from the saved xa."""
+    xd, d = _dropped(x, seed, dropout_p)
+    g = (grad_y @ lora_B) * scaling                     # [M, r]
+    grad_B = (grad_y.t() @ xa.to(grad_y.dtype)) * scaling  # [N, r]
+    grad_A = g.t() @ xd                                 # [r, K]
+    grad_x = None
+    if need_dx:
+        gl = g @ lora_A
+        grad_x = grad_y @ weight + (gl if d is None else gl * d)
+    return grad_x, grad_A, grad_B

@@ -1,0 +1,71 @@
+"""Test setup: where kernels run, the parity rule, seeded inputs.
+
+Without a GPU the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before
+triton is imported, hence here, at the very top). With a GPU they run on it, natively.
+"""
+
+import os
+
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import lora_kernels  # noqa: E402
+from lora_kernels import backends, reference  # noqa: E402
+from lora_kernels.kernels import memory  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float64: 2.0**-52}
+
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none on this machine)")
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_seed():
+    """Every test starts from a fixed seed, and kernel outputs start as NaN so unwritten elements show."""
+    torch.manual_seed(0)
+    memory.POISON = True
+    yield
+    memory.POISON = False
+
+
+def assert_parity(name, out, ref_same_dtype, ref64, floor_ulps=2.0):
+    """The parity rule: max |out - ref64| <= 2 * max |ref_same_dtype - ref64| + floor.
+
+    The floor is `floor_ulps` units in the last place of the output dtype at the reference's largest
+    magnitude: it keeps the rule meaningful when the same-dtype reference happens to be exact.
+    """
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert out.dtype == ref_same_dtype.dtype, f"{name}: dtype {out.dtype} != {ref_same_dtype.dtype}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten or overflowed elements)"
+    if ref64.numel() == 0:
+        return
+    err = (out.double() - ref64).abs().max().item()
+    ref_err = (ref_same_dtype.double() - ref64).abs().max().item()
+    floor = floor_ulps * EPS[out.dtype] * max(ref64.abs().max().item(), 1e-30)
+    assert err <= 2 * ref_err + floor, (
+        f"{name}: error {err:.3e} > 2 x same-dtype reference error {ref_err:.3e} + floor {floor:.3e}")
+
+
+def make_inputs(M, K, N, r, dtype, device=DEVICE, bias=True, lead=None):
+    """Seeded random LoRA inputs with B non-zero (a zero B would hide every bug in the low-rank path)."""
+    shape = (*lead, K) if lead else (M, K)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    w = (torch.randn(N, K, device=device, dtype=dtype) / K**0.5)
+    b = torch.randn(N, device=device, dtype=dtype) if bias else None
+    a = torch.randn(r, K, device=device, dtype=dtype) / K**0.5
+    bb = torch.randn(N, r, device=device, dtype=dtype) / r**0.5
+    return x, w, b, a, bb
+
+
+def seed_tensor(value, device=DEVICE):
+    return torch.tensor([value], dtype=torch.int64, device=device)
+
+
+__all__ = ["DEVICE", "DTYPES", "HAS_GPU", "assert_parity", "make_inputs", "seed_tensor", "requires_gpu",
+           "lora_kernels", "backends", "reference"]

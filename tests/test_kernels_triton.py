@@ -1,0 +1,121 @@
+"""Triton kernels vs the fp64 reference (forward and every grad), through the op with backend="triton".
+
+On a machine without a GPU they run in Triton's interpreter on CPU tensors; with a GPU, natively on it.
+Every comparison uses the parity rule of conftest.assert_parity.
+"""
+
+import pytest
+import torch
+
+from conftest import DEVICE, DTYPES, assert_parity, make_inputs, seed_tensor
+from lora_kernels import lora_linear, reference
+from lora_kernels.kernels import forward as triton_forward
+
+SEED = 20261125
+SCALING = 0.75
+# (M, K, N, r): M = 0 and 1, K and N not multiples of the blocks, r = 1, r not a power of two,
+# r = min(K, N), r large enough for the two-launch forward and the widest rank padding.
+SHAPES = [
+    (1, 33, 17, 1),
+    (37, 45, 70, 3),
+    (64, 64, 48, 16),
+    (37, 100, 67, 33),
+    (19, 80, 72, 65),
+    (0, 32, 16, 4),
+    (5, 20, 24, 20),
+    (9, 260, 270, 256),
+]
+
+
+def _references(x, w, b, a, bb, gy, p, need_dx=True):
+    """(same-dtype results, fp64 results): each a tuple (y, dx, dA, dB)."""
+    out = []
+    for dtype in (x.dtype, torch.float64):
+        args = [t.detach().to(dtype) if t is not None else None for t in (x.reshape(-1, x.shape[-1]), w, b, a, bb)]
+        y, xa = reference.lora_forward(*args, SCALING, p, SEED)
+        g = gy.reshape(-1, w.shape[0]).to(dtype)
+        dx, da, db = reference.lora_backward(g, args[0], args[1], args[3], args[4], xa, SCALING, p, SEED, need_dx)
+        out.append((y.reshape(*x.shape[:-1], w.shape[0]), None if dx is None else dx.reshape(x.shape), da, db))
+    return out
+
+
+def _run_and_check(x, w, b, a, bb, p, need_dx=True):
+    x.requires_grad_(need_dx)
+    a.requires_grad_(True)
+    bb.requires_grad_(True)
+    y = lora_linear(x, w, b, a, bb, SCALING, p, backend="triton", seed=seed_tensor(SEED))
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    same, ref64 = _references(x, w, b, a, bb, gy, p, need_dx)
+    assert_parity("y", y, same[0], ref64[0])
+    if need_dx:
+        assert_parity("grad x", x.grad, same[1], ref64[1])
+    else:
+        assert x.grad is None
+    assert_parity("grad lora_A", a.grad, same[2], ref64[2])
+    assert_parity("grad lora_B", bb.grad, same[3], ref64[3])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}K{}N{}r{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_backward_parity(dtype, shape, bias, p):
+    M, K, N, r = shape
+    _run_and_check(*make_inputs(M, K, N, r, dtype, bias=bias), p)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lora_only_backward(dtype, p):
+    """x needs no grad: the A/B-only kernel, without the dY W0 GEMM."""
+    _run_and_check(*make_inputs(45, 70, 52, 6, dtype), p, need_dx=False)
+
+
+@pytest.mark.parametrize("variant", ["fused", "xa_first"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_both_forward_variants(dtype, variant):
+    """Both forwards, whichever the heuristic would pick, against the reference (dropout off)."""
+    x, w, b, a, bb = make_inputs(41, 72, 66, 12, dtype)
+    y, xa = triton_forward.lora_forward(x, w, b, a, bb, None, SCALING, 0.0, True, variant=variant)
+    same_y, same_xa = reference.lora_forward(x, w, b, a, bb, SCALING)
+    y64, xa64 = reference.lora_forward(*(t.double() for t in (x, w, b, a, bb)), SCALING)
+    assert_parity("y", y, same_y, y64)
+    assert_parity("xa", xa, same_xa.float(), xa64)
+
+
+def test_noncontiguous_inputs_and_leading_dims():
+    """Strided views (transposed x, transposed weight, sliced A/B) and 3-D x, no copies needed."""
+    dtype = torch.float16
+    x_base = torch.randn(40, 2, 3, 7, device=DEVICE, dtype=dtype)
+    x = x_base.permute(1, 2, 3, 0)[..., :37]           # [2, 3, 7, 37]: last dim strided
+    x = x[:, :, :5]                                      # [2, 3, 5, 37]
+    w = torch.randn(37, 50, device=DEVICE, dtype=dtype).t() / 6  # [50, 37], column-major
+    b = torch.randn(100, device=DEVICE, dtype=dtype)[::2]        # stride 2
+    a = torch.randn(37, 10, device=DEVICE, dtype=dtype).t()[:5] / 6  # [5, 37] strided
+    bb = torch.randn(5, 50, device=DEVICE, dtype=dtype).t()          # [50, 5] column-major
+    assert not x.is_contiguous() and not w.is_contiguous() and not a.is_contiguous()
+    _run_and_check(x, w, b, a, bb, 0.1)
+
+
+def test_deterministic_mode_is_bitwise_repeatable():
+    """With torch's deterministic algorithms on, dA and dB use partial buffers, not atomics: two runs
+    give identical bits, and the result still meets the parity rule."""
+    x, w, b, a, bb = make_inputs(70, 90, 80, 8, torch.bfloat16)
+    gy = torch.randn(70, 80, device=DEVICE, dtype=torch.bfloat16)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            xs, as_, bs = (t.detach().clone().requires_grad_(True) for t in (x, a, bb))
+            y = lora_linear(xs, w, b, as_, bs, SCALING, 0.1, backend="triton", seed=seed_tensor(SEED))
+            y.backward(gy)
+            runs.append((y.detach(), xs.grad, as_.grad, bs.grad))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for t1, t2 in zip(*runs):
+        assert torch.equal(t1, t2)
+    same, ref64 = _references(x, w, b, a, bb, gy, 0.1)
+    for name, out, s, r in zip(("y", "grad x", "grad lora_A", "grad lora_B"), runs[0], same, ref64):
+        assert_parity(name, out, s, r)
