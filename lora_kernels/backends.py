@@ -149,6 +149,7 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+@torch.compiler.assume_constant_result  # evaluated once while tracing, not traced into
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend to run for tensors on `device` of `dtype`; raises if `name` cannot run them."""
     if name not in NAMES:

@@ -36,33 +36,46 @@ def _kernels():
 
 
 def specializations(arch: int):
-    """(kernel name, dtype, constexprs, num_warps, num_stages) for every variant the launchers can pick on `arch`."""
-    from .configs import TABLES
+    """(kernel name, dtype, constexprs, num_warps, num_stages) covering what the launchers can pick on `arch`:
+    every config row in every dtype in its base variant, and every flag (bias, fused xa, dropout,
+    determinism, widest rank padding) on every row in bf16 and fp32. fp16 shares bf16's code paths but for
+    the element type, so its flag variants are not compiled separately."""
+    from .configs import TABLES, TILE_KEYS, XA_TILE_KEYS, _cfg
 
     out = []
+
+    def add(kernel, dtype, row, flags, keys=TILE_KEYS, precision="ieee"):
+        config = _cfg(row, keys)  # the very config the autotuner would launch
+        out.append((kernel, dtype, dict(config.kwargs, **flags, DOT_PRECISION=precision, UPCAST=False),
+                    config.num_warps, config.num_stages))
+
     for elem_bytes, dtypes in ((2, ("fp16", "bf16")), (4, ("fp32",))):
-        for (bm, bn, bk, warps, stages, max_r), dtype in itertools.product(TABLES["gemm"][arch][elem_bytes], dtypes):
-            tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
-            for br, fuse, bias in ((16, True, True), (min(64, max_r), True, False), (16, False, True)):
-                out.append(("lora_fwd_kernel", dtype, dict(tile, HAS_BIAS=bias, FUSE_XA=fuse, STORE_XA=True,
-                                                           BLOCK_R=br, DOT_PRECISION="ieee", UPCAST=False),
-                            warps, stages))
-            for br in sorted({16, max_r}):
-                for dropout, det in ((False, False), (True, dtype != "fp16")):
-                    out.append(("lora_bwd_dx_kernel", dtype, dict(tile, DROPOUT=dropout, DETERMINISTIC=det,
-                                                                  BLOCK_R=br, DOT_PRECISION="ieee", UPCAST=False),
-                                warps, stages))
-        for (bm, bn, bk, warps, stages, max_r), dtype in itertools.product(TABLES["thin"][arch][elem_bytes], dtypes):
-            for br in sorted({16, min(128, max_r)}):
-                for dropout in (False, True):
-                    out.append(("lora_xa_kernel", dtype, dict(BLOCK_M=bm, BLOCK_K=bk, DROPOUT=dropout, BLOCK_R=br,
-                                                              DOT_PRECISION="ieee", UPCAST=False), warps, stages))
-            for br in sorted({16, max_r}):
-                for dropout, det in ((False, False), (True, dtype != "fp16")):
-                    out.append(("lora_bwd_ab_kernel", dtype, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                                                                  DROPOUT=dropout, DETERMINISTIC=det, BLOCK_R=br,
-                                                                  DOT_PRECISION="ieee", UPCAST=False),
-                                warps, stages))
+        for dtype in dtypes:
+            full = dtype != "fp16"
+            for row in TABLES["gemm"][arch][elem_bytes]:
+                add("lora_fwd_kernel", dtype, row, dict(HAS_BIAS=True, FUSE_XA=True, STORE_XA=True, BLOCK_R=16))
+                if full:
+                    add("lora_fwd_kernel", dtype, row, dict(HAS_BIAS=False, FUSE_XA=True, STORE_XA=True,
+                                                            BLOCK_R=min(64, row[5])))
+                    add("lora_fwd_kernel", dtype, row, dict(HAS_BIAS=True, FUSE_XA=False, STORE_XA=True, BLOCK_R=16))
+            for row in TABLES["dx"][arch][elem_bytes]:
+                add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=False, DETERMINISTIC=False, BLOCK_R=16))
+                if full:
+                    add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=False, BLOCK_R=row[5]))
+                    add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=True, BLOCK_R=16))
+            for row in TABLES["thin"][arch][elem_bytes]:
+                add("lora_xa_kernel", dtype, row, dict(DROPOUT=False, BLOCK_R=16), XA_TILE_KEYS)
+                add("lora_bwd_ab_kernel", dtype, row, dict(DROPOUT=False, DETERMINISTIC=False, BLOCK_R=16))
+                if full:
+                    add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, BLOCK_R=min(128, row[5])),
+                        XA_TILE_KEYS)
+                    add("lora_bwd_ab_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=False, BLOCK_R=row[5]))
+                    add("lora_bwd_ab_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=True, BLOCK_R=16))
+    # fp32 inputs with torch.backends.cuda.matmul.allow_tf32 switch the dots to TF32.
+    add("lora_fwd_kernel", "fp32", TABLES["gemm"][arch][4][0],
+        dict(HAS_BIAS=True, FUSE_XA=True, STORE_XA=True, BLOCK_R=16), precision="tf32")
+    add("lora_bwd_dx_kernel", "fp32", TABLES["dx"][arch][4][0],
+        dict(DROPOUT=True, DETERMINISTIC=False, BLOCK_R=16), precision="tf32")
     return out
 
 

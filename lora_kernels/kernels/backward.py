@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import (BACKWARD_CONFIGS, INTERPRET, XA_CONFIGS, dot_precision, fixed_config, m_bucket,
+from .configs import (AB_CONFIGS, BACKWARD_CONFIGS, INTERPRET, dot_precision, fixed_config, m_bucket,
                       prune_configs)
 from .dropout import dropout_args, dropout_keep
 from .forward import _tile_ids, block_r
@@ -117,7 +117,7 @@ def lora_bwd_dx_kernel(
                 r_ok[:, None] & k_ok[None, :], DETERMINISTIC)
 
 
-@triton.autotune(configs=XA_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "DROPOUT"],
+@triton.autotune(configs=AB_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "DROPOUT"],
                  prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["DA", "DB"])
 @triton.jit
 def lora_bwd_ab_kernel(

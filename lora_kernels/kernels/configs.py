@@ -19,15 +19,23 @@ except AttributeError:  # pragma: no cover - older triton
     INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _cfg(bm, bn, bk, warps, stages, group=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                         num_warps=warps, num_stages=stages)
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+XA_TILE_KEYS = ("BLOCK_M", None, "BLOCK_K")  # the xa kernel has no N dimension and no tile grouping
+
+
+def _cfg(row, keys=TILE_KEYS):
+    meta = {k: v for k, v in zip(keys, row[:3]) if k is not None}
+    if keys == TILE_KEYS:
+        meta["GROUP_M"] = 8
+    return triton.Config(meta, num_warps=row[3], num_stages=row[4])
 
 
 # Rows: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, largest padded rank the row serves), per GPU generation
 # and element size (2: fp16/bf16, 4: fp32, which needs smaller tiles for the same shared memory).
-# "gemm": the forward (tile [BLOCK_M, BLOCK_N], reducing over K) and the dX backward (tile
-# [BLOCK_M, BLOCK_K], reducing over N). "thin": xa = dropout(x) A^T and the A/B-only backward.
+# "gemm": the forward (output tile [BLOCK_M, BLOCK_N], reducing over K in BLOCK_K steps).
+# "dx": the dX backward (output tile [BLOCK_M, BLOCK_K], reducing over N in BLOCK_N steps; a wide
+# output tile also means fewer columns of programs recomputing G = dY B).
+# "thin": xa = dropout(x) A^T and the A/B-only backward.
 TABLES = {
     "gemm": {
         90: {2: [(128, 256, 64, 8, 3, 32), (128, 128, 64, 8, 4, 64), (128, 128, 64, 4, 4, 32),
@@ -36,6 +44,14 @@ TABLES = {
         80: {2: [(128, 256, 32, 8, 3, 32), (128, 128, 32, 4, 4, 64), (128, 64, 32, 4, 4, 64),
                  (64, 128, 32, 4, 4, 256), (64, 64, 32, 4, 3, 256)],
              4: [(128, 128, 32, 8, 3, 64), (64, 128, 32, 4, 3, 256), (64, 64, 32, 4, 3, 256)]},
+    },
+    "dx": {
+        90: {2: [(128, 64, 256, 8, 3, 32), (128, 64, 128, 8, 4, 64), (128, 64, 128, 4, 4, 32),
+                 (64, 64, 128, 4, 4, 256), (64, 64, 64, 4, 4, 256)],
+             4: [(128, 32, 128, 8, 3, 64), (64, 32, 128, 4, 3, 256), (64, 32, 64, 4, 3, 256)]},
+        80: {2: [(128, 32, 256, 8, 3, 32), (128, 32, 128, 4, 4, 64), (128, 32, 64, 4, 4, 64),
+                 (64, 32, 128, 4, 4, 256), (64, 32, 64, 4, 3, 256)],
+             4: [(128, 32, 128, 8, 3, 64), (64, 32, 128, 4, 3, 256), (64, 32, 64, 4, 3, 256)]},
     },
     "thin": {
         90: {2: [(64, 64, 128, 4, 4, 256), (128, 64, 64, 8, 3, 128), (32, 64, 128, 4, 4, 256)],
@@ -47,26 +63,28 @@ TABLES = {
 _INTERPRETER = (32, 32, 32, 4, 1)
 
 
-def _build(kind):
+def _build(kind, keys=TILE_KEYS):
     """(all configs of a kind, {id(config): (arch, element size, row)})."""
     configs, info = [], {}
     for arch, by_size in TABLES[kind].items():
         for elem_bytes, table in by_size.items():
             for row in table:
-                c = _cfg(*row[:5])
+                c = _cfg(row, keys)
                 configs.append(c)
                 info[id(c)] = (arch, elem_bytes, row)
     return configs, info
 
 
 if INTERPRET:
-    FORWARD_CONFIGS = BACKWARD_CONFIGS = XA_CONFIGS = [_cfg(*_INTERPRETER)]
+    FORWARD_CONFIGS = BACKWARD_CONFIGS = AB_CONFIGS = [_cfg(_INTERPRETER)]
+    XA_CONFIGS = [_cfg(_INTERPRETER, XA_TILE_KEYS)]
     _INFO = {}
 else:
     FORWARD_CONFIGS, _fwd_info = _build("gemm")
-    BACKWARD_CONFIGS, _bwd_info = _build("gemm")
-    XA_CONFIGS, _xa_info = _build("thin")
-    _INFO = {**_fwd_info, **_bwd_info, **_xa_info}
+    BACKWARD_CONFIGS, _bwd_info = _build("dx")
+    AB_CONFIGS, _ab_info = _build("thin")
+    XA_CONFIGS, _xa_info = _build("thin", XA_TILE_KEYS)
+    _INFO = {**_fwd_info, **_bwd_info, **_ab_info, **_xa_info}
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,1 @@
+"""Benchmarks and the demo of lora-kernels: `python -m bench.demo`."""

@@ -1,0 +1,120 @@
+"""Demo: a small model with FusedLoRALinear layers, parity against the fp64 reference and one timing line
+per backend, next to the unfused (PEFT-style eager) and merged-weight baselines.
+
+    python -m bench.demo            # GPU if present; otherwise CPU, Triton kernels in the interpreter
+
+On CPU the Triton kernels run in Triton's interpreter: their numbers prove correctness, not speed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+from torch import nn  # noqa: E402
+
+import lora_kernels  # noqa: E402
+from lora_kernels import FusedLoRALinear, backends, reference  # noqa: E402
+
+
+def eager_lora(x, layer: FusedLoRALinear, p: float):
+    """The unfused layer as HF PEFT writes it: base(x) + lora_B(lora_A(dropout(x))) * scaling."""
+    base = nn.functional.linear(x, layer.weight, layer.bias)
+    d = nn.functional.dropout(x, p) if p > 0 else x
+    return base + nn.functional.linear(nn.functional.linear(d, layer.lora_A), layer.lora_B) * layer.scaling
+
+
+def _time(fn, device, reps):
+    for _ in range(2):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def parity(layer: FusedLoRALinear, x: torch.Tensor, p: float, backend: str) -> tuple[float, float, bool]:
+    """Forward+backward through `backend` vs the fp64 reference with the same dropout seed.
+    Returns (max error, same-dtype reference max error, passes the 2x rule)."""
+    seed = torch.tensor([1234], dtype=torch.int64, device=x.device)
+    xs, a, b = (t.detach().clone().requires_grad_(True) for t in (x, layer.lora_A, layer.lora_B))
+    y = lora_kernels.lora_linear(xs, layer.weight, layer.bias, a, b, layer.scaling, p, backend=backend, seed=seed)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    outs = (y, xs.grad, a.grad, b.grad)
+    refs = []
+    for dtype in (x.dtype, torch.float64):
+        args = [t.detach().to(dtype) for t in (x, layer.weight, layer.bias, layer.lora_A, layer.lora_B)]
+        ry, xa = reference.lora_forward(*args, layer.scaling, p, 1234)
+        rdx, rda, rdb = reference.lora_backward(gy.to(dtype), args[0], args[1], args[3], args[4], xa,
+                                                layer.scaling, p, 1234)
+        refs.append((ry, rdx, rda, rdb))
+    err = max((o.double() - r).abs().max().item() for o, r in zip(outs, refs[1]))
+    ref_err = max((s.double() - r).abs().max().item() for s, r in zip(refs[0], refs[1]))
+    ok = all((o.double() - r).abs().max() <= 2 * (s.double() - r).abs().max() + 2 * torch.finfo(x.dtype).eps * r.abs().max()
+             for o, s, r in zip(outs, refs[0], refs[1]))
+    return err, ref_err, ok
+
+
+def main():
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    M, K, N, r, p = (8192, 4096, 4096, 16, 0.1) if gpu else (128, 192, 160, 16, 0.1)
+    torch.manual_seed(0)
+    layer = FusedLoRALinear(K, N, r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False,
+                            device=device, dtype=dtype)
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    name = torch.cuda.get_device_name() if gpu else "CPU"
+    print(f"lora-kernels {lora_kernels.__version__} | torch {torch.__version__} | {name} | "
+          f"x [{M}, {K}] -> [{M}, {N}], r={r}, dropout={p}, {str(dtype).replace('torch.', '')}")
+    usable = [b for b in ("torch", "triton", "cuda") if backends.BACKENDS[b].unavailable_reason(device, dtype) is None]
+    skipped = {b: backends.BACKENDS[b].unavailable_reason(device, dtype) for b in ("triton", "cuda") if b not in usable}
+    print("\nparity vs fp64 reference (forward + grads of x, A, B; rule: error <= 2 x same-dtype torch error + 2 ulp)")
+    for b in usable:
+        err, ref_err, ok = parity(layer, x, p, b)
+        print(f"  {b:8s} max error {err:.3e}   same-dtype torch error {ref_err:.3e}   {'PASS' if ok else 'FAIL'}")
+    for b, why in skipped.items():
+        print(f"  {b:8s} skipped: {why}")
+
+    reps = 20 if gpu else 3
+    note = "" if gpu else "  (Triton on CPU = interpreter: a correctness tool, not a speed figure)"
+    print(f"\nmedian time per call, ms{note}")
+    xg = x.clone().requires_grad_(True)
+    gy = torch.randn(M, N, device=device, dtype=dtype)
+
+    def fwd_bwd(fn):
+        def run():
+            xg.grad = None
+            layer.lora_A.grad = layer.lora_B.grad = None
+            fn().backward(gy)
+        return run
+
+    rows = [("base linear (= merged LoRA)", lambda: nn.functional.linear(x, layer.weight, layer.bias), None),
+            ("eager LoRA (PEFT style)", lambda: eager_lora(x, layer, p), fwd_bwd(lambda: eager_lora(xg, layer, p)))]
+    for b in usable:
+        fused = lambda inp, b=b: lora_kernels.lora_linear(inp, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                                           layer.scaling, p, backend=b)
+        rows.append((f"fused, backend={b}", lambda f=fused: f(x), fwd_bwd(lambda f=fused: f(xg))))
+    base = None
+    for label, fwd, train in rows:
+        with torch.no_grad():
+            t_fwd = _time(fwd, device, reps)
+        t_train = _time(train, device, reps) if train is not None else float("nan")
+        base = base or t_fwd
+        print(f"  {label:30s} forward {t_fwd:9.3f} ({t_fwd / base:5.2f}x base)   forward+backward {t_train:9.3f}")
+
+
+if __name__ == "__main__":
+    main()

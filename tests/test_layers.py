@@ -1,0 +1,168 @@
+"""FusedLoRALinear: construction, sharing, freezing, merging, state dict, and parity as a layer."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import DEVICE, DTYPES, EPS, assert_parity
+from lora_kernels import FusedLoRALinear, lora_linear, reference
+
+BACKENDS = ["torch", "triton"]
+
+
+def _linear(K=24, N=20, bias=True, dtype=torch.float32):
+    return nn.Linear(K, N, bias=bias, device=DEVICE, dtype=dtype)
+
+
+def test_from_linear_shares_storage_and_freezes():
+    lin = _linear()
+    layer = FusedLoRALinear.from_linear(lin, r=4, lora_alpha=8)
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    assert layer.weight.data_ptr() == lin.weight.data_ptr()
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert (layer.in_features, layer.out_features, layer.r, layer.scaling) == (24, 20, 4, 2.0)
+    assert layer.lora_A.shape == (4, 24) and layer.lora_B.shape == (20, 4)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+
+
+def test_starts_equal_to_the_base_layer():
+    lin = _linear()
+    layer = FusedLoRALinear.from_linear(lin, r=4)
+    x = torch.randn(3, 7, 24, device=DEVICE)
+    torch.testing.assert_close(layer(x), lin(x), rtol=0, atol=0)
+
+
+def test_init_schemes():
+    layer = FusedLoRALinear(64, 48, r=8, device=DEVICE)
+    bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) on fan_in 64
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > bound / 3
+    assert torch.count_nonzero(layer.lora_B) == 0
+    g = FusedLoRALinear(64, 48, r=8, init_lora_weights="gaussian", device=DEVICE)
+    assert abs(g.lora_A.std().item() - 1 / 8) < 0.03 and torch.count_nonzero(g.lora_B) == 0
+    f = FusedLoRALinear(64, 48, r=8, init_lora_weights=False, device=DEVICE)
+    assert torch.count_nonzero(f.lora_B) > 0
+    with pytest.raises(ValueError, match="init_lora_weights: expected"):
+        FusedLoRALinear(64, 48, r=8, init_lora_weights="orthogonal")
+
+
+def test_rslora_scaling():
+    assert FusedLoRALinear(32, 32, r=16, lora_alpha=8).scaling == 0.5
+    assert FusedLoRALinear(32, 32, r=16, lora_alpha=8, use_rslora=True).scaling == 2.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_parity_with_leading_dims(backend, dtype):
+    layer = FusedLoRALinear(40, 36, r=5, lora_alpha=10, init_lora_weights=False, backend=backend,
+                            device=DEVICE, dtype=dtype)
+    x = torch.randn(2, 3, 40, device=DEVICE, dtype=dtype)
+    y = layer(x)
+    args = (layer.weight, layer.bias, layer.lora_A, layer.lora_B)
+    same, _ = reference.lora_forward(x.reshape(6, 40), *[t.detach() for t in args], layer.scaling)
+    ref64, _ = reference.lora_forward(x.reshape(6, 40).double(), *[t.detach().double() for t in args], layer.scaling)
+    assert y.shape == (2, 3, 36)
+    assert_parity("y", y.reshape(6, 36), same, ref64)
+
+
+def test_dropout_only_in_training():
+    layer = FusedLoRALinear(32, 32, r=4, lora_dropout=0.5, init_lora_weights=False, device=DEVICE)
+    x = torch.randn(8, 32, device=DEVICE)
+    layer.eval()
+    y_eval = layer(x)
+    assert torch.equal(y_eval, layer(x))
+    torch.testing.assert_close(y_eval, reference.lora_forward(x, layer.weight, layer.bias, layer.lora_A.detach(),
+                                                              layer.lora_B.detach(), layer.scaling)[0])
+    layer.train()
+    assert not torch.allclose(layer(x), y_eval)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_unmerge(dtype):
+    layer = FusedLoRALinear(48, 40, r=6, lora_alpha=12, init_lora_weights=False, device=DEVICE, dtype=dtype)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(5, 48, device=DEVICE, dtype=dtype)
+    layer.merge()
+    assert layer.merged
+    layer.merge()  # idempotent: merging twice must not add the update twice
+    y_merged = layer(x)
+    # merged forward = plain linear with W0 + s B A, computed in fp32 and rounded once
+    w64 = w0.double() + layer.scaling * (layer.lora_B.detach().double() @ layer.lora_A.detach().double())
+    y64 = x.double() @ w64.t() + layer.bias.double()
+    y_same = torch.nn.functional.linear(x, w64.to(dtype), layer.bias)
+    assert_parity("merged y", y_merged, y_same, y64)
+    layer.unmerge()
+    assert not layer.merged
+    # unmerge gives W0 back within two roundings at the magnitude of W0 + s B A
+    bound = 2 * EPS[dtype] * (w0.double().abs() + (w64 - w0.double()).abs() + w64.abs())
+    assert ((layer.weight.double() - w0.double()).abs() <= bound).all()
+    # and the forward is the LoRA path again (not the merged plain linear)
+    expected = lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    assert torch.equal(layer(x), expected)
+
+
+def test_merge_on_eval_and_to_linear():
+    layer = FusedLoRALinear(32, 24, r=4, init_lora_weights=False, merge_on_eval=True, device=DEVICE)
+    x = torch.randn(4, 32, device=DEVICE)
+    y = layer(x)
+    layer.eval()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    layer.train()
+    assert not layer.merged
+    lin = layer.to_linear()
+    assert type(lin) is nn.Linear and not layer.merged
+    assert lin.weight.data_ptr() != layer.weight.data_ptr()
+    torch.testing.assert_close(lin(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_keys_and_roundtrip():
+    layer = FusedLoRALinear(16, 12, r=2, init_lora_weights=False, device=DEVICE)
+    sd = layer.state_dict()
+    assert list(sd) == ["weight", "bias", "lora_A", "lora_B"]
+    other = FusedLoRALinear(16, 12, r=2, device=DEVICE)
+    other.load_state_dict(sd)
+    x = torch.randn(3, 16, device=DEVICE)
+    torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+    nobias = FusedLoRALinear(16, 12, r=2, bias=False)
+    assert list(nobias.state_dict()) == ["weight", "lora_A", "lora_B"] and nobias.bias is None
+
+
+def test_training_step_updates_only_lora():
+    lin = _linear()
+    layer = FusedLoRALinear.from_linear(lin, r=4, lora_alpha=8)
+    w0 = lin.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    x, target = torch.randn(16, 24, device=DEVICE), torch.randn(16, 20, device=DEVICE)
+    losses = []
+    for _ in range(5):
+        loss = (layer(x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(lin.weight, w0)
+    assert torch.count_nonzero(layer.lora_B) > 0
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(r=0), r"r: expected an integer >= 1, got 0"),
+    (dict(r=2.5), r"r: expected an integer >= 1"),
+    (dict(r=40), r"r = 40 must be <= min\(in_features, out_features\) = 24"),
+    (dict(lora_alpha=0), r"lora_alpha: expected a finite number > 0, got 0"),
+    (dict(lora_alpha=-1.0), r"lora_alpha: expected a finite number > 0"),
+    (dict(lora_alpha=float("inf")), r"lora_alpha: expected a finite number > 0"),
+    (dict(lora_dropout=1.0), r"lora_dropout: expected a probability in \[0, 1\), got 1.0"),
+    (dict(backend="fastest"), r"backend: unknown name 'fastest'"),
+])
+def test_bad_hyperparameters(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        FusedLoRALinear(32, 24, **kwargs)
+
+
+def test_from_linear_rejects_other_modules():
+    with pytest.raises(TypeError, match="linear: expected an nn.Linear, got Conv1d"):
+        FusedLoRALinear.from_linear(nn.Conv1d(3, 3, 1))
