@@ -31,7 +31,8 @@ def _cfg(row, keys=TILE_KEYS):
 
 
 # Rows: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, largest padded rank the row serves), per GPU generation
-# and element size (2: fp16/bf16, 4: fp32, which needs smaller tiles for the same shared memory).
+# and element size (2: fp16/bf16; 4: fp32, which needs smaller tiles for the same shared memory, and whose
+# IEEE dots run on FMA units: wide-rank fp32 tiles are kept small, or they take minutes to compile).
 # "gemm": the forward (output tile [BLOCK_M, BLOCK_N], reducing over K in BLOCK_K steps).
 # "dx": the dX backward (output tile [BLOCK_M, BLOCK_K], reducing over N in BLOCK_N steps; a wide
 # output tile also means fewer columns of programs recomputing G = dY B).
@@ -48,16 +49,16 @@ TABLES = {
     "dx": {
         90: {2: [(128, 64, 256, 8, 3, 32), (128, 64, 128, 8, 4, 64), (128, 64, 128, 4, 4, 32),
                  (64, 64, 128, 4, 4, 256), (64, 64, 64, 4, 4, 256)],
-             4: [(128, 32, 128, 8, 3, 64), (64, 32, 128, 4, 3, 256), (64, 32, 64, 4, 3, 256)]},
+             4: [(128, 32, 128, 8, 3, 32), (64, 32, 128, 4, 3, 64), (32, 16, 64, 4, 2, 256)]},
         80: {2: [(128, 32, 256, 8, 3, 32), (128, 32, 128, 4, 4, 64), (128, 32, 64, 4, 4, 64),
                  (64, 32, 128, 4, 4, 256), (64, 32, 64, 4, 3, 256)],
-             4: [(128, 32, 128, 8, 3, 64), (64, 32, 128, 4, 3, 256), (64, 32, 64, 4, 3, 256)]},
+             4: [(128, 32, 128, 8, 3, 32), (64, 32, 128, 4, 3, 64), (32, 16, 64, 4, 2, 256)]},
     },
     "thin": {
         90: {2: [(64, 64, 128, 4, 4, 256), (128, 64, 64, 8, 3, 128), (32, 64, 128, 4, 4, 256)],
-             4: [(64, 64, 64, 4, 3, 256), (32, 64, 64, 4, 3, 256)]},
+             4: [(64, 32, 64, 4, 3, 64), (32, 16, 64, 4, 2, 256)]},
         80: {2: [(64, 64, 64, 4, 4, 256), (128, 64, 32, 8, 3, 128), (32, 64, 64, 4, 4, 256)],
-             4: [(64, 64, 32, 4, 3, 256), (32, 64, 32, 4, 3, 256)]},
+             4: [(64, 32, 32, 4, 3, 64), (32, 16, 32, 4, 2, 256)]},
     },
 }
 _INTERPRETER = (32, 32, 32, 4, 1)
