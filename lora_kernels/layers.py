@@ -34,27 +34,35 @@ class FusedLoRALinear(nn.Module):
 
     ``merge_on_eval=True`` folds the update into W0 on ``eval()`` and takes it out again on ``train()``
     (loralib's ``merge_weights``). ``backend`` is passed to the ops: "auto", "torch", "triton" or "cuda".
+    ``fan_in_fan_out=True`` stores W0 as [in, out] (Hugging Face's GPT-2 ``Conv1D``); the kernels read it
+    through a transposed view, no copy.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
                  init_lora_weights: bool | str = "kaiming", backend: str = "auto", merge_on_eval: bool = False,
-                 device=None, dtype=None, *, _weight: Tensor | None = None, _bias: Tensor | None = None):
+                 fan_in_fan_out: bool = False, device=None, dtype=None, *, _weight: Tensor | None = None,
+                 _bias: Tensor | None = None):
         super().__init__()
         _check_hparams(r, lora_alpha, lora_dropout, in_features, out_features)
         if backend not in backends.NAMES:
             raise ValueError(f"backend: unknown name {backend!r}; expected one of {backends.NAMES}")
         factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
-        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
-        self.use_rslora = use_rslora
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.set_lora_hparams(lora_alpha, use_rslora, lora_dropout)
         self.backend = backend
         self.merge_on_eval = merge_on_eval
+        self.fan_in_fan_out = fan_in_fan_out
         self.merged = False
         if _weight is None:
             linear = nn.Linear(in_features, out_features, bias=bias, **factory)
             _weight, _bias = linear.weight, linear.bias
+            if fan_in_fan_out:
+                _weight = nn.Parameter(_weight.detach().t().contiguous())
+        expected = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        if tuple(_weight.shape) != expected:
+            raise ValueError(f"weight: expected shape {list(expected)} (fan_in_fan_out={fan_in_fan_out}), "
+                             f"got {list(_weight.shape)}")
         self.weight = _weight if isinstance(_weight, nn.Parameter) else nn.Parameter(_weight)
         self.weight.requires_grad_(False)
         if _bias is not None:
@@ -76,6 +84,30 @@ class FusedLoRALinear(nn.Module):
         return cls(linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                    bias=linear.bias is not None, _weight=linear.weight, _bias=linear.bias, **kwargs)
 
+    @classmethod
+    def from_conv1d(cls, conv1d: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    **kwargs) -> "FusedLoRALinear":
+        """Wrap a Hugging Face ``Conv1D`` (GPT-2 style: weight [in, out], y = x W + b), sharing its weight."""
+        weight = getattr(conv1d, "weight", None)
+        if weight is None or weight.dim() != 2 or not hasattr(conv1d, "nf"):
+            raise TypeError(f"conv1d: expected a transformers Conv1D (weight [in, out], attribute nf), "
+                            f"got {type(conv1d).__name__}")
+        return cls(weight.shape[0], weight.shape[1], r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                   bias=conv1d.bias is not None, fan_in_fan_out=True, _weight=weight, _bias=conv1d.bias, **kwargs)
+
+    def base_weight(self) -> Tensor:
+        """W0 as [out_features, in_features] (a transposed view when fan_in_fan_out)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def set_lora_hparams(self, lora_alpha: float, use_rslora: bool = False, lora_dropout: float | None = None) -> None:
+        """Set alpha (and with it the scaling), rsLoRA and dropout; the rank is fixed by lora_A / lora_B."""
+        lora_dropout = getattr(self, "lora_dropout", 0.0) if lora_dropout is None else lora_dropout
+        _check_hparams(self.r, lora_alpha, lora_dropout, self.in_features, self.out_features)
+        if getattr(self, "merged", False):
+            raise RuntimeError("set_lora_hparams: unmerge() first (the merged weight holds the old scaling)")
+        self.lora_alpha, self.use_rslora, self.lora_dropout = lora_alpha, use_rslora, float(lora_dropout)
+        self.scaling = lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
+
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: bool | str = "kaiming") -> None:
         """A: kaiming-uniform(a=sqrt(5)) as loralib/PEFT, or gaussian std 1/r; B: zeros (so the layer starts
@@ -95,14 +127,16 @@ class FusedLoRALinear(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, self.base_weight(), self.bias)
         p = self.lora_dropout if self.training else 0.0
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p, backend=self.backend)
+        return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self.scaling, p,
+                           backend=self.backend)
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self) -> Tensor:
-        """scaling * B A in fp32 (the update that merge() adds to W0)."""
-        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+        """scaling * B A in fp32, laid out like ``weight`` (the update that merge() adds to it)."""
+        delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+        return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -131,6 +165,8 @@ class FusedLoRALinear(nn.Module):
         w = self.weight.detach().float()
         if not self.merged:
             w = w + self.delta_weight()
+        if self.fan_in_fan_out:
+            w = w.t()
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
@@ -139,7 +175,26 @@ class FusedLoRALinear(nn.Module):
                 out.bias.copy_(self.bias)
         return out
 
+    def to_base_layer(self, merge: bool = True) -> nn.Module:
+        """A plain layer of the wrapped kind (nn.Linear, or transformers' Conv1D when fan_in_fan_out) holding
+        W0 + scaling * B A if `merge`, else W0. The bias, and W0 when no arithmetic is needed, are shared."""
+        weight = self.weight
+        if merge != self.merged:
+            delta = self.delta_weight()
+            w = weight.detach().float() + (delta if merge else -delta)
+            weight = nn.Parameter(w.to(weight.dtype), requires_grad=False)
+        if self.fan_in_fan_out:
+            from transformers.pytorch_utils import Conv1D
+
+            out = Conv1D(self.out_features, self.in_features)
+        else:
+            out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        out.weight = weight
+        out.bias = self.bias
+        return out
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
-                f"scaling={self.scaling:g}, backend={self.backend!r}, merged={self.merged}")
+                f"scaling={self.scaling:g}, backend={self.backend!r}, merged={self.merged}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))

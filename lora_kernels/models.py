@@ -1,0 +1,138 @@
+"""Put FusedLoRALinear layers into any PyTorch / Hugging Face model, and manage them model-wide.
+
+``inject`` replaces matching ``nn.Linear`` and Hugging Face ``Conv1D`` modules in place, sharing (not
+copying) their weights. Target names follow PEFT: a list of names matches modules whose name equals a
+target or ends with ``"." + target``; a single string is a regular expression matched against the whole
+module name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from .layers import FusedLoRALinear
+
+__all__ = ["inject", "lora_layers", "mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "unload"]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D, recognised without importing transformers
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _matches(name: str, targets: str | Iterable[str]) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _pattern_value(name: str, pattern: dict | None, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the module name."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
+
+
+def inject(model: nn.Module, target_modules: str | Iterable[str], r: int = 8, lora_alpha: float = 8,
+           lora_dropout: float = 0.0, *, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
+           exclude_modules: str | Iterable[str] | None = None, **layer_kwargs) -> nn.Module:
+    """Replace the matching nn.Linear / Conv1D modules of `model` by FusedLoRALinear (in place; returns
+    `model`). `layer_kwargs` go to FusedLoRALinear (use_rslora, init_lora_weights, backend, ...).
+
+    Raises if a target matches nothing, or matches a module of another type (a quantized linear layer, for
+    instance, is never replaced by accident)."""
+    if isinstance(target_modules, str):
+        targets = target_modules
+    else:
+        targets = list(target_modules)
+        if not targets:
+            raise ValueError("target_modules: expected at least one name or a regular expression")
+    replaced, wrong_type = [], []
+    for name, module in list(model.named_modules()):
+        if not name or not _matches(name, targets) or isinstance(module, FusedLoRALinear):
+            continue
+        if exclude_modules is not None and _matches(name, exclude_modules):
+            continue
+        module_r = _pattern_value(name, rank_pattern, r)
+        module_alpha = _pattern_value(name, alpha_pattern, lora_alpha)
+        if type(module) is nn.Linear:
+            new = FusedLoRALinear.from_linear(module, module_r, module_alpha, lora_dropout, **layer_kwargs)
+        elif _is_conv1d(module):
+            new = FusedLoRALinear.from_conv1d(module, module_r, module_alpha, lora_dropout, **layer_kwargs)
+        else:
+            wrong_type.append(f"{name} ({type(module).__name__})")
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+        replaced.append(name)
+    if wrong_type and isinstance(targets, list):
+        raise TypeError(f"target_modules {targets} matched modules that are neither nn.Linear nor Conv1D: "
+                        f"{', '.join(wrong_type)}")
+    if not replaced:
+        linears = [n for n, m in model.named_modules() if type(m) is nn.Linear or _is_conv1d(m)]
+        raise ValueError(f"target_modules {targets!r} matched no nn.Linear or Conv1D module of the model; "
+                         f"its linear layers are: {', '.join(linears[:20]) or 'none'}"
+                         + (" ..." if len(linears) > 20 else ""))
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, FusedLoRALinear]:
+    """{module name: layer} of every FusedLoRALinear in `model`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FusedLoRALinear)}
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
+    """Freeze everything but lora_A / lora_B. bias: "none", "all" (every bias trains), or "lora_only"
+    (the biases of the LoRA layers train)."""
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias: expected 'none', 'all' or 'lora_only', got {bias!r}")
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        p.requires_grad_(leaf in ("lora_A", "lora_B") or (bias == "all" and leaf == "bias"))
+    if bias == "lora_only":
+        for layer in lora_layers(model).values():
+            if layer.bias is not None:
+                layer.bias.requires_grad_(True)
+    return model
+
+
+def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
+    """The LoRA parameters of `model` (loralib's keys: `<module>.lora_A`, `<module>.lora_B`), plus biases as
+    in mark_only_lora_as_trainable."""
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias: expected 'none', 'all' or 'lora_only', got {bias!r}")
+    full = model.state_dict()
+    lora_bias = {f"{name}.bias" for name, layer in lora_layers(model).items() if layer.bias is not None}
+    keep = {}
+    for key, value in full.items():
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in ("lora_A", "lora_B") or (bias == "all" and leaf == "bias") or \
+                (bias == "lora_only" and key in lora_bias):
+            keep[key] = value
+    return keep
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every layer's update into its base weight."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every FusedLoRALinear by a plain layer of its original kind (nn.Linear, or Conv1D for
+    fan_in_fan_out layers), holding the merged weight if `merge`, else the base weight."""
+    for name, layer in lora_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.to_base_layer(merge=merge))
+    return model

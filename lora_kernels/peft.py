@@ -1,0 +1,154 @@
+"""A one-call swap inside an existing Hugging Face PeftModel: ``fuse(peft_model)``.
+
+The LoRA Linear layers of the model become ``FusedPeftLinear``, a subclass of PEFT's own LoRA Linear whose
+forward runs the fused op: same parameters, state dict, ``save_pretrained`` and ``merge_and_unload``. What the
+fused path does not cover (DoRA and other variants, several active adapters at once, mixed-adapter batches)
+falls back to PEFT's forward with a one-time warning. ``register(lora_config)`` puts the fused layer into PEFT's
+custom-module hook (``LoraConfig._register_custom_module``) so PEFT builds fused layers itself; both take
+plain ``nn.Linear`` and ``Conv1D`` bases only: a quantized subclass of nn.Linear (bitsandbytes) stays PEFT's.
+
+Needs ``peft`` (``pip install lora-kernels[peft]``). The adapter file format is in ``peft_format``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import backends
+from .models import _is_conv1d
+from .ops import lora_linear
+
+__all__ = ["fuse", "register", "FusedPeftLinear"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fuse: PEFT's own layers, fused
+# ------------------------------------------------------------------------------------------------------------
+def _peft_linear_cls():
+    from peft.tuners.lora.layer import Linear
+
+    return Linear
+
+
+class _FusedForward:
+    """The forward that FusedPeftLinear puts in front of PEFT's LoRA Linear."""
+
+    fused_backend = "auto"
+
+    def _fused_unsupported(self, x, args, kwargs) -> str | None:
+        """Why this call cannot take the fused path (None if it can). Normal states (merged, adapters disabled)
+        return an empty string: they fall back silently."""
+        if self.disable_adapters or self.merged:
+            return ""
+        if args or kwargs:
+            return f"extra forward arguments {sorted(kwargs) or len(args)} (mixed-adapter batches, variants)"
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if len(active) != 1:
+            return f"{len(active)} active adapters at once"
+        adapter = active[0]
+        if adapter in self.lora_variant:
+            return f"the LoRA variant {type(self.lora_variant[adapter]).__name__} (DoRA or another)"
+        base = self.get_base_layer()
+        if not _fusable_base(base):
+            return f"the base layer type {type(base).__name__}"
+        dropout = self.lora_dropout[adapter]
+        if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+            return f"the dropout module {type(dropout).__name__}"
+        if x.dtype != base.weight.dtype:
+            return f"input dtype {x.dtype} differing from the base weight's {base.weight.dtype}"
+        return None
+
+    def forward(self, x, *args, **kwargs):
+        why = self._fused_unsupported(x, args, kwargs)
+        if why is not None:
+            if why:
+                backends.warn_once(f"peft-fallback-{why}", f"lora_kernels.peft: PEFT's own forward serves {why}")
+            return super().forward(x, *args, **kwargs)
+        adapter = next(a for a in self.active_adapters if a in self.lora_A)
+        base = self.get_base_layer()
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        dropout = self.lora_dropout[adapter]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        # PEFT may keep adapter weights in fp32 next to a 16-bit base: cast them (differentiably) to x's dtype.
+        a = self.lora_A[adapter].weight.to(x.dtype)
+        b = self.lora_B[adapter].weight.to(x.dtype)
+        return lora_linear(x, weight, base.bias, a, b, self.scaling[adapter], p, backend=self.fused_backend)
+
+
+_FUSED_CLASS = None
+
+
+def _fused_cls():
+    """FusedPeftLinear: a subclass of peft's LoRA Linear whose forward runs the fused op (built lazily so that
+    importing lora_kernels.peft does not import peft)."""
+    global _FUSED_CLASS
+    if _FUSED_CLASS is None:
+        _FUSED_CLASS = type("FusedPeftLinear", (_FusedForward, _peft_linear_cls()), {"__module__": __name__})
+    return _FUSED_CLASS
+
+
+def __getattr__(name):
+    if name == "FusedPeftLinear":
+        return _fused_cls()
+    raise AttributeError(name)
+
+
+def _fusable_base(base: nn.Module) -> bool:
+    return type(base) is nn.Linear or _is_conv1d(base)
+
+
+def _dispatch(target, adapter_name, config, **kwargs):
+    """PEFT custom-module hook: only plain nn.Linear / Conv1D bases (never quantized subclasses) get the
+    fused layer; anything else returns None so PEFT's own dispatchers take it."""
+    from peft.tuners.lora.layer import dispatch_default
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if not _fusable_base(base) or kwargs.get("parameter_name") is not None:
+        return None
+    module = dispatch_default(target, adapter_name, config=config, **kwargs)
+    if type(module) is _peft_linear_cls():
+        module.__class__ = _fused_cls()
+    return module
+
+
+def register(config, backend: str = "auto"):
+    """Register the fused layer on a LoraConfig through PEFT's custom-module hook, so that ``get_peft_model`` /
+    ``PeftModel.from_pretrained(..., config=config)`` / ``add_adapter`` build fused layers directly (for plain
+    nn.Linear and Conv1D bases only). Returns the config."""
+    if backend not in backends.NAMES:
+        raise ValueError(f"backend: unknown name {backend!r}; expected one of {backends.NAMES}")
+
+    def dispatch(target, adapter_name, config, **kwargs):
+        module = _dispatch(target, adapter_name, config, **kwargs)
+        if module is not None:
+            module.fused_backend = backend
+        return module
+
+    config._register_custom_module({nn.Linear: dispatch})
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # no transformers, no Conv1D layers to target
+        return config
+    config._register_custom_module({Conv1D: dispatch})
+    return config
+
+
+def fuse(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Make every LoRA Linear layer of `peft_model` run the fused kernels, in place (returns the model).
+
+    Existing layers become FusedPeftLinear (a subclass of PEFT's LoRA Linear: same parameters, state dict,
+    saving, merge_and_unload). Layers that adapters create later are PEFT's own unless their config went
+    through ``register``; calling ``fuse`` again converts them."""
+    if backend not in backends.NAMES:
+        raise ValueError(f"backend: unknown name {backend!r}; expected one of {backends.NAMES}")
+    linear_cls, fused = _peft_linear_cls(), _fused_cls()
+    count = 0
+    for module in peft_model.modules():
+        if type(module) in (linear_cls, fused) and _fusable_base(module.get_base_layer()):
+            module.__class__ = fused
+            module.fused_backend = backend
+            count += 1
+    if count == 0:
+        raise ValueError("fuse: the model has no PEFT LoRA Linear layer over a plain nn.Linear or Conv1D")
+    return peft_model

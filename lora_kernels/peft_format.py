@@ -1,0 +1,181 @@
+"""The PEFT adapter file format, both ways: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+- ``save_adapter(model, path)`` writes the FusedLoRALinear layers of a model with exactly PEFT's names
+  (``base_model.model.<module path>.lora_A.weight`` [r, in], ``...lora_B.weight`` [out, r], Conv1D layers
+  included), so ``peft.PeftModel.from_pretrained`` loads it. The directory is replaced atomically.
+- ``load_adapter(model, path)`` reads such a directory (saved by PEFT or by us; safetensors only, no pickle)
+  into a model prepared with ``inject``.
+
+Needs ``safetensors`` (``pip install lora-kernels[peft]``); not peft itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+
+import torch
+from torch import nn
+
+from .models import _pattern_value, lora_layers
+
+__all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Saving
+# ------------------------------------------------------------------------------------------------------------
+def _adapter_config(layers: dict, base_model_name_or_path: str | None, task_type: str | None) -> dict:
+    ranks = Counter(layer.r for layer in layers.values())
+    alphas = Counter(layer.lora_alpha for layer in layers.values())
+    r = ranks.most_common(1)[0][0]
+    alpha = alphas.most_common(1)[0][0]
+    rslora = {layer.use_rslora for layer in layers.values()}
+    dropouts = {layer.lora_dropout for layer in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError("save_adapter: layers mix use_rslora True and False; PEFT's format has one flag")
+    if len(dropouts) > 1:
+        raise ValueError(f"save_adapter: layers use different lora_dropout values {sorted(dropouts)}; "
+                         "PEFT's format has one")
+    # Full module names, anchored: PEFT matches pattern keys against the end of module names.
+    rank_pattern = {name: layer.r for name, layer in layers.items() if layer.r != r}
+    alpha_pattern = {name: layer.lora_alpha for name, layer in layers.items() if layer.lora_alpha != alpha}
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropouts.pop(),
+        "use_rslora": rslora.pop(),
+        "target_modules": sorted(layers),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def _exchange_dirs(a: str, b: str) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                 task_type: str | None = None) -> None:
+    """Write the LoRA layers of `model` as a PEFT adapter directory. A crash while saving leaves the previous
+    adapter at `path` whole: files are written to a new directory, synced, then swapped in atomically."""
+    from safetensors.torch import save_file
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no FusedLoRALinear layers (use lora_kernels.inject first)")
+    path = os.fspath(path)
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    config = _adapter_config(layers, base_model_name_or_path, task_type)
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
+    try:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if not os.path.exists(path):
+            os.rename(tmp, path)
+        elif _exchange_dirs(tmp, path):
+            shutil.rmtree(tmp)  # now holds the previous adapter
+        else:  # no atomic exchange here: the previous adapter stays whole under a side name until the swap
+            old = tmp + ".old"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------------------
+def _read_adapter(path: str):
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(path, CONFIG_NAME)
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"load_adapter: {weights_path} not found (only safetensors adapters are read)")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"load_adapter: {config_path} is a {config.get('peft_type')} adapter, not LORA")
+    return config, load_file(weights_path)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a PEFT LoRA adapter directory into the FusedLoRALinear layers of `model` (prepared with `inject`
+    on the same targets). Ranks, shapes and module names must match; alpha, rsLoRA and the rank/alpha patterns
+    of the file set each layer's scaling."""
+    path = os.fspath(path)
+    config, tensors = _read_adapter(path)
+    if config.get("use_dora"):
+        raise ValueError("load_adapter: DoRA adapters are not supported by the fused layers")
+    layers = lora_layers(model)
+    expected = {f"{_PREFIX}{name}.lora_{ab}.weight" for name in layers for ab in "AB"}
+    # PEFT may write the adapter name into keys of non-default adapters: lora_A.<name>.weight
+    found = set(tensors)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(f"load_adapter: the adapter does not match the model's LoRA layers; "
+                         f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    for name, layer in layers.items():
+        a = tensors[f"{_PREFIX}{name}.lora_A.weight"]
+        b = tensors[f"{_PREFIX}{name}.lora_B.weight"]
+        r = _pattern_value(name, config.get("rank_pattern"), r_default)
+        if a.shape != layer.lora_A.shape or b.shape != layer.lora_B.shape or a.shape[0] != r:
+            raise ValueError(f"load_adapter: {name}: the file holds lora_A {list(a.shape)}, lora_B {list(b.shape)} "
+                             f"(config rank {r}); the layer has lora_A {list(layer.lora_A.shape)}, "
+                             f"lora_B {list(layer.lora_B.shape)}")
+    for name, layer in layers.items():
+        alpha = _pattern_value(name, config.get("alpha_pattern"), alpha_default)
+        layer.set_lora_hparams(lora_alpha=alpha, use_rslora=bool(config.get("use_rslora", False)),
+                               lora_dropout=float(config.get("lora_dropout", 0.0)))
+        with torch.no_grad():
+            layer.lora_A.copy_(tensors[f"{_PREFIX}{name}.lora_A.weight"])
+            layer.lora_B.copy_(tensors[f"{_PREFIX}{name}.lora_B.weight"])
+    return model
