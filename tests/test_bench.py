@@ -1,0 +1,98 @@
+"""The benchmark harness: every provider computes the right thing (a benchmark of a wrong kernel is worthless),
+the outputs have their columns, the plots are written, --quick runs. No timing is asserted."""
+
+import csv
+import os
+
+import pytest
+import torch
+
+from conftest import DEVICE, assert_parity
+from lora_kernels import reference
+
+bench_providers = pytest.importorskip("bench.providers")
+from bench import run, table1  # noqa: E402
+from bench.providers import Case, Layer, build, forward_fn  # noqa: E402
+
+CASE = Case(M=24, K=40, N=36, r=4, dropout=0.0, dtype="fp32")
+
+
+@pytest.mark.parametrize("provider", ["merged", "eager", "peft", "torch", "triton"])
+def test_provider_forward_and_grads_match_reference(provider):
+    if provider == "peft":
+        pytest.importorskip("peft")
+    layer = Layer.make(CASE, DEVICE)
+    fwd = forward_fn(provider, layer, CASE)
+    assert fwd is not None
+    x = torch.randn(CASE.M, CASE.K, device=DEVICE, requires_grad=True)
+    y = fwd(x)
+    args = (layer.weight, None, layer.lora_A.detach(), layer.lora_B.detach())
+    same, xa = reference.lora_forward(x.detach(), *args, layer.scaling)
+    ref64, xa64 = reference.lora_forward(x.detach().double(), *[a.double() if a is not None else None for a in args],
+                                         layer.scaling)
+    # merged: W0 + s B A is rounded once to fp32 before the product, which the floor allows for
+    assert_parity(f"{provider} y", y, same, ref64, floor_ulps=8 if provider == "merged" else 2)
+    if provider == "merged":
+        return
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    g_same = reference.lora_backward(gy, x.detach(), layer.weight, args[2], args[3], xa, layer.scaling)
+    g64 = reference.lora_backward(gy.double(), x.detach().double(), layer.weight.double(), args[2].double(),
+                                  args[3].double(), xa64, layer.scaling)
+    for name, out, s, r in zip(("dx", "dA", "dB"), (x.grad, layer.lora_A.grad, layer.lora_B.grad), g_same, g64):
+        assert_parity(f"{provider} {name}", out, s, r)
+
+
+def test_cublas_floor_is_the_base_gemm():
+    fns, _ = build("cublas", CASE, DEVICE)
+    y, dx = fns["fwd+bwd"]()
+    assert y.shape == (CASE.M, CASE.N) and dx.shape == (CASE.M, CASE.K)
+
+
+def test_every_mode_runs_for_every_provider():
+    for provider in ("cublas", "merged", "eager", "triton"):
+        fns, params = build(provider, CASE, DEVICE)
+        for mode, fn in fns.items():
+            for _ in range(3):  # the rings rotate; the backward graphs are reused
+                fn()
+
+
+def test_adapter_budgets_match_the_paper():
+    for method, per_block in (("adapter_H", 2), ("adapter_L", 1)):
+        for budget in (0.5e6, 11e6):
+            b = table1.bottleneck(method, budget, 1024, 24)
+            params = 24 * per_block * (2 * 1024 * b + b + 1024)
+            assert abs(params - budget) / budget < 0.1
+
+
+def test_table1_models_run_and_adapters_are_inserted():
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=1024, n_head=16, n_positions=64, vocab_size=128)
+    base = transformers.GPT2LMHeadModel(cfg)
+    outs = {}
+    for method in table1.METHODS:
+        model = table1.build(method, 11e6, base=base)
+        if method.startswith("adapter"):
+            assert len(model.adapters) == (4 if method == "adapter_H" else 2)
+        outs[method] = table1.forward_fn(model, 1, 8, "cpu")()
+        assert outs[method].shape == (1, 8, 128)
+    assert not torch.equal(outs["adapter_H"], outs["none"])  # the adapters are in the forward
+
+
+def test_quick_run_writes_csv_summary_and_plots(tmp_path):
+    assert run.main(["--quick", "--out", str(tmp_path), "--providers", "cublas,eager,triton",
+                     "--no-table1"]) == 0
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and list(rows[0]) == run.CSV_COLUMNS
+    assert {r["provider"] for r in rows} == {"cublas", "eager", "triton"}
+    assert {r["metric"] for r in rows} >= {"time", "ratio_to_cublas", "tflops", "bandwidth", "peak_memory"}
+    assert all(float(r["p50"]) > 0 for r in rows if r["metric"] == "time")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "CPU-only run" in summary and "| fwd+bwd |" in summary
+    assert os.path.getsize(tmp_path / "speedup_vs_M.png") > 1000
+    # appending: a second run adds rows under the same header
+    run.main(["--quick", "--out", str(tmp_path), "--providers", "cublas", "--no-table1", "--modes", "fwd"])
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) > len(rows)
