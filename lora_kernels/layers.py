@@ -13,6 +13,21 @@ from .ops import lora_linear
 __all__ = ["FusedLoRALinear"]
 
 
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor behind a parameter: a DTensor (FSDP2 shards, tensor parallel) is gathered (a collective:
+    every rank must call); a plain tensor is returned as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(value: Tensor, param: Tensor) -> Tensor:
+    """`value` (a whole tensor) laid out like `param`: sharded the same way when `param` is a DTensor."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    return value
+
+
 def _check_hparams(r, lora_alpha, lora_dropout, in_features, out_features):
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r: expected an integer >= 1, got {r!r}")
@@ -134,16 +149,22 @@ class FusedLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self) -> Tensor:
-        """scaling * B A in fp32, laid out like ``weight`` (the update that merge() adds to it)."""
-        delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+        """scaling * B A in fp32, laid out like ``weight`` (the update that merge() adds to it). Sharded
+        parameters (FSDP2) are gathered first, so every rank must call it."""
+        delta = (_full(self.lora_B.detach()).float() @ _full(self.lora_A.detach()).float()) * self.scaling
         return delta.t() if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def _add_to_weight(self, sign: float) -> None:
+        delta = _like(self.delta_weight(), self.weight)
+        self.weight.copy_((self.weight.float() + sign * delta).to(self.weight.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
         """W0 += scaling * B A (computed in fp32, rounded once); the forward then is a plain linear."""
         if self.merged:
             return
-        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self._add_to_weight(1.0)
         self.merged = True
 
     @torch.no_grad()
@@ -151,7 +172,7 @@ class FusedLoRALinear(nn.Module):
         """W0 -= scaling * B A. In 16-bit dtypes W0 comes back within two roundings of its value before merge()."""
         if not self.merged:
             return
-        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self._add_to_weight(-1.0)
         self.merged = False
 
     def train(self, mode: bool = True):
@@ -162,17 +183,17 @@ class FusedLoRALinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding W0 + scaling * B A (new tensors; this layer is left as it is)."""
-        w = self.weight.detach().float()
+        w = _full(self.weight.detach()).float()
         if not self.merged:
             w = w + self.delta_weight()
         if self.fan_in_fan_out:
             w = w.t()
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+                        device=w.device, dtype=self.weight.dtype)
         with torch.no_grad():
             out.weight.copy_(w)
             if self.bias is not None:
-                out.bias.copy_(self.bias)
+                out.bias.copy_(_full(self.bias.detach()))
         return out
 
     def to_base_layer(self, merge: bool = True) -> nn.Module:

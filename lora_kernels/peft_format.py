@@ -21,6 +21,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .layers import _full
 from .models import _pattern_value, lora_layers
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -89,18 +90,32 @@ def _fsync_dir(path: str) -> None:
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_or_path: str | None = None,
                  task_type: str | None = None) -> None:
     """Write the LoRA layers of `model` as a PEFT adapter directory. A crash while saving leaves the previous
-    adapter at `path` whole: files are written to a new directory, synced, then swapped in atomically."""
-    from safetensors.torch import save_file
+    adapter at `path` whole: files are written to a new directory, synced, then swapped in atomically.
 
+    Under torch.distributed, every rank must call it: sharded parameters (FSDP2 DTensors) are gathered, then
+    rank 0 alone writes, and all ranks return once the files are in place."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no FusedLoRALinear layers (use lora_kernels.inject first)")
     path = os.fspath(path)
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(layer.lora_A.detach()).contiguous().cpu()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = _full(layer.lora_B.detach()).contiguous().cpu()
     config = _adapter_config(layers, base_model_name_or_path, task_type)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()  # rank 0 writes
+        return
+    try:
+        _write_atomically(path, tensors, config)
+    finally:
+        if distributed:
+            torch.distributed.barrier()
+
+
+def _write_atomically(path: str, tensors: dict, config: dict) -> None:
+    from safetensors.torch import save_file
 
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)

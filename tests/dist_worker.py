@@ -1,0 +1,114 @@
+"""Workers for tests/test_distributed.py: a few training steps of a small model with fused LoRA layers under
+DDP or FSDP2 (gloo on CPU, NCCL on GPUs), and the single-process run they must reproduce."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import lora_kernels
+
+WORLD = 2
+STEPS = 3
+BATCH = 4  # rows per rank
+D_IN, D_HID = 24, 40
+
+
+def build_model(p: float, backend: str, dtype=torch.float32, device="cpu"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, D_HID), nn.GELU(), nn.Linear(D_HID, D_HID), nn.GELU(), nn.Linear(D_HID, D_IN))
+    lora_kernels.inject(model, ["0", "2", "4"], r=4, lora_alpha=8, lora_dropout=p, init_lora_weights=False,
+                        backend=backend)
+    lora_kernels.mark_only_lora_as_trainable(model)
+    return model.to(device=device, dtype=dtype)
+
+
+def data(dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(WORLD * BATCH, D_IN, generator=g)
+    t = torch.randn(WORLD * BATCH, D_IN, generator=g)
+    return x.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
+
+
+def dropout_seed(step: int, rank: int) -> int:
+    return 1000 + step * WORLD + rank
+
+
+def single_process(p: float, backend: str, dtype=torch.float64):
+    """The same steps in one process: each rank's micro-batch with that rank's RNG seed, grads averaged."""
+    model = build_model(p, backend, dtype)
+    x, t = data(dtype)
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.5)
+    losses = []
+    for step in range(STEPS):
+        total = 0.0
+        for rank in range(WORLD):
+            torch.manual_seed(dropout_seed(step, rank))
+            rows = slice(rank * BATCH, (rank + 1) * BATCH)
+            loss = nn.functional.mse_loss(model(x[rows]), t[rows])
+            (loss / WORLD).backward()
+            total += loss.item() / WORLD
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return model, losses
+
+
+def lora_params(model) -> dict:
+    out = {}
+    for name, q in model.named_parameters():
+        if "lora_" in name:
+            q = q.detach()
+            out[name.removeprefix("module.")] = (q.full_tensor() if hasattr(q, "full_tensor") else q).cpu()
+    return out
+
+
+def worker(rank: int, port: int, engine: str, p: float, backend: str, out_dir: str, mixed_precision: bool):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = build_model(p, backend)
+        x, t = data()
+        rows = slice(rank * BATCH, (rank + 1) * BATCH)
+        if engine == "ddp":
+            frozen = {n for n, q in model.named_parameters() if not q.requires_grad}
+            model = nn.parallel.DistributedDataParallel(model)
+            # only LoRA parameters take part in the gradient reduction
+            reduced = {n.removeprefix("module.") for n, q in model.named_parameters() if q.requires_grad}
+            assert reduced.isdisjoint(frozen) and all("lora_" in n for n in reduced), reduced
+        else:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if mixed_precision else MixedPrecisionPolicy()
+            for layer in lora_kernels.lora_layers(model).values():
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+            assert all(hasattr(q, "placements") for q in model.parameters())  # DTensors
+        opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.5)
+        losses = []
+        for step in range(STEPS):
+            torch.manual_seed(dropout_seed(step, rank))
+            loss = nn.functional.mse_loss(model(x[rows]).float(), t[rows])
+            loss.backward()
+            if engine == "fsdp2":
+                grads = [q.grad for q in model.parameters() if q.requires_grad]
+                assert all(g is not None and g.dtype == torch.float32 for g in grads)
+            opt.step()
+            opt.zero_grad()
+            reported = loss.detach().clone()
+            dist.all_reduce(reported)
+            losses.append(reported.item() / WORLD)
+        params = lora_params(model)
+        inner = model.module if engine == "ddp" else model
+        lora_kernels.save_adapter(inner, os.path.join(out_dir, "adapter"))
+        merged_layer = lora_kernels.lora_layers(inner)["0"].to_linear()  # gathers sharded parameters
+        if rank == 0:
+            torch.save({"losses": losses, "params": params, "merged_weight": merged_layer.weight.detach()},
+                       os.path.join(out_dir, "result.pt"))
+    finally:
+        dist.destroy_process_group()
