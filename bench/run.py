@@ -230,6 +230,13 @@ def plots(rows, out_dir) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig, name):
+        path = os.path.join(out_dir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
     written = []
     env_dev = rows[0]["device"] if rows else ""
     layer = [r for r in rows if r["op"] == "lora_linear" and r["metric"] == "time" and r["mode"] == "fwd+bwd"]
@@ -252,11 +259,7 @@ def plots(rows, out_dir) -> list[str]:
     ax.set_title(f"LoRA layer, {env_dev}" + (" (CPU: interpreter, not a speed figure)" if env_dev == "cpu" else ""))
     if ax.lines:
         ax.legend(fontsize=7)
-    path = os.path.join(out_dir, "speedup_vs_M.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(save(fig, "speedup_vs_M.png"))
 
     t1 = [r for r in rows if r["op"].startswith("gpt2_medium")]
     if t1:
@@ -274,11 +277,7 @@ def plots(rows, out_dir) -> list[str]:
         ax.set_ylabel("latency overhead over no adapter (%)")
         ax.set_title(f"Table 1 reproduction ({t1[0]['op']}), {env_dev}")
         ax.legend(fontsize=8)
-        path = os.path.join(out_dir, "table1.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, "table1.png"))
     return written
 
 
