@@ -1,5 +1,5 @@
 """Workers for tests/test_distributed.py: a few training steps of a small model with fused LoRA layers under
-DDP or FSDP2 (gloo on CPU, NCCL on GPUs), and the single-process run they must reproduce."""
+DDP or FSDP2 (NCCL when 2 GPUs are present, else gloo on CPU), and the single-process run they must reproduce."""
 
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ def dropout_seed(step: int, rank: int) -> int:
     return 1000 + step * WORLD + rank
 
 
-def single_process(p: float, backend: str, dtype=torch.float64):
+def single_process(p: float, backend: str, dtype=torch.float64, device="cpu"):
     """The same steps in one process: each rank's micro-batch with that rank's RNG seed, grads averaged."""
-    model = build_model(p, backend, dtype)
-    x, t = data(dtype)
+    model = build_model(p, backend, dtype, device)
+    x, t = data(dtype, device)
     opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.5)
     losses = []
     for step in range(STEPS):
@@ -66,17 +66,24 @@ def lora_params(model) -> dict:
     return out
 
 
+def use_gpus() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= WORLD
+
+
 def worker(rank: int, port: int, engine: str, p: float, backend: str, out_dir: str, mixed_precision: bool):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    device = torch.device("cuda", rank) if use_gpus() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=WORLD)
     try:
-        model = build_model(p, backend)
-        x, t = data()
+        model = build_model(p, backend, device=device)
+        x, t = data(device=device)
         rows = slice(rank * BATCH, (rank + 1) * BATCH)
         if engine == "ddp":
             frozen = {n for n, q in model.named_parameters() if not q.requires_grad}
-            model = nn.parallel.DistributedDataParallel(model)
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
             # only LoRA parameters take part in the gradient reduction
             reduced = {n.removeprefix("module.") for n, q in model.named_parameters() if q.requires_grad}
             assert reduced.isdisjoint(frozen) and all("lora_" in n for n in reduced), reduced
@@ -108,7 +115,7 @@ def worker(rank: int, port: int, engine: str, p: float, backend: str, out_dir: s
         lora_kernels.save_adapter(inner, os.path.join(out_dir, "adapter"))
         merged_layer = lora_kernels.lora_layers(inner)["0"].to_linear()  # gathers sharded parameters
         if rank == 0:
-            torch.save({"losses": losses, "params": params, "merged_weight": merged_layer.weight.detach()},
+            torch.save({"losses": losses, "params": params, "merged_weight": merged_layer.weight.detach().cpu()},
                        os.path.join(out_dir, "result.pt"))
     finally:
         dist.destroy_process_group()

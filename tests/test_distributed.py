@@ -1,4 +1,5 @@
-"""FusedLoRALinear under torch.distributed (2 processes, gloo on CPU) and activation checkpointing.
+"""FusedLoRALinear under torch.distributed (2 processes: NCCL on 2 GPUs, else gloo on CPU) and activation
+checkpointing.
 
 DDP and FSDP2 runs of a few steps must give the losses and LoRA parameters of one process doing the same
 micro-batches with the same dropout seeds, within the parity rule against an fp64 run.
@@ -36,8 +37,10 @@ def _spawn(engine, p, tmp_path, mixed_precision=False):
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_two_processes_match_one(engine, p, tmp_path):
     result = _spawn(engine, p, tmp_path)
-    model32, losses32 = dist_worker.single_process(p, BACKEND, torch.float32)
-    model64, losses64 = dist_worker.single_process(p, "torch", torch.float64)
+    # the reference runs where the workers ran: the same device draws the same dropout seeds
+    device = "cuda" if dist_worker.use_gpus() else "cpu"
+    model32, losses32 = dist_worker.single_process(p, BACKEND, torch.float32, device)
+    model64, losses64 = dist_worker.single_process(p, "torch", torch.float64, device)
     assert_parity("losses", torch.tensor(result["losses"]), torch.tensor(losses32), torch.tensor(losses64, dtype=torch.float64))
     ref32, ref64 = dist_worker.lora_params(model32), dist_worker.lora_params(model64)
     assert sorted(result["params"]) == sorted(ref32)
@@ -53,14 +56,14 @@ def test_two_processes_match_one(engine, p, tmp_path):
     assert sorted(theirs) == sorted(mine)
     for key in mine:
         torch.testing.assert_close(theirs[key], mine[key], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(result["merged_weight"], lora_layers(model32)["0"].to_linear().weight,
+    torch.testing.assert_close(result["merged_weight"], lora_layers(model32)["0"].to_linear().weight.cpu(),
                                rtol=1e-5, atol=1e-6)
 
 
 def test_fsdp2_mixed_precision_trains(tmp_path):
     """bf16 parameters in forward/backward, fp32 gradient reduction: runs, learns, stays near the fp32 run."""
     result = _spawn("fsdp2", 0.0, tmp_path, mixed_precision=True)
-    _, losses32 = dist_worker.single_process(0.0, BACKEND, torch.float32)
+    _, losses32 = dist_worker.single_process(0.0, BACKEND, torch.float32, "cuda" if dist_worker.use_gpus() else "cpu")
     assert result["losses"][-1] < result["losses"][0]
     # bf16 keeps 8 bits of mantissa: the losses agree with the fp32 run to bf16 precision, no better
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses32), rtol=3e-2, atol=0)
