@@ -119,3 +119,18 @@ def test_deterministic_mode_is_bitwise_repeatable():
     same, ref64 = _references(x, w, b, a, bb, gy, 0.1)
     for name, out, s, r in zip(("y", "grad x", "grad lora_A", "grad lora_B"), runs[0], same, ref64):
         assert_parity(name, out, s, r)
+
+
+def test_grad_output_with_zero_strides():
+    """y.sum().backward() hands the backward an expanded dY (strides 0, 0): read through strides, no copy."""
+    x, w, b, a, bb = make_inputs(33, 40, 36, 5, torch.float16)
+    for t in (x, a, bb):
+        t.requires_grad_(True)
+    y = lora_linear(x, w, b, a, bb, SCALING, 0.1, backend="triton", seed=seed_tensor(SEED))
+    seen = []
+    y.register_hook(lambda g: seen.append(g.stride()))
+    y.sum().backward()
+    assert seen == [(0, 0)]
+    same, ref64 = _references(x, w, b, a, bb, torch.ones_like(y), 0.1)
+    for name, out, s, r in zip(("grad x", "grad lora_A", "grad lora_B"), (x.grad, a.grad, bb.grad), same[1:], ref64[1:]):
+        assert_parity(name, out, s, r)

@@ -62,11 +62,11 @@ def lora_bwd_dx_kernel(
     r_ok = offs_r < R
     cols_k = offs_k % K  # W0 / A columns past K only feed dX columns that are never stored
 
-    dy_ptrs = DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+    dy_ptrs = DY + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n[None, :] * stride_dyn
     w_ptrs = W + offs_n[:, None] * stride_wn + cols_k[None, :] * stride_wk
     b_ptrs = B + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
     # Rows of dY past M load as zeros, so they add nothing to G, dA or dB.
-    xa = tl.load(XA + offs_m[:, None] * stride_xam + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    xa = tl.load(XA + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
     xa = xa.to(DY.dtype.element_ty)
     if UPCAST:
         xa = xa.to(tl.float32)
@@ -95,7 +95,7 @@ def lora_bwd_dx_kernel(
 
     g = (g * scaling).to(DX.dtype.element_ty)
     a = tl.load(A + offs_r[:, None] * stride_ar + cols_k[None, :] * stride_ak, mask=r_ok[:, None], other=0.0)
-    x = tl.load(X + offs_m[:, None] * stride_xm + cols_k[None, :] * stride_xk, mask=m_ok[:, None], other=0.0)
+    x = tl.load(X + offs_m.to(tl.int64)[:, None] * stride_xm + cols_k[None, :] * stride_xk, mask=m_ok[:, None], other=0.0)
     if DROPOUT:
         keep = dropout_keep(SEED, pid_m * BLOCK_M, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
         x = tl.where(keep, x, 0.0)
@@ -107,7 +107,7 @@ def lora_bwd_dx_kernel(
     if DROPOUT:
         low_rank = tl.where(keep, low_rank * keep_scale, 0.0)
     acc += low_rank
-    tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
+    tl.store(DX + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
 
     da = tl.dot(tl.trans(g), x, input_precision=DOT_PRECISION)
@@ -138,7 +138,7 @@ def lora_bwd_ab_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     m_ok = offs_m < M
     r_ok = offs_r < R
-    xa = tl.load(XA + offs_m[:, None] * stride_xam + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    xa = tl.load(XA + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
     xa = xa.to(DY.dtype.element_ty)
     if UPCAST:
         xa = xa.to(tl.float32)
@@ -146,7 +146,7 @@ def lora_bwd_ab_kernel(
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         n_ok = offs_n < N - n0
-        dy = tl.load(DY + offs_m[:, None] * stride_dym + (n0 + offs_n)[None, :] * stride_dyn,
+        dy = tl.load(DY + offs_m.to(tl.int64)[:, None] * stride_dym + (n0 + offs_n)[None, :] * stride_dyn,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         b = tl.load(B + (n0 + offs_n)[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
@@ -163,7 +163,7 @@ def lora_bwd_ab_kernel(
         g_t = g_t.to(tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
-        x = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+        x = tl.load(X + offs_m.to(tl.int64)[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if DROPOUT:
             keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, threshold, BLOCK_M, BLOCK_K)

@@ -54,12 +54,13 @@ def lora_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows/columns wrap around: loads stay in bounds without masks, stores are masked.
+    # Row offsets are multiplied by row strides in 64 bits: M x K can pass 2**31 elements.
     rows = offs_m % M
     cols = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
 
-    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = W + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
     a_ptrs = A + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
 
@@ -85,7 +86,7 @@ def lora_fwd_kernel(
     if FUSE_XA:
         if STORE_XA:
             if pid_n == 0:
-                xa_ptrs = XA + offs_m[:, None] * stride_xam + offs_r[None, :]
+                xa_ptrs = XA + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :]
                 tl.store(xa_ptrs, xa, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
         b = tl.load(B + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
                     mask=offs_r[:, None] < R, other=0.0)
@@ -98,7 +99,7 @@ def lora_fwd_kernel(
         # The low-rank term as extra K steps over r, reading the precomputed fp32 xa.
         for r0 in range(0, R, BLOCK_K):
             r_ok = offs_k < R - r0
-            xs = tl.load(XA + rows[:, None] * stride_xam + (r0 + offs_k)[None, :], mask=r_ok[None, :], other=0.0)
+            xs = tl.load(XA + rows.to(tl.int64)[:, None] * stride_xam + (r0 + offs_k)[None, :], mask=r_ok[None, :], other=0.0)
             xs = (xs * scaling).to(Y.dtype.element_ty)
             b = tl.load(B + cols[None, :] * stride_bn + (r0 + offs_k)[:, None] * stride_br,
                         mask=r_ok[:, None], other=0.0)
@@ -109,7 +110,7 @@ def lora_fwd_kernel(
 
     if HAS_BIAS:
         acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
-    y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -131,7 +132,7 @@ def lora_xa_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = offs_m % M
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     a_ptrs = A + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -149,7 +150,7 @@ def lora_xa_kernel(
         a_ptrs += BLOCK_K * stride_ak
     if DROPOUT:
         acc *= keep_scale  # masking is exact; the 1 / (1 - p) factor is applied once, in fp32
-    tl.store(XA + offs_m[:, None] * stride_xam + offs_r[None, :], acc,
+    tl.store(XA + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :], acc,
              mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
