@@ -38,7 +38,7 @@ def _accumulate(ptr, value, mask, DETERMINISTIC: tl.constexpr):
 
 @triton.autotune(configs=BACKWARD_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "DROPOUT"],
                  prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["DA", "DB"])
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_bwd_dx_kernel(
     DY, W, A, B, X, XA, SEED, DX, DA, DB,
     M, N, K, R,
@@ -119,7 +119,7 @@ def lora_bwd_dx_kernel(
 
 @triton.autotune(configs=AB_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "DROPOUT"],
                  prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["DA", "DB"])
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_bwd_ab_kernel(
     DY, A, B, X, XA, SEED, DA, DB,
     M, N, K, R,

@@ -38,7 +38,7 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 @triton.autotune(configs=FORWARD_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "FUSE_XA"],
                  prune_configs_by={"early_config_prune": prune_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_fwd_kernel(
     X, W, BIAS, A, B, XA, Y,
     M, N, K, R,
@@ -114,8 +114,9 @@ def lora_fwd_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=XA_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "DROPOUT"])
-@triton.jit
+@triton.autotune(configs=XA_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "DROPOUT"],
+                 prune_configs_by={"early_config_prune": prune_configs})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_xa_kernel(
     X, A, XA, SEED,
     M, K, R,
