@@ -149,11 +149,17 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def check_name(name: str) -> str:
+    """Raise a ValueError unless `name` is one of NAMES; returns it."""
+    if name not in NAMES:
+        raise ValueError(f"backend: unknown name {name!r}; expected one of {', '.join(map(repr, NAMES))}")
+    return name
+
+
 @torch.compiler.assume_constant_result  # evaluated once while tracing, not traced into
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend to run for tensors on `device` of `dtype`; raises if `name` cannot run them."""
-    if name not in NAMES:
-        raise ValueError(f"backend: unknown name {name!r}; expected one of {', '.join(map(repr, NAMES))}")
+    check_name(name)
     if name != "auto":
         reason = BACKENDS[name].unavailable_reason(device, dtype)
         if reason:

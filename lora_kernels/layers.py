@@ -60,8 +60,7 @@ class FusedLoRALinear(nn.Module):
                  _bias: Tensor | None = None):
         super().__init__()
         _check_hparams(r, lora_alpha, lora_dropout, in_features, out_features)
-        if backend not in backends.NAMES:
-            raise ValueError(f"backend: unknown name {backend!r}; expected one of {backends.NAMES}")
+        backends.check_name(backend)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.set_lora_hparams(lora_alpha, use_rslora, lora_dropout)

@@ -116,8 +116,7 @@ def register(config, backend: str = "auto"):
     """Register the fused layer on a LoraConfig through PEFT's custom-module hook, so that ``get_peft_model`` /
     ``PeftModel.from_pretrained(..., config=config)`` / ``add_adapter`` build fused layers directly (for plain
     nn.Linear and Conv1D bases only). Returns the config."""
-    if backend not in backends.NAMES:
-        raise ValueError(f"backend: unknown name {backend!r}; expected one of {backends.NAMES}")
+    backends.check_name(backend)
 
     def dispatch(target, adapter_name, config, **kwargs):
         module = _dispatch(target, adapter_name, config, **kwargs)
@@ -140,8 +139,7 @@ def fuse(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
     Existing layers become FusedPeftLinear (a subclass of PEFT's LoRA Linear: same parameters, state dict,
     saving, merge_and_unload). Layers that adapters create later are PEFT's own unless their config went
     through ``register``; calling ``fuse`` again converts them."""
-    if backend not in backends.NAMES:
-        raise ValueError(f"backend: unknown name {backend!r}; expected one of {backends.NAMES}")
+    backends.check_name(backend)
     linear_cls, fused = _peft_linear_cls(), _fused_cls()
     count = 0
     for module in peft_model.modules():
