@@ -11,6 +11,7 @@ reduction. Every rank calls save_adapter; rank 0 writes.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import transformers
@@ -27,7 +28,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default="runs/accelerate-adapter")
     args = parser.parse_args(argv)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # one GPU per process, or all on CPU (gloo) when there are fewer GPUs than processes
+    accelerator = Accelerator(cpu=torch.cuda.device_count() < int(os.environ.get("WORLD_SIZE", "1")))
     torch.manual_seed(0)  # the same base model and LoRA init on every rank
     chars = sorted(set(TEXT))
     data = torch.tensor([chars.index(c) for c in TEXT])

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import assert_parity
+from conftest import DEVICE, assert_parity
 from lora_kernels import inject, load_adapter, lora_layers, mark_only_lora_as_trainable, save_adapter
 from lora_kernels import peft_format
 
@@ -23,14 +23,14 @@ BACKEND = "triton"  # the kernels (in the interpreter without a GPU), not the re
 def _gpt2():
     cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
                                   bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+    return transformers.GPT2LMHeadModel(cfg).to(DEVICE).eval()
 
 
 def _llama():
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                                    num_key_value_heads=1, vocab_size=64, max_position_embeddings=32,
                                    bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return transformers.LlamaForCausalLM(cfg).to(DEVICE).eval()
 
 
 MODELS = {"gpt2": (_gpt2, ["c_attn", "c_proj"]), "llama": (_llama, ["q_proj", "v_proj", "down_proj"])}
@@ -79,7 +79,7 @@ def test_load_peft_saved_adapter(arch, tmp_path):
     mark_only_lora_as_trainable(ours)
     load_adapter(ours, tmp_path)
     assert lora_layers(ours)[next(iter(lora_layers(ours)))].use_rslora
-    _assert_same_as_peft(ours, pm, torch.randint(0, 64, (2, 9)))
+    _assert_same_as_peft(ours, pm, torch.randint(0, 64, (2, 9), device=DEVICE))
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
@@ -102,7 +102,7 @@ def test_peft_loads_our_adapter(arch, tmp_path):
     assert sorted(mine) == sorted(theirs)
     for k in mine:
         assert torch.equal(mine[k], theirs[k])
-    _assert_same_as_peft(ours, pm, torch.randint(0, 64, (2, 9)))
+    _assert_same_as_peft(ours, pm, torch.randint(0, 64, (2, 9), device=DEVICE))
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
@@ -171,7 +171,7 @@ def test_fuse_matches_peft_and_keeps_its_api(arch, tmp_path):
     assert fuse(pm, backend=BACKEND) is pm
     layers = [m for m in pm.modules() if isinstance(m, peft.tuners.lora.layer.Linear)]
     assert layers and all(type(m) is FusedPeftLinear for m in layers)
-    ids = torch.randint(0, 64, (2, 9))
+    ids = torch.randint(0, 64, (2, 9), device=DEVICE)
     _assert_same_as_peft(pm, reference_pm, ids)
     # PEFT's own API still works on the fused model: save, load back, merge_and_unload
     pm.save_pretrained(tmp_path)
@@ -199,7 +199,7 @@ def test_fuse_adapters_added_later_and_fallbacks():
     dora = _peft_model(base, ["v_proj"], use_dora=True)
     expected = copy.deepcopy(dora)
     fuse(dora, backend=BACKEND)
-    ids = torch.randint(0, 64, (1, 5))
+    ids = torch.randint(0, 64, (1, 5), device=DEVICE)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = dora(ids).logits
@@ -215,7 +215,7 @@ def test_register_builds_fused_layers_and_matches_peft():
     assert all(type(m) is FusedPeftLinear for m in pm.modules() if isinstance(m, peft.tuners.lora.layer.Linear))
     plain = peft.get_peft_model(copy.deepcopy(base), cfg)
     plain.load_state_dict(pm.state_dict())
-    _assert_same_as_peft(pm, plain, torch.randint(0, 64, (2, 6)))
+    _assert_same_as_peft(pm, plain, torch.randint(0, 64, (2, 6), device=DEVICE))
 
 
 def test_custom_hook_leaves_quantized_linear_to_peft():
@@ -243,7 +243,7 @@ def test_training_follows_peft_loss_curve():
             layer.lora_A.copy_(src.lora_A["default"].weight)
             layer.lora_B.copy_(src.lora_B["default"].weight)
     mark_only_lora_as_trainable(ours)
-    ids = torch.randint(0, 64, (4, 12))
+    ids = torch.randint(0, 64, (4, 12), device=DEVICE)
     curves = []
     for model in (ours, pm):
         model.train()
