@@ -114,7 +114,9 @@ class Progress:
         sys.stderr.flush()
 
 
-def run_layer(cases, provider_names, modes, device, env, quick=False, progress=None):
+def run_layer(cases, provider_names, modes, device, env, quick=False, progress=None, sink=None):
+    """Measure every case; `sink(rows)` receives each case's rows as soon as they exist (so a run that is cut
+    short still leaves its CSV rows)."""
     rows = []
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     for case in cases:
@@ -143,10 +145,13 @@ def run_layer(cases, provider_names, modes, device, env, quick=False, progress=N
                     rows.append(dict(common, metric="peak_memory", unit="MiB", p50=_peak_memory_mib(fn, device),
                                      p20="", p80=""))
             del fns, params
+        if sink:
+            sink([r for r in rows if (r["M"], r["K"], r["N"], r["r"], r["dropout"], r["dtype"]) ==
+                  (case.M, case.K, case.N, case.r, case.dropout, case.dtype)])
     return rows
 
 
-def run_table1(device, env, quick=False, progress=None, methods=table1.METHODS):
+def run_table1(device, env, quick=False, progress=None, methods=table1.METHODS, sink=None):
     rows = []
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -165,6 +170,8 @@ def run_table1(device, env, quick=False, progress=None, methods=table1.METHODS):
             rows.append(dict(timestamp=stamp, op=f"gpt2_medium_forward_{n_layer}l", provider=method, mode="fwd",
                              metric="time", unit="ms", M=batch * seq, K=batch, N=seq, r=budget,
                              dropout=0.0, dtype=str(dtype).replace("torch.", ""), p50=p50, p20=p20, p80=p80, **env))
+            if sink:
+                sink(rows[-1:])
             del model
     return rows
 
@@ -312,11 +319,12 @@ def main(argv=None) -> int:
         cases = [c for c in cases if str(c.r) in args.r.split(",")]
     n_t1 = 0 if args.no_table1 else len(table1.METHODS) * (1 if args.quick else len(table1.COLUMNS))
     progress = Progress(len(cases) * len(names) * len(modes) + n_t1)
-    rows = run_layer(cases, names, modes, device, env, args.quick, progress)
-    if not args.no_table1:
-        rows += run_table1(device, env, args.quick, progress)
     os.makedirs(args.out, exist_ok=True)
-    write_csv(rows, os.path.join(args.out, "results.csv"))
+    csv_path = os.path.join(args.out, "results.csv")
+    sink = lambda new_rows: write_csv(new_rows, csv_path)  # noqa: E731
+    rows = run_layer(cases, names, modes, device, env, args.quick, progress, sink)
+    if not args.no_table1:
+        rows += run_table1(device, env, args.quick, progress, sink=sink)
     summary = summary_markdown(rows, env)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary)
