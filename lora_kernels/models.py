@@ -23,6 +23,16 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """What the fused layers can wrap: exactly nn.Linear (never a quantized subclass) or a Conv1D."""
+    return type(module) is nn.Linear or _is_conv1d(module)
+
+
+def _check_bias_mode(bias: str) -> None:
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias: expected 'none', 'all' or 'lora_only', got {bias!r}")
+
+
 def _matches(name: str, targets: str | Iterable[str]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
@@ -73,7 +83,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], r: int = 8, lo
         raise TypeError(f"target_modules {targets} matched modules that are neither nn.Linear nor Conv1D: "
                         f"{', '.join(wrong_type)}")
     if not replaced:
-        linears = [n for n, m in model.named_modules() if type(m) is nn.Linear or _is_conv1d(m)]
+        linears = [n for n, m in model.named_modules() if is_plain_linear(m)]
         raise ValueError(f"target_modules {targets!r} matched no nn.Linear or Conv1D module of the model; "
                          f"its linear layers are: {', '.join(linears[:20]) or 'none'}"
                          + (" ..." if len(linears) > 20 else ""))
@@ -88,8 +98,7 @@ def lora_layers(model: nn.Module) -> dict[str, FusedLoRALinear]:
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
     """Freeze everything but lora_A / lora_B. bias: "none", "all" (every bias trains), or "lora_only"
     (the biases of the LoRA layers train)."""
-    if bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"bias: expected 'none', 'all' or 'lora_only', got {bias!r}")
+    _check_bias_mode(bias)
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         p.requires_grad_(leaf in ("lora_A", "lora_B") or (bias == "all" and leaf == "bias"))
@@ -103,8 +112,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     """The LoRA parameters of `model` (loralib's keys: `<module>.lora_A`, `<module>.lora_B`), plus biases as
     in mark_only_lora_as_trainable."""
-    if bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"bias: expected 'none', 'all' or 'lora_only', got {bias!r}")
+    _check_bias_mode(bias)
     full = model.state_dict()
     lora_bias = {f"{name}.bias" for name, layer in lora_layers(model).items() if layer.bias is not None}
     keep = {}

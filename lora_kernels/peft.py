@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import backends
-from .models import _is_conv1d
+from .models import is_plain_linear
 from .ops import lora_linear
 
 __all__ = ["fuse", "register", "FusedPeftLinear"]
@@ -49,7 +49,7 @@ class _FusedForward:
         if adapter in self.lora_variant:
             return f"the LoRA variant {type(self.lora_variant[adapter]).__name__} (DoRA or another)"
         base = self.get_base_layer()
-        if not _fusable_base(base):
+        if not is_plain_linear(base):
             return f"the base layer type {type(base).__name__}"
         dropout = self.lora_dropout[adapter]
         if not isinstance(dropout, (nn.Dropout, nn.Identity)):
@@ -93,10 +93,6 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-def _fusable_base(base: nn.Module) -> bool:
-    return type(base) is nn.Linear or _is_conv1d(base)
-
-
 def _dispatch(target, adapter_name, config, **kwargs):
     """PEFT custom-module hook: only plain nn.Linear / Conv1D bases (never quantized subclasses) get the
     fused layer; anything else returns None so PEFT's own dispatchers take it."""
@@ -104,7 +100,7 @@ def _dispatch(target, adapter_name, config, **kwargs):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if not _fusable_base(base) or kwargs.get("parameter_name") is not None:
+    if not is_plain_linear(base) or kwargs.get("parameter_name") is not None:
         return None
     module = dispatch_default(target, adapter_name, config=config, **kwargs)
     if type(module) is _peft_linear_cls():
@@ -143,7 +139,7 @@ def fuse(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
     linear_cls, fused = _peft_linear_cls(), _fused_cls()
     count = 0
     for module in peft_model.modules():
-        if type(module) in (linear_cls, fused) and _fusable_base(module.get_base_layer()):
+        if type(module) in (linear_cls, fused) and is_plain_linear(module.get_base_layer()):
             module.__class__ = fused
             module.fused_backend = backend
             count += 1

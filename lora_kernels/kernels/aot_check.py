@@ -11,7 +11,6 @@ limit. Must run with TRITON_INTERPRET unset (the interpreter replaces the kernel
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
