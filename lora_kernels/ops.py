@@ -18,7 +18,8 @@ function of (seed, row, column), so the backward regenerates it instead of stori
 
 ``lora_linear`` (the public function) flattens leading dims, checks arguments, draws the seed, picks the
 backend and calls the forward op; autograd is registered on the forward op, so torch.compile traces it
-without a graph break. Grads of weight and bias, if they require grad, are computed too (plain GEMM and
+without a graph break. Outside torch.compile, on plain tensors, it calls the same backend functions through
+a plain autograd.Function instead (``_EagerLoRALinear``): same checks, same results, less host time. Grads of weight and bias, if they require grad, are computed too (plain GEMM and
 sum in the backward).
 """
 
@@ -150,20 +151,24 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_y, grad_xa):
+def _grads(ctx, grad_y, call_bwd):
+    """The grads of (x, weight, bias, lora_A, lora_B) from the saved tensors; call_bwd runs the backward op."""
     x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
     grad_x = grad_w = grad_bias = grad_a = grad_bb = None
     if need_x or need_a or need_bb:
-        dx, grad_a, grad_bb = torch.ops.lora_kernels.lora_linear_bwd(
-            grad_y, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, need_x,
-            torch.are_deterministic_algorithms_enabled(), ctx.backend)
+        dx, grad_a, grad_bb = call_bwd(grad_y, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p,
+                                       need_x, torch.are_deterministic_algorithms_enabled(), ctx.backend)
         grad_x = dx if need_x else None
     if need_w:  # W0 is frozen in LoRA; computed for callers that train it anyway
         grad_w = grad_y.t() @ x
     if need_b and ctx.has_bias:
         grad_bias = grad_y.sum(0)
-    return grad_x, grad_w, grad_bias, grad_a, grad_bb, None, None, None, None, None
+    return grad_x, grad_w, grad_bias, grad_a, grad_bb
+
+
+def _backward(ctx, grad_y, grad_xa):
+    return *_grads(ctx, grad_y, torch.ops.lora_kernels.lora_linear_bwd), None, None, None, None, None
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -175,6 +180,42 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 def draw_seed(device: torch.device) -> Tensor:
     """A dropout seed from torch's generator for `device` (so torch.manual_seed makes runs repeatable)."""
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+class _EagerLoRALinear(torch.autograd.Function):
+    """The same forward/backward as the ops, called without the custom-op dispatcher.
+
+    Outside torch.compile, on plain tensors, the dispatcher's Python layers (schema defaults, autograd
+    wrapper, redispatch) cost more host time than a small layer's kernels take on a GPU; this path runs the
+    same backend functions behind the same checks. Under torch.compile, and for tensor subclasses (DTensor,
+    FakeTensor), the ops are used, so graphs still see lora_kernels::lora_linear_fwd / _bwd.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, backend):
+        y, xa = backends.BACKENDS[backend].forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p,
+                                                   save_xa)
+        if save_xa:
+            ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return *_grads(ctx, grad_y, _eager_bwd), None, None, None, None, None
+
+
+def _eager_bwd(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic, backend):
+    return backends.BACKENDS[backend].backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p,
+                                               need_dx, deterministic)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _plain(*tensors) -> bool:
+    return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -195,6 +236,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     x2 = x.reshape(-1, x.shape[-1])
     params = (x, weight, bias, lora_A, lora_B)
     save_xa = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
-    y, _ = torch.ops.lora_kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, seed, float(scaling),
-                                                  float(dropout_p), save_xa, name)
+    if seed is not None:
+        _check_seed(seed, x.device, dropout_p)
+    if torch.compiler.is_compiling() or not _plain(x, weight, bias, lora_A, lora_B):
+        y, _ = torch.ops.lora_kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, seed, float(scaling),
+                                                      float(dropout_p), save_xa, name)
+    elif save_xa:
+        y = _EagerLoRALinear.apply(x2, weight, bias, lora_A, lora_B, seed, float(scaling), float(dropout_p),
+                                   True, name)
+    else:  # inference: no autograd node at all
+        y, _ = backends.BACKENDS[name].forward(x2, weight, bias, lora_A, lora_B, seed, float(scaling),
+                                               float(dropout_p), False)
     return y.reshape(*lead, weight.shape[0])

@@ -69,3 +69,12 @@ def seed_tensor(value, device=DEVICE):
 
 __all__ = ["DEVICE", "DTYPES", "HAS_GPU", "assert_parity", "make_inputs", "seed_tensor", "requires_gpu",
            "lora_kernels", "backends", "reference"]
+
+
+def pytest_runtest_logreport(report):
+    """With LORA_KERNELS_FAIL_LOG=path, each failure's report is appended there as soon as it happens, so a
+    run that is cut short (a time-limited GPU job) still leaves its tracebacks."""
+    path = os.environ.get("LORA_KERNELS_FAIL_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

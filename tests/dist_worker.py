@@ -88,13 +88,18 @@ def worker(rank: int, port: int, engine: str, p: float, backend: str, out_dir: s
             reduced = {n.removeprefix("module.") for n, q in model.named_parameters() if q.requires_grad}
             assert reduced.isdisjoint(frozen) and all("lora_" in n for n in reduced), reduced
         else:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            # an explicit mesh: left to itself, fully_shard puts the shards on CUDA whenever CUDA exists,
+            # also when these workers run on CPU (one GPU for two processes)
+            mesh = init_device_mesh(device.type, (WORLD,))
 
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
                 if mixed_precision else MixedPrecisionPolicy()
             for layer in lora_kernels.lora_layers(model).values():
-                fully_shard(layer, mp_policy=policy)
-            fully_shard(model, mp_policy=policy)
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
             assert all(hasattr(q, "placements") for q in model.parameters())  # DTensors
         opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.5)
         losses = []

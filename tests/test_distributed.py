@@ -84,7 +84,17 @@ class _Block(nn.Module):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_activation_checkpointing_replays_dropout(p):
     """Non-reentrant checkpointing recomputes the forward in backward: the dropout seed is restored with the
-    RNG state, so the recomputed masks are the same and the gradients equal the plain run bit for bit."""
+    RNG state, so the recomputed masks are the same and the gradients equal the plain run bit for bit
+    (deterministic mode: float atomics on a GPU would differ in the last bits from run to run anyway)."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        _checkpointed_and_plain_grads_equal(p)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def _checkpointed_and_plain_grads_equal(p):
     torch.manual_seed(0)
     blocks = nn.ModuleList([_Block() for _ in range(2)])
     inject(blocks, ["fc1", "fc2"], r=4, lora_dropout=p, init_lora_weights=False, backend="triton")

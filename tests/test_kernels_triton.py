@@ -9,6 +9,7 @@ import torch
 
 from conftest import DEVICE, DTYPES, assert_parity, make_inputs, seed_tensor
 from lora_kernels import lora_linear, reference
+from lora_kernels.kernels import backward as triton_backward
 from lora_kernels.kernels import forward as triton_forward
 
 SEED = 20261125
@@ -68,20 +69,53 @@ def test_forward_backward_parity(dtype, shape, bias, p):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lora_only_backward(dtype, p):
-    """x needs no grad: the A/B-only kernel, without the dY W0 GEMM."""
+    """x needs no grad: the low-rank kernel alone, without the dY W0 GEMM."""
     _run_and_check(*make_inputs(45, 70, 52, 6, dtype), p, need_dx=False)
 
 
-@pytest.mark.parametrize("variant", ["fused", "xa_first"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("variant", ["fused", "xa_first", "cublas"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_both_forward_variants(dtype, variant):
-    """Both forwards, whichever the heuristic would pick, against the reference (dropout off)."""
+def test_every_forward_variant(dtype, variant, p):
+    """Each forward, whichever the heuristic would pick, against the reference (fused has no dropout)."""
+    if variant == "fused" and p > 0:
+        pytest.skip("the fused forward runs without dropout only")
     x, w, b, a, bb = make_inputs(41, 72, 66, 12, dtype)
-    y, xa = triton_forward.lora_forward(x, w, b, a, bb, None, SCALING, 0.0, True, variant=variant)
-    same_y, same_xa = reference.lora_forward(x, w, b, a, bb, SCALING)
-    y64, xa64 = reference.lora_forward(*(t.double() for t in (x, w, b, a, bb)), SCALING)
+    seed = seed_tensor(SEED) if p > 0 else None
+    y, xa = triton_forward.lora_forward(x, w, b, a, bb, seed, SCALING, p, True, variant=variant)
+    same_y, same_xa = reference.lora_forward(x, w, b, a, bb, SCALING, p, SEED)
+    y64, xa64 = reference.lora_forward(*(t.double() for t in (x, w, b, a, bb)), SCALING, p, SEED)
     assert_parity("y", y, same_y, y64)
     assert_parity("xa", xa, same_xa.float(), xa64)
+
+
+@pytest.mark.parametrize("need_dx", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("variant", ["split", "fused"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_backward_variant(dtype, variant, p, need_dx):
+    """Each backward (split: low-rank kernel + cuBLAS; fused: one launch) against the reference."""
+    if variant == "fused" and not need_dx:
+        pytest.skip("the fused backward always computes dX")
+    M, K, N, r = 43, 70, 58, 12
+    x, w, _, a, bb = make_inputs(M, K, N, r, dtype, bias=False)
+    gy = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    seed = seed_tensor(SEED) if p > 0 else None
+    refs = []
+    for dt in (dtype, torch.float64):
+        args = [t.to(dt) for t in (gy, x, w, a, bb)]
+        _, xa_dt = reference.lora_forward(args[1], args[2], None, args[3], args[4], SCALING, p, SEED)
+        refs.append(reference.lora_backward(*args, xa_dt, SCALING, p, SEED, need_dx))
+    xa = reference.lora_forward(x.float(), w.float(), None, a.float(), bb.float(),
+                                                          SCALING, p, SEED)[1]
+    dx, da, db = triton_backward.lora_backward(gy, x, w, a, bb, xa, seed, SCALING, p, need_dx, False,
+                                               variant=variant)
+    if need_dx:
+        assert_parity("grad x", dx, refs[0][0], refs[1][0])
+    else:
+        assert dx.numel() == 0
+    assert_parity("grad lora_A", da, refs[0][1], refs[1][1])
+    assert_parity("grad lora_B", db, refs[0][2], refs[1][2])
 
 
 def test_noncontiguous_inputs_and_leading_dims():

@@ -30,7 +30,7 @@ def _kernels():
         "lora_fwd_kernel": forward.lora_fwd_kernel,
         "lora_xa_kernel": forward.lora_xa_kernel,
         "lora_bwd_dx_kernel": backward.lora_bwd_dx_kernel,
-        "lora_bwd_ab_kernel": backward.lora_bwd_ab_kernel,
+        "lora_bwd_lowrank_kernel": backward.lora_bwd_lowrank_kernel,
     }
 
 
@@ -63,13 +63,16 @@ def specializations(arch: int):
                     add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=False, BLOCK_R=row[5]))
                     add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=True, BLOCK_R=16))
             for row in TABLES["thin"][arch][elem_bytes]:
-                add("lora_xa_kernel", dtype, row, dict(DROPOUT=False, BLOCK_R=16), XA_TILE_KEYS)
-                add("lora_bwd_ab_kernel", dtype, row, dict(DROPOUT=False, DETERMINISTIC=False, BLOCK_R=16))
+                add("lora_xa_kernel", dtype, row, dict(DROPOUT=False, STORE_XS=True, BLOCK_R=16), XA_TILE_KEYS)
+                add("lora_bwd_lowrank_kernel", dtype, row,
+                    dict(DROPOUT=False, DETERMINISTIC=False, NEED_DX=True, BLOCK_R=16))
                 if full:
-                    add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, BLOCK_R=min(128, row[5])),
+                    add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=False, BLOCK_R=min(128, row[5])),
                         XA_TILE_KEYS)
-                    add("lora_bwd_ab_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=False, BLOCK_R=row[5]))
-                    add("lora_bwd_ab_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=True, BLOCK_R=16))
+                    add("lora_bwd_lowrank_kernel", dtype, row,
+                        dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, BLOCK_R=row[5]))
+                    add("lora_bwd_lowrank_kernel", dtype, row,
+                        dict(DROPOUT=True, DETERMINISTIC=True, NEED_DX=False, BLOCK_R=16))
     # fp32 inputs with torch.backends.cuda.matmul.allow_tf32 switch the dots to TF32.
     add("lora_fwd_kernel", "fp32", TABLES["gemm"][arch][4][0],
         dict(HAS_BIAS=True, FUSE_XA=True, STORE_XA=True, BLOCK_R=16), precision="tf32")

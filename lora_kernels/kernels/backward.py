@@ -1,27 +1,34 @@
-"""Fused LoRA backward in Triton: dX, dA and dB in one launch, or dA and dB alone when x needs no grad.
+"""LoRA backward in Triton: dX, dA and dB (W0 frozen).
 
 With G = scaling * dY B [M, r] and D the dropout mask scaled by 1 / (1 - p):
     dX = dY W0 + (G A) * D,   dA = G^T (X * D),   dB = scaling * dY^T XA.
 
-``lora_bwd_dx_kernel``: one program per [BLOCK_M, BLOCK_K] tile of dX streams its rows of dY once over N,
-feeding two dots, dY W0 and dY B (G is recomputed by each column of programs: r / BLOCK_K extra MMA work,
-no extra memory traffic). Its epilogue adds (G A) * D, and, from the x tile it loads there, adds its share
-G^T (X * D) of dA. The dB work is spread over the columns of programs: the program in column c also
-adds scaling * dY^T XA for the N-blocks j with j % (number of columns) == c, from the dY tiles it has loaded
-anyway. The dropout mask is regenerated from the seed, never read from memory.
+Two variants, picked by ``backward_variant``:
 
-``lora_bwd_ab_kernel``: one program per BLOCK_M rows; dY rows once over N (G and dB), then x rows once over
-K (dA). No dY W0 GEMM.
+* ``split`` (the default): one Triton launch does all the low-rank work, ``lora_bwd_lowrank_kernel``:
+  one program per BLOCK_M rows streams its dY rows once over N (G), then its x rows once over K, where it
+  regenerates the dropout mask, adds its share of dA and, when x needs a grad, stores (G A) * D into dX.
+  The two large products are left to cuBLAS: dX += dY W0 in place (beta = 1, so the low-rank term is read
+  in the GEMM's epilogue instead of in an extra pass) and dB = dY^T (scaling * XA). On an H100 (bf16,
+  M=8192, K=N=4096) a Triton dY W0 reached 0.5x the speed of cuBLAS, so the one-launch kernel below loses
+  to this split at every size measured (docs/design.md has the figures).
+* ``fused`` (one launch, ``lora_bwd_dx_kernel``): one program per [BLOCK_M, BLOCK_K] tile of dX streams
+  its rows of dY once over N, feeding dY W0 and dY B; the epilogue adds (G A) * D and the program's share of
+  dA; the dB work is spread over the columns of programs (column c adds scaling * dY^T XA for the N-blocks
+  j with j % columns == c, from dY tiles it has loaded anyway).
 
-dA and dB accumulate in fp32: atomically by default, or, when torch's deterministic algorithms are
-enabled, into per-row-block partial buffers summed afterwards in a fixed order (bitwise repeatable).
+dA (and dB in ``fused``) accumulate in fp32: atomically by default, or, when torch's deterministic
+algorithms are enabled, into per-row-block partial buffers summed afterwards in a fixed order (bitwise
+repeatable).
 """
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .configs import (AB_CONFIGS, BACKWARD_CONFIGS, INTERPRET, dot_precision, fixed_config, m_bucket,
+from .configs import (LOWRANK_CONFIGS, BACKWARD_CONFIGS, INTERPRET, dot_precision, fixed_config, m_bucket,
                       prune_configs)
 from .dropout import dropout_args, dropout_keep
 from .forward import _tile_ids, block_r
@@ -85,7 +92,13 @@ def lora_bwd_dx_kernel(
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
         g = tl.dot(dy, b, g, input_precision=DOT_PRECISION)
         if j % num_k == pid_k:
-            db = tl.dot(tl.trans(dy), xa, input_precision=DOT_PRECISION) * scaling
+            # dY^T is loaded transposed (an L1/L2 hit) rather than tl.trans'ed: with fp32 tiles on sm_90
+            # the transposed register tile fed tl.dot wrong values (Triton 3.6).
+            dyt = tl.load(DY + offs_m.to(tl.int64)[None, :] * stride_dym + (j * BLOCK_N + offs_n)[:, None] * stride_dyn,
+                          mask=m_ok[None, :] & n_ok[:, None], other=0.0)
+            if UPCAST:
+                dyt = dyt.to(tl.float32)
+            db = tl.dot(dyt, xa, input_precision=DOT_PRECISION) * scaling
             rows_n = j * BLOCK_N + offs_n
             _accumulate(DB + pid_m * stride_dbp + rows_n[:, None] * R + offs_r[None, :], db,
                         n_ok[:, None] & r_ok[None, :], DETERMINISTIC)
@@ -117,17 +130,17 @@ def lora_bwd_dx_kernel(
                 r_ok[:, None] & k_ok[None, :], DETERMINISTIC)
 
 
-@triton.autotune(configs=AB_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["DA", "DB"])
+@triton.autotune(configs=LOWRANK_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "DROPOUT", "NEED_DX"],
+                 prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["DA"])
 @triton.jit(do_not_specialize=["M_BUCKET"])
-def lora_bwd_ab_kernel(
-    DY, A, B, X, XA, SEED, DA, DB,
+def lora_bwd_lowrank_kernel(
+    DY, A, B, X, SEED, DX, DA,
     M, N, K, R,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_xm, stride_xk, stride_xam,
-    stride_dap, stride_dbp,
+    stride_dym, stride_dyn, stride_ar, stride_ak, stride_bn, stride_br, stride_xm, stride_xk,
+    stride_dxm, stride_dxk, stride_dap,
     scaling, threshold, keep_scale,
     M_BUCKET,
-    DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, NEED_DX: tl.constexpr,
     BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -138,11 +151,8 @@ def lora_bwd_ab_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     m_ok = offs_m < M
     r_ok = offs_r < R
-    xa = tl.load(XA + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    xa = xa.to(DY.dtype.element_ty)
-    if UPCAST:
-        xa = xa.to(tl.float32)
 
+    # G = dY B over N; rows of dY past M load as zeros, so they add nothing to dA.
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         n_ok = offs_n < N - n0
@@ -154,12 +164,11 @@ def lora_bwd_ab_kernel(
             dy = dy.to(tl.float32)
             b = b.to(tl.float32)
         g = tl.dot(dy, b, g, input_precision=DOT_PRECISION)
-        db = tl.dot(tl.trans(dy), xa, input_precision=DOT_PRECISION) * scaling
-        _accumulate(DB + pid_m * stride_dbp + (n0 + offs_n)[:, None] * R + offs_r[None, :], db,
-                    n_ok[:, None] & r_ok[None, :], DETERMINISTIC)
 
-    g_t = tl.trans((g * scaling).to(X.dtype.element_ty))
+    g = (g * scaling).to(X.dtype.element_ty)
+    g_t = tl.trans(g)
     if UPCAST:
+        g = g.to(tl.float32)
         g_t = g_t.to(tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
@@ -175,57 +184,88 @@ def lora_bwd_ab_kernel(
             da *= keep_scale
         _accumulate(DA + pid_m * stride_dap + offs_r[:, None] * K + (k0 + offs_k)[None, :], da,
                     r_ok[:, None] & k_ok[None, :], DETERMINISTIC)
+        if NEED_DX:
+            # The low-rank part of dX, (G A) * D; cuBLAS adds dY W0 to it afterwards.
+            a = tl.load(A + offs_r[:, None] * stride_ar + (k0 + offs_k)[None, :] * stride_ak,
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+            low_rank = tl.dot(g, a, input_precision=DOT_PRECISION)
+            if DROPOUT:
+                low_rank = tl.where(keep, low_rank * keep_scale, 0.0)
+            tl.store(DX + offs_m.to(tl.int64)[:, None] * stride_dxm + (k0 + offs_k)[None, :] * stride_dxk,
+                     low_rank.to(DX.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+def backward_variant() -> str:
+    """The backward to run: ``split`` everywhere; ``fused`` (the one-launch kernel) when asked for with
+    LORA_KERNELS_BACKWARD=fused. Measured on an H100 (docs/design.md), split was faster at every size."""
+    return "fused" if os.environ.get("LORA_KERNELS_BACKWARD", "") == "fused" else "split"
+
+
+def _partials(kernel, deterministic, x, br, M, shapes):
+    """fp32 accumulators for dA (and dB): one zeroed slice for atomics, or one slice per row block when
+    deterministic (then the config is fixed, since the number of slices follows BLOCK_M)."""
+    dev = x.device
+    if not deterministic:
+        return kernel, {}, [torch.zeros((1, *sh), device=dev, dtype=torch.float32) for sh in shapes]
+    cfg = fixed_config(kernel.configs, x.element_size(), br)
+    parts = triton.cdiv(M, cfg.kwargs["BLOCK_M"])
+    meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return kernel.fn, meta, [empty((parts, *sh), dev, torch.float32) for sh in shapes]
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling: float, dropout_p: float,
-                  need_dx: bool, deterministic: bool):
-    """Launch the backward on 2-D tensors; returns (dx [M, K] or an empty tensor, dA [r, K], dB [N, r])."""
+                  need_dx: bool, deterministic: bool, variant: str | None = None):
+    """Backward on 2-D tensors; returns (dx [M, K] or an empty tensor, dA [r, K], dB [N, r])."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    dev = x.device
-    dx = empty((M, K) if need_dx else (0,), dev, x.dtype)
-    xa = xa.contiguous()  # the kernels index its rank dimension with unit stride
     if M == 0:
+        dx = x.new_zeros((M, K) if need_dx else (0,))
         return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-    kernel = lora_bwd_dx_kernel if need_dx else lora_bwd_ab_kernel
+    xa = xa.contiguous()  # the kernels index its rank dimension with unit stride
     br = block_r(R)
     threshold, keep_scale = dropout_args(dropout_p)
     common = dict(DROPOUT=dropout_p > 0.0, DETERMINISTIC=deterministic, BLOCK_R=br,
                   DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET)
-    launch = kernel
-    if deterministic:
-        cfg = fixed_config(kernel.configs, x.element_size(), br)
-        parts = triton.cdiv(M, cfg.kwargs["BLOCK_M"])
-        launch = kernel.fn
-        common.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        da = empty((parts, R, K), dev, torch.float32)
-        db = empty((parts, N, R), dev, torch.float32)
-    else:
-        da = torch.zeros((1, R, K), device=dev, dtype=torch.float32)
-        db = torch.zeros((1, N, R), device=dev, dtype=torch.float32)
-    stride_dap = da.stride(0) if deterministic else 0
-    stride_dbp = db.stride(0) if deterministic else 0
     seed_arg = seed if seed is not None else x
     scalars = (float(scaling), threshold, keep_scale, m_bucket(M))
-    if need_dx:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    variant = variant or backward_variant()
+
+    if variant == "split":
+        dx = empty((M, K) if need_dx else (0,), x.device, x.dtype)
+        launch, meta, (da,) = _partials(lora_bwd_lowrank_kernel, deterministic, x, br, M, [(R, K)])
+        grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]),)
         launch[grid](
-            grad_y, weight, lora_A, lora_B, x, xa, seed_arg, dx, da, db,
+            grad_y, lora_A, lora_B, x, seed_arg, dx if need_dx else x, da,
             M, N, K, R,
-            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-            lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-            x.stride(0), x.stride(1), xa.stride(0), dx.stride(0), dx.stride(1),
-            stride_dap, stride_dbp, *scalars, **common,
+            grad_y.stride(0), grad_y.stride(1), lora_A.stride(0), lora_A.stride(1),
+            lora_B.stride(0), lora_B.stride(1), x.stride(0), x.stride(1),
+            dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
+            da.stride(0) if deterministic else 0, *scalars, NEED_DX=need_dx, **common, **meta,
         )
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-        launch[grid](
-            grad_y, lora_A, lora_B, x, xa, seed_arg, da, db,
-            M, N, K, R,
-            grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
-            x.stride(0), x.stride(1), xa.stride(0),
-            stride_dap, stride_dbp, *scalars, **common,
-        )
+        if need_dx:
+            dx.addmm_(grad_y, weight)  # cuBLAS, beta = 1: dX = dY W0 + the low-rank term already there
+        xs = (xa * scaling).to(grad_y.dtype)
+        grad_B = torch.mm(grad_y.t(), xs)  # cuBLAS: dB = dY^T (scaling * XA)
+        grad_A = da.sum(0) if deterministic else da[0]
+        return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+
+    if variant != "fused":
+        raise ValueError(f"variant: expected 'split' or 'fused', got {variant!r}")
+    if not need_dx:
+        raise ValueError("variant 'fused' computes dX; use 'split' when x needs no grad")
+    dx = empty((M, K), x.device, x.dtype)
+    launch, meta, (da, db) = _partials(lora_bwd_dx_kernel, deterministic, x, br, M, [(R, K), (N, R)])
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"]),)
+    launch[grid](
+        grad_y, weight, lora_A, lora_B, x, xa, seed_arg, dx, da, db,
+        M, N, K, R,
+        grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+        lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+        x.stride(0), x.stride(1), xa.stride(0), dx.stride(0), dx.stride(1),
+        da.stride(0) if deterministic else 0, db.stride(0) if deterministic else 0, *scalars, **common, **meta,
+    )
     # Partial buffers are reduced in a fixed order; the atomic path has a single slice.
     grad_A = da.sum(0) if deterministic else da[0]
     grad_B = db.sum(0) if deterministic else db[0]

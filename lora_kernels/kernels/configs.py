@@ -36,7 +36,7 @@ def _cfg(row, keys=TILE_KEYS):
 # "gemm": the forward (output tile [BLOCK_M, BLOCK_N], reducing over K in BLOCK_K steps).
 # "dx": the dX backward (output tile [BLOCK_M, BLOCK_K], reducing over N in BLOCK_N steps; a wide
 # output tile also means fewer columns of programs recomputing G = dY B).
-# "thin": xa = dropout(x) A^T and the A/B-only backward.
+# "thin": xa = dropout(x) A^T and the low-rank backward (G = dY B over N, then dA and (G A) * D over K).
 TABLES = {
     "gemm": {
         90: {2: [(128, 256, 64, 8, 3, 32), (128, 128, 64, 8, 4, 64), (128, 128, 64, 4, 4, 32),
@@ -50,17 +50,19 @@ TABLES = {
     },
     "dx": {
         90: {2: [(128, 64, 256, 8, 3, 32), (128, 64, 128, 8, 4, 64), (128, 64, 128, 4, 4, 32),
-                 (64, 64, 128, 4, 4, 256), (64, 64, 64, 4, 4, 256)],
+                 (64, 64, 128, 4, 4, 64), (64, 64, 64, 4, 2, 256), (32, 64, 64, 4, 2, 256)],
              4: [(128, 32, 128, 8, 3, 32), (64, 32, 128, 4, 3, 64), (32, 16, 64, 4, 2, 256)]},
         80: {2: [(128, 32, 256, 8, 3, 32), (128, 32, 128, 4, 4, 64), (128, 32, 64, 4, 4, 64),
                  (64, 32, 128, 4, 4, 256), (64, 32, 64, 4, 3, 256)],
              4: [(128, 32, 128, 8, 3, 32), (64, 32, 128, 4, 3, 64), (32, 16, 64, 4, 2, 256)]},
     },
     "thin": {
-        90: {2: [(64, 64, 128, 4, 4, 256), (128, 64, 64, 8, 3, 128), (32, 64, 128, 4, 4, 256)],
-             4: [(64, 32, 64, 4, 3, 64), (32, 16, 64, 4, 2, 256)]},
-        80: {2: [(64, 64, 64, 4, 4, 256), (128, 64, 32, 8, 3, 128), (32, 64, 64, 4, 4, 256)],
-             4: [(64, 32, 32, 4, 3, 64), (32, 16, 32, 4, 2, 256)]},
+        90: {2: [(64, 64, 128, 4, 4, 64), (128, 64, 64, 8, 3, 64), (32, 64, 128, 4, 4, 64),
+                 (64, 64, 64, 4, 3, 128), (32, 64, 64, 4, 2, 256), (64, 64, 64, 8, 2, 256)],
+             4: [(64, 32, 64, 4, 3, 64), (32, 32, 64, 4, 2, 128), (32, 16, 32, 4, 2, 256)]},
+        80: {2: [(64, 64, 64, 4, 4, 64), (128, 64, 32, 8, 3, 64), (32, 64, 64, 4, 4, 64),
+                 (64, 64, 32, 4, 3, 128), (32, 64, 32, 4, 2, 256), (64, 64, 32, 8, 2, 256)],
+             4: [(64, 32, 32, 4, 3, 64), (32, 32, 32, 4, 2, 128), (32, 16, 32, 4, 2, 256)]},
     },
 }
 _INTERPRETER = (32, 32, 32, 4, 1)
@@ -79,15 +81,15 @@ def _build(kind, keys=TILE_KEYS):
 
 
 if INTERPRET:
-    FORWARD_CONFIGS = BACKWARD_CONFIGS = AB_CONFIGS = [_cfg(_INTERPRETER)]
+    FORWARD_CONFIGS = BACKWARD_CONFIGS = LOWRANK_CONFIGS = [_cfg(_INTERPRETER)]
     XA_CONFIGS = [_cfg(_INTERPRETER, XA_TILE_KEYS)]
     _INFO = {}
 else:
     FORWARD_CONFIGS, _fwd_info = _build("gemm")
     BACKWARD_CONFIGS, _bwd_info = _build("dx")
-    AB_CONFIGS, _ab_info = _build("thin")
+    LOWRANK_CONFIGS, _lowrank_info = _build("thin")
     XA_CONFIGS, _xa_info = _build("thin", XA_TILE_KEYS)
-    _INFO = {**_fwd_info, **_bwd_info, **_ab_info, **_xa_info}
+    _INFO = {**_fwd_info, **_bwd_info, **_lowrank_info, **_xa_info}
 
 
 @functools.lru_cache(maxsize=None)
