@@ -27,7 +27,8 @@ LORA_KERNELS_FAIL_LOG="$PWD/$out/fail.log" timeout "${TESTS_S:-240}" $py -m pyte
   tests --deselect tests/test_kernels_compile.py -p no:cacheprovider > "$out/tests.log" 2>&1
 echo "tests: exit $? ($(grep -c '^=== ' "$out/fail.log") failure reports)"; tail -3 "$out/tests.log"
 # The torch provider is the reference formulas (its dropout mask is slow int64 math): left out of GPU timing.
-timeout "${BENCH_S:-190}" $py -m bench --out "$out" --providers cublas,merged,eager,peft,triton > "$out/bench.log" 2>&1
+timeout "${BENCH_S:-190}" $py -m bench --out "$out" --providers cublas,merged,eager,peft,triton \
+  --M 1,16,128,1024,4096,8192 --KN 4096x4096,4096x14336 > "$out/bench.log" 2>&1
 echo "bench: exit $?"
 timeout "${SWEEP_S:-75}" $py -m bench.sweep --out "$out" > "$out/sweep.txt" 2>&1
 echo "sweep: exit $?"
