@@ -74,11 +74,11 @@ def host_overhead():
     return out
 
 
-def variants():
+def variants(ms_list=(1, 16, 128, 512, 1024, 2048, 4096, 8192)):
     """Each forward and backward variant through its launcher, bf16, p = 0 and 0.1, vs cuBLAS."""
     dev, dt = "cuda", torch.bfloat16
     rows = []
-    for M in (1, 16, 128, 512, 1024, 2048, 4096, 8192):
+    for M in ms_list:
         for K, N, r in ((4096, 4096, 16), (4096, 14336, 16), (4096, 4096, 64)):
             if r == 64 and M not in (1, 1024, 8192):
                 continue
@@ -112,9 +112,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--configs", action="store_true", help="time tile configs instead of variants")
+    ap.add_argument("--M", help="comma-separated M values for the variant sweep")
     args = ap.parse_args(argv)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    rows = [] if args.configs else variants()
+    ms_list = tuple(int(m) for m in args.M.split(",")) if args.M else None
+    rows = [] if args.configs else (variants(ms_list) if ms_list else variants())
     for M, K, N, r in (SHAPES if args.configs else []):
         dev, dt = "cuda", torch.bfloat16
         g = torch.Generator(device=dev).manual_seed(0)

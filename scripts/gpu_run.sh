@@ -9,6 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results/gpu-$(date -u +%Y%m%d-%H%M)}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 {
@@ -23,7 +24,7 @@ cat "$out/env.txt"
 # timeout keeps one hung case from eating the whole run.
 par=$($py -c "import xdist, pytest_timeout; print('-n 16 --timeout 150')" 2>/dev/null)
 : > "$out/fail.log"
-LORA_KERNELS_FAIL_LOG="$PWD/$out/fail.log" timeout "${TESTS_S:-240}" $py -m pytest -q -rfEs --durations=20 $par \
+LORA_KERNELS_FAIL_LOG="$out/fail.log" timeout "${TESTS_S:-240}" $py -m pytest -q -rfEs --durations=20 $par \
   tests --deselect tests/test_kernels_compile.py -p no:cacheprovider > "$out/tests.log" 2>&1
 echo "tests: exit $? ($(grep -c '^=== ' "$out/fail.log") failure reports)"; tail -3 "$out/tests.log"
 # The torch provider is the reference formulas (its dropout mask is slow int64 math): left out of GPU timing.

@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 # Shared memory per block, opt-in maximum (bytes).
 SMEM_LIMIT = {80: 166912, 90: 232448}
 DTYPES = ("fp16", "bf16", "fp32")
-_POINTER_TYPES = {"XA": "*fp32", "SEED": "*i64", "DA": "*fp32", "DB": "*fp32"}
+_POINTER_TYPES = {"XA": "*fp32", "SEED": "*i64", "DA": "*fp32", "DB": "*fp32", "G": "*fp32"}
 _FLOAT_ARGS = {"scaling", "keep_scale"}
 _SIZE_ARGS = {"M", "N", "K", "R"}  # upper case like the pointers, but i32
 
@@ -65,14 +65,14 @@ def specializations(arch: int):
             for row in TABLES["thin"][arch][elem_bytes]:
                 add("lora_xa_kernel", dtype, row, dict(DROPOUT=False, STORE_XS=True, BLOCK_R=16), XA_TILE_KEYS)
                 add("lora_bwd_lowrank_kernel", dtype, row,
-                    dict(DROPOUT=False, DETERMINISTIC=False, NEED_DX=True, BLOCK_R=16))
+                    dict(DROPOUT=False, DETERMINISTIC=False, NEED_DX=True, G_GIVEN=dtype == "fp32", BLOCK_R=16))
                 if full:
                     add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=False, BLOCK_R=min(128, row[5])),
                         XA_TILE_KEYS)
                     add("lora_bwd_lowrank_kernel", dtype, row,
-                        dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, BLOCK_R=row[5]))
+                        dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, G_GIVEN=dtype == "fp32", BLOCK_R=row[5]))
                     add("lora_bwd_lowrank_kernel", dtype, row,
-                        dict(DROPOUT=True, DETERMINISTIC=True, NEED_DX=False, BLOCK_R=16))
+                        dict(DROPOUT=True, DETERMINISTIC=True, NEED_DX=False, G_GIVEN=dtype == "fp32", BLOCK_R=16))
     # fp32 inputs with torch.backends.cuda.matmul.allow_tf32 switch the dots to TF32.
     add("lora_fwd_kernel", "fp32", TABLES["gemm"][arch][4][0],
         dict(HAS_BIAS=True, FUSE_XA=True, STORE_XA=True, BLOCK_R=16), precision="tf32")

@@ -134,13 +134,13 @@ def lora_bwd_dx_kernel(
                  prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["DA"])
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_bwd_lowrank_kernel(
-    DY, A, B, X, SEED, DX, DA,
+    DY, A, B, X, SEED, DX, DA, G,
     M, N, K, R,
     stride_dym, stride_dyn, stride_ar, stride_ak, stride_bn, stride_br, stride_xm, stride_xk,
-    stride_dxm, stride_dxk, stride_dap,
+    stride_dxm, stride_dxk, stride_dap, stride_gm,
     scaling, threshold, keep_scale,
     M_BUCKET,
-    DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, NEED_DX: tl.constexpr,
+    DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, NEED_DX: tl.constexpr, G_GIVEN: tl.constexpr,
     BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -152,20 +152,25 @@ def lora_bwd_lowrank_kernel(
     m_ok = offs_m < M
     r_ok = offs_r < R
 
-    # G = dY B over N; rows of dY past M load as zeros, so they add nothing to dA.
-    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        n_ok = offs_n < N - n0
-        dy = tl.load(DY + offs_m.to(tl.int64)[:, None] * stride_dym + (n0 + offs_n)[None, :] * stride_dyn,
-                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        b = tl.load(B + (n0 + offs_n)[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        if UPCAST:
-            dy = dy.to(tl.float32)
-            b = b.to(tl.float32)
-        g = tl.dot(dy, b, g, input_precision=DOT_PRECISION)
-
-    g = (g * scaling).to(X.dtype.element_ty)
+    if G_GIVEN:
+        # scaling * dY B computed by cuBLAS (fp32 inputs: see lora_backward)
+        g = tl.load(G + offs_m.to(tl.int64)[:, None] * stride_gm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+    else:
+        # G = dY B over N; rows of dY past M load as zeros, so they add nothing to dA.
+        g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n_ok = offs_n < N - n0
+            dy = tl.load(DY + offs_m.to(tl.int64)[:, None] * stride_dym + (n0 + offs_n)[None, :] * stride_dyn,
+                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            b = tl.load(B + (n0 + offs_n)[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            if UPCAST:
+                dy = dy.to(tl.float32)
+                b = b.to(tl.float32)
+            g = tl.dot(dy, b, g, input_precision=DOT_PRECISION)
+        g = g * scaling
+    g = g.to(X.dtype.element_ty)
     g_t = tl.trans(g)
     if UPCAST:
         g = g.to(tl.float32)
@@ -234,15 +239,19 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling: float, d
 
     if variant == "split":
         dx = empty((M, K) if need_dx else (0,), x.device, x.dtype)
+        # fp32 inputs: Triton's fp32 dots run on FMA units and sum each tile's products in sequence, so
+        # G's long sum over N is left to cuBLAS (faster there, and summed as accurately as torch does).
+        g = torch.mm(grad_y, lora_B).mul_(scaling).contiguous() if x.dtype == torch.float32 else None
         launch, meta, (da,) = _partials(lora_bwd_lowrank_kernel, deterministic, x, br, M, [(R, K)])
         grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]),)
         launch[grid](
-            grad_y, lora_A, lora_B, x, seed_arg, dx if need_dx else x, da,
+            grad_y, lora_A, lora_B, x, seed_arg, dx if need_dx else x, da, g if g is not None else x,
             M, N, K, R,
             grad_y.stride(0), grad_y.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), x.stride(0), x.stride(1),
             dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
-            da.stride(0) if deterministic else 0, *scalars, NEED_DX=need_dx, **common, **meta,
+            da.stride(0) if deterministic else 0, g.stride(0) if g is not None else 0, *scalars,
+            NEED_DX=need_dx, G_GIVEN=g is not None, **common, **meta,
         )
         if need_dx:
             dx.addmm_(grad_y, weight)  # cuBLAS, beta = 1: dX = dY W0 + the low-rank term already there

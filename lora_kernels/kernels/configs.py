@@ -7,6 +7,7 @@ cannot benchmark, and its run time grows with the number of programs.
 """
 
 import functools
+import os
 
 import torch
 import triton
@@ -14,8 +15,6 @@ import triton
 try:  # triton >= 3.4 keeps its settings in knobs
     INTERPRET = bool(triton.knobs.runtime.interpret)
 except AttributeError:  # pragma: no cover - older triton
-    import os
-
     INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -92,6 +91,11 @@ else:
     _INFO = {**_fwd_info, **_bwd_info, **_lowrank_info, **_xa_info}
 
 
+# LORA_KERNELS_AUTOTUNE=0: launch the first eligible config of each table without timing the others
+# (shorter start-up for short jobs and test suites; the tables list the usual winners first).
+AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
+
+
 @functools.lru_cache(maxsize=None)
 def _arch(device_index: int) -> int:
     major, _ = torch.cuda.get_device_capability(device_index)
@@ -106,7 +110,8 @@ def _eligible(configs, elem_bytes: int, block_r: int):
     arch = _arch(torch.cuda.current_device())
     mine = [c for c in configs if _INFO[id(c)][:2] == (arch, elem_bytes)]
     kept = [c for c in mine if block_r <= _INFO[id(c)][2][5]]
-    return kept or [max(mine, key=lambda c: _INFO[id(c)][2][5])]
+    kept = kept or [max(mine, key=lambda c: _INFO[id(c)][2][5])]
+    return kept if AUTOTUNE else kept[:1]
 
 
 def prune_configs(configs, named_args, **kwargs):
