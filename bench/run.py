@@ -114,12 +114,15 @@ class Progress:
         sys.stderr.flush()
 
 
-def run_layer(cases, provider_names, modes, device, env, quick=False, progress=None, sink=None):
+def run_layer(cases, provider_names, modes, device, env, quick=False, progress=None, sink=None, deadline=None):
     """Measure every case; `sink(rows)` receives each case's rows as soon as they exist (so a run that is cut
-    short still leaves its CSV rows)."""
+    short still leaves its CSV rows). Past `deadline` (time.monotonic()), no new case is started."""
     rows = []
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    for case in cases:
+    for i, case in enumerate(cases):
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"\ntime box reached: {len(cases) - i} of {len(cases)} layer cases not run", file=sys.stderr)
+            break
         floor = {}
         for name in provider_names:
             fns, params = providers.build(name, case, device)
@@ -299,6 +302,8 @@ def main(argv=None) -> int:
     parser.add_argument("--r", help="comma-separated ranks to keep")
     parser.add_argument("--no-layer", action="store_true", help="skip the layer sweep")
     parser.add_argument("--no-table1", action="store_true", help="skip the Table 1 reproduction")
+    parser.add_argument("--max-minutes", type=float, help="time box: Table 1 first, then layer cases until the "
+                        "box is spent; the summary and plots are written either way")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -322,8 +327,12 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "results.csv")
     sink = lambda new_rows: write_csv(new_rows, csv_path)  # noqa: E731
-    rows = run_layer(cases, names, modes, device, env, args.quick, progress, sink)
-    if not args.no_table1:
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
+    rows = []
+    if not args.no_table1 and deadline is not None:  # time-boxed: the paper's table first
+        rows += run_table1(device, env, args.quick, progress, sink=sink)
+    rows += run_layer(cases, names, modes, device, env, args.quick, progress, sink, deadline)
+    if not args.no_table1 and deadline is None:
         rows += run_table1(device, env, args.quick, progress, sink=sink)
     summary = summary_markdown(rows, env)
     with open(os.path.join(args.out, "summary.md"), "w") as f:

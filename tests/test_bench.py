@@ -97,3 +97,11 @@ def test_quick_run_writes_csv_summary_and_plots(tmp_path):
     run.main(["--quick", "--out", str(tmp_path), "--providers", "cublas", "--no-table1", "--modes", "fwd"])
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) > len(rows)
+
+
+def test_time_box_still_writes_the_summary(tmp_path):
+    """--max-minutes: once the box is spent no new case starts, and summary.md is written anyway."""
+    assert run.main(["--quick", "--out", str(tmp_path), "--providers", "cublas", "--no-table1",
+                     "--max-minutes", "1e-9"]) == 0
+    assert not (tmp_path / "results.csv").exists()  # no case started
+    assert (tmp_path / "summary.md").read_text().startswith("# Benchmark summary")

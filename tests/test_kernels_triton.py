@@ -91,10 +91,10 @@ def test_every_forward_variant(dtype, variant, p):
 
 @pytest.mark.parametrize("need_dx", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-@pytest.mark.parametrize("variant", ["split", "fused"])
+@pytest.mark.parametrize("variant", ["split", "fused", "cublas"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_backward_variant(dtype, variant, p, need_dx):
-    """Each backward (split: low-rank kernel + cuBLAS; fused: one launch) against the reference."""
+    """Each backward (split: low-rank kernel + cuBLAS; fused: one launch; cublas: fp32 path) against the reference."""
     if variant == "fused" and not need_dx:
         pytest.skip("the fused backward always computes dX")
     M, K, N, r = 43, 70, 58, 12

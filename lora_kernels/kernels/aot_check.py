@@ -18,19 +18,20 @@ from concurrent.futures import ProcessPoolExecutor
 # Shared memory per block, opt-in maximum (bytes).
 SMEM_LIMIT = {80: 166912, 90: 232448}
 DTYPES = ("fp16", "bf16", "fp32")
-_POINTER_TYPES = {"XA": "*fp32", "SEED": "*i64", "DA": "*fp32", "DB": "*fp32", "G": "*fp32"}
+_POINTER_TYPES = {"XA": "*fp32", "SEED": "*i64", "DA": "*fp32", "DB": "*fp32", "OUT": "*i8"}
 _FLOAT_ARGS = {"scaling", "keep_scale"}
 _SIZE_ARGS = {"M", "N", "K", "R"}  # upper case like the pointers, but i32
 
 
 def _kernels():
-    from . import backward, forward
+    from . import backward, dropout, forward
 
     return {
         "lora_fwd_kernel": forward.lora_fwd_kernel,
         "lora_xa_kernel": forward.lora_xa_kernel,
         "lora_bwd_dx_kernel": backward.lora_bwd_dx_kernel,
         "lora_bwd_lowrank_kernel": backward.lora_bwd_lowrank_kernel,
+        "dropout_mask_kernel": dropout.dropout_mask_kernel,
     }
 
 
@@ -65,14 +66,17 @@ def specializations(arch: int):
             for row in TABLES["thin"][arch][elem_bytes]:
                 add("lora_xa_kernel", dtype, row, dict(DROPOUT=False, STORE_XS=True, BLOCK_R=16), XA_TILE_KEYS)
                 add("lora_bwd_lowrank_kernel", dtype, row,
-                    dict(DROPOUT=False, DETERMINISTIC=False, NEED_DX=True, G_GIVEN=dtype == "fp32", BLOCK_R=16))
+                    dict(DROPOUT=False, DETERMINISTIC=False, NEED_DX=True, BLOCK_R=16))
                 if full:
                     add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=False, BLOCK_R=min(128, row[5])),
                         XA_TILE_KEYS)
                     add("lora_bwd_lowrank_kernel", dtype, row,
-                        dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, G_GIVEN=dtype == "fp32", BLOCK_R=row[5]))
+                        dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, BLOCK_R=row[5]))
                     add("lora_bwd_lowrank_kernel", dtype, row,
-                        dict(DROPOUT=True, DETERMINISTIC=True, NEED_DX=False, G_GIVEN=dtype == "fp32", BLOCK_R=16))
+                        dict(DROPOUT=True, DETERMINISTIC=True, NEED_DX=False, BLOCK_R=16))
+    from .dropout import MASK_BLOCK
+
+    out.append(("dropout_mask_kernel", "fp32", dict(BLOCK_M=MASK_BLOCK[0], BLOCK_K=MASK_BLOCK[1]), 4, 3))
     # fp32 inputs with torch.backends.cuda.matmul.allow_tf32 switch the dots to TF32.
     add("lora_fwd_kernel", "fp32", TABLES["gemm"][arch][4][0],
         dict(HAS_BIAS=True, FUSE_XA=True, STORE_XA=True, BLOCK_R=16), precision="tf32")
@@ -104,7 +108,7 @@ def compile_one(arch: int, spec) -> tuple[str, int, float]:
 
     name, dtype, constexprs, warps, stages = spec
     kernel = _kernels()[name]
-    jit_fn = kernel.fn  # the autotuner wraps the JIT function
+    jit_fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # unwrap autotuned kernels
     src = ASTSource(fn=jit_fn, signature=_signature(jit_fn, dtype, constexprs), constexprs=constexprs)
     t0 = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),

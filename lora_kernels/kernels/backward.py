@@ -3,7 +3,7 @@
 With G = scaling * dY B [M, r] and D the dropout mask scaled by 1 / (1 - p):
     dX = dY W0 + (G A) * D,   dA = G^T (X * D),   dB = scaling * dY^T XA.
 
-Two variants, picked by ``backward_variant``:
+Three variants, picked by ``backward_variant``:
 
 * ``split`` (the default): one Triton launch does all the low-rank work, ``lora_bwd_lowrank_kernel``:
   one program per BLOCK_M rows streams its dY rows once over N (G), then its x rows once over K, where it
@@ -12,6 +12,8 @@ Two variants, picked by ``backward_variant``:
   in the GEMM's epilogue instead of in an extra pass) and dB = dY^T (scaling * XA). On an H100 (bf16,
   M=8192, K=N=4096) a Triton dY W0 reached 0.5x the speed of cuBLAS, so the one-launch kernel below loses
   to this split at every size measured (docs/design.md has the figures).
+* ``cublas`` (fp32 inputs): every product by cuBLAS, the dropout mask from ``dropout_mask_kernel``; Triton's fp32
+  dots run on FMA units and sum in sequence, so they are neither faster nor as accurate as cuBLAS there.
 * ``fused`` (one launch, ``lora_bwd_dx_kernel``): one program per [BLOCK_M, BLOCK_K] tile of dX streams
   its rows of dY once over N, feeding dY W0 and dY B; the epilogue adds (G A) * D and the program's share of
   dA; the dB work is spread over the columns of programs (column c adds scaling * dY^T XA for the N-blocks
@@ -30,7 +32,7 @@ import triton.language as tl
 
 from .configs import (LOWRANK_CONFIGS, BACKWARD_CONFIGS, INTERPRET, dot_precision, fixed_config, m_bucket,
                       prune_configs)
-from .dropout import dropout_args, dropout_keep
+from .dropout import dropout_args, dropout_keep, dropout_mask
 from .forward import _tile_ids, block_r
 from .memory import empty
 
@@ -134,13 +136,13 @@ def lora_bwd_dx_kernel(
                  prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["DA"])
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_bwd_lowrank_kernel(
-    DY, A, B, X, SEED, DX, DA, G,
+    DY, A, B, X, SEED, DX, DA,
     M, N, K, R,
     stride_dym, stride_dyn, stride_ar, stride_ak, stride_bn, stride_br, stride_xm, stride_xk,
-    stride_dxm, stride_dxk, stride_dap, stride_gm,
+    stride_dxm, stride_dxk, stride_dap,
     scaling, threshold, keep_scale,
     M_BUCKET,
-    DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, NEED_DX: tl.constexpr, G_GIVEN: tl.constexpr,
+    DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, NEED_DX: tl.constexpr,
     BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -152,25 +154,19 @@ def lora_bwd_lowrank_kernel(
     m_ok = offs_m < M
     r_ok = offs_r < R
 
-    if G_GIVEN:
-        # scaling * dY B computed by cuBLAS (fp32 inputs: see lora_backward)
-        g = tl.load(G + offs_m.to(tl.int64)[:, None] * stride_gm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :],
-                    other=0.0)
-    else:
-        # G = dY B over N; rows of dY past M load as zeros, so they add nothing to dA.
-        g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            n_ok = offs_n < N - n0
-            dy = tl.load(DY + offs_m.to(tl.int64)[:, None] * stride_dym + (n0 + offs_n)[None, :] * stride_dyn,
-                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            b = tl.load(B + (n0 + offs_n)[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            if UPCAST:
-                dy = dy.to(tl.float32)
-                b = b.to(tl.float32)
-            g = tl.dot(dy, b, g, input_precision=DOT_PRECISION)
-        g = g * scaling
-    g = g.to(X.dtype.element_ty)
+    # G = dY B over N; rows of dY past M load as zeros, so they add nothing to dA.
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n_ok = offs_n < N - n0
+        dy = tl.load(DY + offs_m.to(tl.int64)[:, None] * stride_dym + (n0 + offs_n)[None, :] * stride_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(B + (n0 + offs_n)[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            b = b.to(tl.float32)
+        g = tl.dot(dy, b, g, input_precision=DOT_PRECISION)
+    g = (g * scaling).to(X.dtype.element_ty)
     g_t = tl.trans(g)
     if UPCAST:
         g = g.to(tl.float32)
@@ -202,10 +198,13 @@ def lora_bwd_lowrank_kernel(
                      low_rank.to(DX.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
-def backward_variant() -> str:
-    """The backward to run: ``split`` everywhere; ``fused`` (the one-launch kernel) when asked for with
-    LORA_KERNELS_BACKWARD=fused. Measured on an H100 (docs/design.md), split was faster at every size."""
-    return "fused" if os.environ.get("LORA_KERNELS_BACKWARD", "") == "fused" else "split"
+def backward_variant(dtype: torch.dtype = torch.bfloat16) -> str:
+    """The backward to run: ``fused`` (the one-launch kernel) when asked for with LORA_KERNELS_BACKWARD=fused;
+    else ``cublas`` for fp32 inputs and ``split`` for 16-bit ones. Measured on an H100 (docs/design.md), split was
+    faster than fused at every size."""
+    if os.environ.get("LORA_KERNELS_BACKWARD", "") == "fused":
+        return "fused"
+    return "cublas" if dtype == torch.float32 else "split"
 
 
 def _partials(kernel, deterministic, x, br, M, shapes):
@@ -235,23 +234,37 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling: float, d
                   DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET)
     seed_arg = seed if seed is not None else x
     scalars = (float(scaling), threshold, keep_scale, m_bucket(M))
-    variant = variant or backward_variant()
+    variant = variant or backward_variant(x.dtype)
+
+    if variant == "cublas":
+        # fp32: Triton's fp32 dots run on FMA units and sum each tile's products in sequence (an H100 run measured
+        # up to 3x torch's rounding error); cuBLAS does every product, the mask kernel supplies the dropout mask.
+        g = torch.mm(grad_y, lora_B).mul_(scaling)
+        keep = dropout_mask(seed, M, K, dropout_p) if dropout_p > 0.0 else None
+        x_kept = x * keep if keep is not None else x
+        grad_A = torch.mm(g.t(), x_kept)
+        if keep is not None:
+            grad_A.mul_(keep_scale)
+        dx = x.new_empty((0,))
+        if need_dx:
+            low_rank = torch.mm(g, lora_A)
+            if keep is not None:
+                low_rank.mul_(keep).mul_(keep_scale)
+            dx = low_rank.addmm_(grad_y, weight)
+        grad_B = torch.mm(grad_y.t(), xa.to(grad_y.dtype) * scaling)
+        return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
 
     if variant == "split":
         dx = empty((M, K) if need_dx else (0,), x.device, x.dtype)
-        # fp32 inputs: Triton's fp32 dots run on FMA units and sum each tile's products in sequence, so
-        # G's long sum over N is left to cuBLAS (faster there, and summed as accurately as torch does).
-        g = torch.mm(grad_y, lora_B).mul_(scaling).contiguous() if x.dtype == torch.float32 else None
         launch, meta, (da,) = _partials(lora_bwd_lowrank_kernel, deterministic, x, br, M, [(R, K)])
         grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]),)
         launch[grid](
-            grad_y, lora_A, lora_B, x, seed_arg, dx if need_dx else x, da, g if g is not None else x,
+            grad_y, lora_A, lora_B, x, seed_arg, dx if need_dx else x, da,
             M, N, K, R,
             grad_y.stride(0), grad_y.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), x.stride(0), x.stride(1),
             dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
-            da.stride(0) if deterministic else 0, g.stride(0) if g is not None else 0, *scalars,
-            NEED_DX=need_dx, G_GIVEN=g is not None, **common, **meta,
+            da.stride(0) if deterministic else 0, *scalars, NEED_DX=need_dx, **common, **meta,
         )
         if need_dx:
             dx.addmm_(grad_y, weight)  # cuBLAS, beta = 1: dX = dY W0 + the low-rank term already there
@@ -261,7 +274,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling: float, d
         return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
 
     if variant != "fused":
-        raise ValueError(f"variant: expected 'split' or 'fused', got {variant!r}")
+        raise ValueError(f"variant: expected 'split', 'fused' or 'cublas', got {variant!r}")
     if not need_dx:
         raise ValueError("variant 'fused' computes dX; use 'split' when x needs no grad")
     dx = empty((M, K), x.device, x.dtype)

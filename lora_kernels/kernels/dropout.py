@@ -6,8 +6,11 @@ call yields four 32-bit words, which serve four consecutive columns: counter ``m
 word ``k % 4``. The bit-exact PyTorch twin is ``lora_kernels.reference.dropout_keep_mask``.
 """
 
+import torch
 import triton
 import triton.language as tl
+
+from .configs import INTERPRET
 
 
 @triton.jit
@@ -44,6 +47,31 @@ def dropout_keep(seed_ptr, row_start, col_start, K, threshold,
     # Columns 4j..4j+3 take words 0..3 of counter j.
     words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
     return (words >> 1).to(tl.int32) >= threshold
+
+
+@triton.jit
+def dropout_mask_kernel(SEED, OUT, M, K, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT[M, K] (int8) = the keep-mask, for the paths that apply it outside a Triton kernel."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    keep = dropout_keep(SEED, pid_m * BLOCK_M, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(OUT + rows.to(tl.int64)[:, None] * K + cols[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < M) & (cols[None, :] < K))
+
+
+MASK_BLOCK = (32, 32) if INTERPRET else (32, 128)
+
+
+def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
+    """The [M, K] keep-mask of the seed (bool), bit for bit reference.dropout_keep_mask."""
+    out = torch.empty((M, K), dtype=torch.int8, device=seed.device)
+    bm, bk = MASK_BLOCK
+    if M and K:
+        dropout_mask_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
+            seed, out, M, K, dropout_args(p)[0], BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
+    return out.bool()
 
 
 def dropout_args(p: float) -> tuple[int, float]:

@@ -9,8 +9,8 @@ Three variants, picked per call by ``forward_variant``:
 * ``xa_first`` (two launches; dropout on, or large r): a thin kernel computes xa = dropout(x) A^T once
   (the dropout mask is generated once per element instead of once per column of programs), then the
   GEMM treats (scaling * xa) B^T as one extra K step over r.
-* ``cublas`` (large M, where the x W0^T GEMM dominates): the thin kernel computes xa (fp32, for the
-  backward) and scaling * xa in x's dtype; cuBLAS writes bias + (scaling * xa) B^T, then adds x W0^T to it
+* ``cublas`` (large M, where the x W0^T GEMM dominates, and fp32 inputs): the thin kernel computes xa (fp32,
+  for the backward) and scaling * xa in x's dtype (fp32: cuBLAS does, on x times the mask kernel's output); cuBLAS writes bias + (scaling * xa) B^T, then adds x W0^T to it
   in place (beta = 1: the low-rank term is read in the GEMM's epilogue, not in an extra pass). On an H100
   the Triton GEMM of the kernels above reached about 0.8x cuBLAS's speed at M=8192, K=N=4096 (bf16), so
   past ``CUBLAS_MIN_M`` rows this composite is the faster one (docs/design.md has the figures).
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .configs import FORWARD_CONFIGS, INTERPRET, XA_CONFIGS, dot_precision, m_bucket, prune_configs
-from .dropout import dropout_args, dropout_keep
+from .dropout import dropout_args, dropout_keep, dropout_mask
 from .memory import empty
 
 
@@ -215,8 +215,12 @@ def lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_
         return empty((M, N), x.device, x.dtype), (xa if save_xa else xa.new_empty((0,)))
 
     if variant == "cublas":
-        if dropout_p == 0.0 and x.dtype == torch.float32:
-            torch.mm(x, lora_A.t(), out=xa)  # no mask to apply: cuBLAS (see forward_variant)
+        if x.dtype == torch.float32:  # every product by cuBLAS (see forward_variant)
+            if dropout_p > 0.0:
+                torch.mm(x * dropout_mask(seed, M, K, dropout_p), lora_A.t(), out=xa)
+                xa.mul_(dropout_args(dropout_p)[1])
+            else:
+                torch.mm(x, lora_A.t(), out=xa)
             xs = xa * scaling
         else:
             xs = empty((M, R), x.device, x.dtype)
