@@ -5,11 +5,11 @@ from ._report import info
 from .backends import BackendUnavailableError
 from .layers import FusedLoRALinear
 from .models import inject, lora_layers, lora_state_dict, mark_only_lora_as_trainable, merge, unload, unmerge
-from .ops import lora_linear
+from .ops import lora_linear, lora_linear_mixed, stack_adapters
 from .peft_format import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLoRALinear", "lora_linear", "info", "BackendUnavailableError", "inject", "lora_layers",
+__all__ = ["FusedLoRALinear", "lora_linear", "lora_linear_mixed", "stack_adapters", "info", "BackendUnavailableError", "inject", "lora_layers",
            "mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "unload", "save_adapter",
            "load_adapter", "__version__"]

@@ -55,6 +55,20 @@ class TorchBackend:
                                              _seed_int(seed), need_dx)
         return (dx if need_dx else x.new_empty((0,))), da, db
 
+    @staticmethod
+    def mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save):
+        y, xs = reference.lora_mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings,
+                                             dropout_ps, _seed_int(seed))
+        xs = xs.to(_xa_dtype(x.dtype)) if save else x.new_empty((0,), dtype=_xa_dtype(x.dtype))
+        return y, xs
+
+    @staticmethod
+    def mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, scalings, dropout_ps, seed,
+                       need_dx, deterministic):
+        dx, da, db = reference.lora_mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner,
+                                                   scalings, dropout_ps, _seed_int(seed), need_dx)
+        return (dx if need_dx else x.new_empty((0,))), da, db
+
 
 def _seed_int(seed):
     return None if seed is None else int(seed.reshape(()).item())
@@ -119,6 +133,34 @@ class TritonBackend:
 
         return lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic)
 
+    @staticmethod
+    def _gating(x, adapter_ids, rank_owner, scalings, dropout_ps):
+        """The per-row / per-rank tensors the gated kernels read."""
+        from .kernels.dropout import dropout_args
+
+        dev = x.device
+        owner = rank_owner.to(torch.int32).contiguous()
+        rank_scale = torch.tensor(scalings, dtype=torch.float32, device=dev)[rank_owner.long()].contiguous()
+        thresholds = torch.tensor([dropout_args(p)[0] for p in dropout_ps], dtype=torch.int32, device=dev)
+        keep_scales = torch.tensor([dropout_args(p)[1] for p in dropout_ps], dtype=torch.float32, device=dev)
+        return adapter_ids.to(torch.int32).contiguous(), owner, rank_scale, thresholds, keep_scales
+
+    @staticmethod
+    def mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save):
+        from .kernels.forward import lora_mixed_forward
+
+        gating = TritonBackend._gating(x, adapter_ids, rank_owner, scalings, dropout_ps)
+        return lora_mixed_forward(x, weight, bias, lora_A, lora_B, seed, any(p > 0 for p in dropout_ps), gating, save)
+
+    @staticmethod
+    def mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, scalings, dropout_ps, seed,
+                       need_dx, deterministic):
+        from .kernels.backward import lora_mixed_backward
+
+        gating = TritonBackend._gating(x, adapter_ids, rank_owner, scalings, dropout_ps)
+        return lora_mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, seed, any(p > 0 for p in dropout_ps),
+                                   gating, need_dx, deterministic)
+
 
 # --------------------------------------------------------------------------------------------
 # cuda: the csrc extension.
@@ -131,7 +173,7 @@ class CudaBackend:
         return ("the CUDA C++ extension (lora_kernels._C) is not part of this build; "
                 "use backend='triton' or 'torch'")
 
-    forward = backward = None
+    forward = backward = mixed_forward = mixed_backward = None
 
 
 BACKENDS = {b.name: b for b in (TorchBackend, TritonBackend, CudaBackend)}

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from . import backends
 
-__all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "check_args"]
+__all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "check_args", "lora_linear_mixed", "stack_adapters",
+           "lora_mixed_fwd", "lora_mixed_bwd"]
 
 
 def _fmt_dtype(dtypes):
@@ -247,4 +248,165 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     else:  # inference: no autograd node at all
         y, _ = backends.BACKENDS[name].forward(x2, weight, bias, lora_A, lora_B, seed, float(scaling),
                                                float(dropout_p), False)
+    return y.reshape(*lead, weight.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed batches: several adapters over one base layer, one adapter per row, one launch.
+# --------------------------------------------------------------------------------------------
+# lora_kernels::lora_mixed_fwd(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps,
+#                              seed, save, backend) -> (y, xs)
+#     lora_A [R, K] / lora_B [N, R]: the adapters' A and B concatenated along the rank (stack_adapters);
+#     rank_owner [R] (int): the adapter of each rank column; adapter_ids [M] (int): each row's adapter, -1 for
+#     the base layer alone; scalings / dropout_ps: one per adapter. y[m] = x[m] W0^T + bias
+#     + s_i (dropout_i(x)[m] A_i^T) B_i^T with i = adapter_ids[m]; xs [M, R] fp32 = the gated, scaled
+#     dropout(x) A^T (zero off each row's own ranks) if save, else empty.
+# lora_kernels::lora_mixed_bwd(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, scalings,
+#                              dropout_ps, seed, need_dx, deterministic, backend) -> (dx, dA, dB)
+
+def stack_adapters(lora_As, lora_Bs) -> tuple[Tensor, Tensor, Tensor]:
+    """(lora_A [R, K], lora_B [N, R], rank_owner [R] int32) from per-adapter A_i [r_i, K] and B_i [N, r_i];
+    ranks may differ. Cache the result: stacking copies every adapter."""
+    if len(lora_As) == 0 or len(lora_As) != len(lora_Bs):
+        raise ValueError(f"lora_As, lora_Bs: expected the same non-zero number of adapters, got {len(lora_As)} "
+                         f"and {len(lora_Bs)}")
+    owner = torch.cat([torch.full((a.shape[0],), i, dtype=torch.int32, device=a.device)
+                       for i, a in enumerate(lora_As)])
+    return torch.cat(list(lora_As), 0), torch.cat(list(lora_Bs), 1), owner
+
+
+def check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps) -> None:
+    """check_args for each adapter's part, plus the mixed-batch arguments; x is [..., K]."""
+    n = len(scalings)
+    if n == 0 or len(dropout_ps) != n:
+        raise ValueError(f"scalings, dropout_ps: expected one per adapter (the same non-zero length), got {n} and "
+                         f"{len(dropout_ps)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[0 if name == "lora_A" else 1] < 1:
+            raise ValueError(f"{name}: expected the adapters' {name[-1]} stacked along the rank (stack_adapters), "
+                             f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    # shapes, dtypes and devices as for one adapter (the first rank column stands for all; the stacked rank may
+    # exceed min(K, N), each adapter's may not, and rank_owner's shape ties the rest)
+    check_args(x, weight, bias, lora_A[:1], lora_B[:, :1], 1.0, 0.0)
+    if lora_B.shape[1] != lora_A.shape[0]:
+        raise ValueError(f"lora_B: expected shape [{weight.shape[0]}, {lora_A.shape[0]}] (out_features, stacked "
+                         f"rank), got {tuple(lora_B.shape)}")
+    for i, (scale, p) in enumerate(zip(scalings, dropout_ps)):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scalings[{i}]: expected a finite number, got {scale!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout_ps[{i}]: expected a probability in [0, 1), got {p!r}")
+    R = lora_A.shape[0]
+    for name, t, shape in (("adapter_ids", adapter_ids, tuple(x.shape[:-1])), ("rank_owner", rank_owner, (R,))):
+        if not isinstance(t, Tensor) or t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}: expected an int32 or int64 tensor, got "
+                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: on device {t.device}, expected x's device {x.device}")
+
+
+def _check_mixed_values(adapter_ids, rank_owner, n) -> None:
+    """Range checks that read the tensors (one host sync); skipped while tracing for torch.compile."""
+    if torch.compiler.is_compiling() or not _plain(adapter_ids, rank_owner):
+        return
+    if adapter_ids.numel() and not bool(((adapter_ids >= -1) & (adapter_ids < n)).all()):
+        bad = adapter_ids[(adapter_ids < -1) | (adapter_ids >= n)][0].item()
+        raise ValueError(f"adapter_ids: values must be in [-1, {n}) (-1 = base layer only), found {bad}")
+    if rank_owner.numel() and not bool(((rank_owner >= 0) & (rank_owner < n)).all()):
+        raise ValueError(f"rank_owner: values must be adapter indices in [0, {n})")
+
+
+@torch.library.custom_op("lora_kernels::lora_mixed_fwd", mutates_args=())
+def lora_mixed_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                   adapter_ids: Tensor, rank_owner: Tensor, scalings: list[float], dropout_ps: list[float],
+                   seed: Optional[Tensor], save: bool, backend: str) -> tuple[Tensor, Tensor]:
+    check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps)
+    _check_seed(seed, x.device, max(dropout_ps))
+    impl = _backend(backend)
+    backends.resolve(backend, x.device, x.dtype)
+    return impl.mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, list(scalings),
+                              list(dropout_ps), seed, save)
+
+
+@lora_mixed_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save, backend):
+    check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps)
+    xs_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0]) if save else (0,), dtype=xs_dtype))
+
+
+@torch.library.custom_op("lora_kernels::lora_mixed_bwd", mutates_args=())
+def lora_mixed_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xs: Tensor,
+                   adapter_ids: Tensor, rank_owner: Tensor, scalings: list[float], dropout_ps: list[float],
+                   seed: Optional[Tensor], need_dx: bool, deterministic: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
+    if tuple(grad_y.shape) != (M, N):
+        raise ValueError(f"grad_y: expected shape [{M}, {N}], got {tuple(grad_y.shape)}")
+    if tuple(xs.shape) != (M, R):
+        raise ValueError(f"xs: expected the saved [{M}, {R}] product of the forward, got shape {tuple(xs.shape)}")
+    impl = _backend(backend)
+    return impl.mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, list(scalings),
+                               list(dropout_ps), seed, need_dx, deterministic)
+
+
+@lora_mixed_bwd.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, scalings, dropout_ps, seed, need_dx,
+      deterministic, backend):
+    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _mixed_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save, backend = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], adapter_ids, rank_owner, seed)
+    ctx.scalings, ctx.dropout_ps, ctx.backend, ctx.has_bias = scalings, dropout_ps, backend, bias is not None
+
+
+def _mixed_backward(ctx, grad_y, grad_xs):
+    x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+    grad_x = grad_w = grad_bias = grad_a = grad_bb = None
+    if need_x or need_a or need_bb:
+        dx, grad_a, grad_bb = torch.ops.lora_kernels.lora_mixed_bwd(
+            grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, ctx.scalings, ctx.dropout_ps, seed,
+            need_x, torch.are_deterministic_algorithms_enabled(), ctx.backend)
+        grad_x = dx if need_x else None
+    if need_w:
+        grad_w = grad_y.t() @ x
+    if need_b and ctx.has_bias:
+        grad_bias = grad_y.sum(0)
+    return grad_x, grad_w, grad_bias, grad_a, grad_bb, None, None, None, None, None, None, None
+
+
+lora_mixed_fwd.register_autograd(_mixed_backward, setup_context=_mixed_setup_context)
+
+
+def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                      rank_owner: Tensor, adapter_ids: Tensor, scalings, dropout_ps=None, *,
+                      backend: str = "auto", seed: Optional[Tensor] = None) -> Tensor:
+    """A mixed batch in one launch: row m of x (any leading dims) goes through adapter adapter_ids[m]
+    (-1: the base layer alone). lora_A, lora_B, rank_owner come from ``stack_adapters``; scalings and
+    dropout_ps (default: no dropout) have one entry per adapter. Grads reach each adapter's slice of
+    lora_A / lora_B from its own rows only."""
+    scalings = [float(s) for s in scalings]
+    dropout_ps = [0.0] * len(scalings) if dropout_ps is None else [float(p) for p in dropout_ps]
+    check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps)
+    _check_mixed_values(adapter_ids, rank_owner, len(scalings))
+    name = backends.resolve(backend, x.device, x.dtype)
+    if max(dropout_ps) > 0.0 and seed is None:
+        seed = draw_seed(x.device)
+    elif max(dropout_ps) == 0.0:
+        seed = None
+    if seed is not None:
+        _check_seed(seed, x.device, max(dropout_ps))
+    lead = x.shape[:-1]
+    params = (x, weight, bias, lora_A, lora_B)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    y, _ = torch.ops.lora_kernels.lora_mixed_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
+                                                 adapter_ids.reshape(-1), rank_owner, scalings, dropout_ps, seed,
+                                                 save, name)
     return y.reshape(*lead, weight.shape[0])

@@ -20,6 +20,8 @@ __all__ = [
     "dropout_threshold",
     "lora_forward",
     "lora_backward",
+    "lora_mixed_forward",
+    "lora_mixed_backward",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -113,4 +115,51 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling: float, dropout
     if need_dx:
         gl = g @ lora_A
         grad_x = grad_y @ weight + (gl if d is None else gl * d)
+    return grad_x, grad_A, grad_B
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed batches: several adapters on one base, one adapter index per row.
+# --------------------------------------------------------------------------------------------
+def lora_mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps,
+                       seed: int | None = None):
+    """y[m] = x[m] W0^T + bias + s_i (dropout_i(x)[m] A_i^T) B_i^T with i = adapter_ids[m] (-1: base only).
+
+    lora_A [R, K] and lora_B [N, R] hold the adapters' A and B concatenated along the rank; rank_owner [R]
+    says which adapter each rank column belongs to; scalings[i], dropout_ps[i] are adapter i's. Adapter i's
+    dropout mask is the single-adapter mask of probability dropout_ps[i] (same seed, same (row, column)
+    counters). Returns (y, xs) with xs [M, R] = s_i * dropout_i(x) A_i^T on row m's own ranks, 0 elsewhere.
+    Written adapter by adapter, independently of the gated kernels it checks.
+    """
+    y = torch.nn.functional.linear(x, weight, bias)
+    xs = x.new_zeros((x.shape[0], lora_A.shape[0]))
+    for i, (s, p) in enumerate(zip(scalings, dropout_ps)):
+        rows = (adapter_ids == i).nonzero().flatten()
+        cols = (rank_owner == i).nonzero().flatten()
+        if len(rows) == 0 or len(cols) == 0:
+            continue
+        xd, _ = _dropped(x, seed, p)
+        xa = (xd[rows] @ lora_A[cols].t()) * s
+        xs[rows[:, None], cols[None, :]] = xa
+        y[rows] = y[rows] + xa @ lora_B[:, cols].t()
+    return y, xs
+
+
+def lora_mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, scalings, dropout_ps,
+                        seed: int | None = None, need_dx: bool = True):
+    """Gradients (dx or None, dA [R, K], dB [N, R]) of lora_mixed_forward, from its xs."""
+    grad_A = torch.zeros_like(lora_A)
+    grad_B = grad_y.t() @ xs.to(grad_y.dtype)  # xs is zero off each row's own ranks
+    grad_x = grad_y @ weight if need_dx else None
+    for i, (s, p) in enumerate(zip(scalings, dropout_ps)):
+        rows = (adapter_ids == i).nonzero().flatten()
+        cols = (rank_owner == i).nonzero().flatten()
+        if len(rows) == 0 or len(cols) == 0:
+            continue
+        xd, d = _dropped(x, seed, p)
+        g = (grad_y[rows] @ lora_B[:, cols]) * s
+        grad_A[cols] = g.t() @ xd[rows]
+        if need_dx:
+            gl = g @ lora_A[cols]
+            grad_x[rows] = grad_x[rows] + (gl if d is None else gl * d[rows])
     return grad_x, grad_A, grad_B

@@ -18,7 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 # Shared memory per block, opt-in maximum (bytes).
 SMEM_LIMIT = {80: 166912, 90: 232448}
 DTYPES = ("fp16", "bf16", "fp32")
-_POINTER_TYPES = {"XA": "*fp32", "SEED": "*i64", "DA": "*fp32", "DB": "*fp32", "OUT": "*i8"}
+_POINTER_TYPES = {"XA": "*fp32", "SEED": "*i64", "DA": "*fp32", "DB": "*fp32", "OUT": "*i8", "IDS": "*i32",
+                  "OWNER": "*i32", "RSCALE": "*fp32", "THR": "*i32", "KS": "*fp32"}
 _FLOAT_ARGS = {"scaling", "keep_scale"}
 _SIZE_ARGS = {"M", "N", "K", "R"}  # upper case like the pointers, but i32
 
@@ -64,16 +65,22 @@ def specializations(arch: int):
                     add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=False, BLOCK_R=row[5]))
                     add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=True, BLOCK_R=16))
             for row in TABLES["thin"][arch][elem_bytes]:
-                add("lora_xa_kernel", dtype, row, dict(DROPOUT=False, STORE_XS=True, BLOCK_R=16), XA_TILE_KEYS)
+                add("lora_xa_kernel", dtype, row, dict(DROPOUT=False, STORE_XS=True, GATED=False, BLOCK_R=16),
+                    XA_TILE_KEYS)
                 add("lora_bwd_lowrank_kernel", dtype, row,
-                    dict(DROPOUT=False, DETERMINISTIC=False, NEED_DX=True, BLOCK_R=16))
+                    dict(DROPOUT=False, DETERMINISTIC=False, NEED_DX=True, GATED=False, BLOCK_R=16))
                 if full:
-                    add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=False, BLOCK_R=min(128, row[5])),
-                        XA_TILE_KEYS)
+                    add("lora_xa_kernel", dtype, row,
+                        dict(DROPOUT=True, STORE_XS=False, GATED=False, BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
                     add("lora_bwd_lowrank_kernel", dtype, row,
-                        dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, BLOCK_R=row[5]))
+                        dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, GATED=False, BLOCK_R=row[5]))
                     add("lora_bwd_lowrank_kernel", dtype, row,
-                        dict(DROPOUT=True, DETERMINISTIC=True, NEED_DX=False, BLOCK_R=16))
+                        dict(DROPOUT=True, DETERMINISTIC=True, NEED_DX=False, GATED=False, BLOCK_R=16))
+                    # mixed batches: the gated variants
+                    add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=True, GATED=True,
+                                                           BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
+                    add("lora_bwd_lowrank_kernel", dtype, row,
+                        dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, GATED=True, BLOCK_R=row[5]))
     from .dropout import MASK_BLOCK
 
     out.append(("dropout_mask_kernel", "fp32", dict(BLOCK_M=MASK_BLOCK[0], BLOCK_K=MASK_BLOCK[1]), 4, 3))

@@ -33,7 +33,7 @@ import triton.language as tl
 from .configs import (LOWRANK_CONFIGS, BACKWARD_CONFIGS, INTERPRET, dot_precision, fixed_config, m_bucket,
                       prune_configs)
 from .dropout import dropout_args, dropout_keep, dropout_mask
-from .forward import _tile_ids, block_r
+from .forward import _tile_ids, block_r, row_gate
 from .memory import empty
 
 
@@ -132,17 +132,17 @@ def lora_bwd_dx_kernel(
                 r_ok[:, None] & k_ok[None, :], DETERMINISTIC)
 
 
-@triton.autotune(configs=LOWRANK_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "DROPOUT", "NEED_DX"],
+@triton.autotune(configs=LOWRANK_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "DROPOUT", "NEED_DX", "GATED"],
                  prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["DA"])
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_bwd_lowrank_kernel(
-    DY, A, B, X, SEED, DX, DA,
+    DY, A, B, X, SEED, DX, DA, IDS, OWNER, RSCALE, THR, KS,
     M, N, K, R,
     stride_dym, stride_dyn, stride_ar, stride_ak, stride_bn, stride_br, stride_xm, stride_xk,
     stride_dxm, stride_dxk, stride_dap,
     scaling, threshold, keep_scale,
     M_BUCKET,
-    DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, NEED_DX: tl.constexpr,
+    DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, NEED_DX: tl.constexpr, GATED: tl.constexpr,
     BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -166,7 +166,16 @@ def lora_bwd_lowrank_kernel(
             dy = dy.to(tl.float32)
             b = b.to(tl.float32)
         g = tl.dot(dy, b, g, input_precision=DOT_PRECISION)
-    g = (g * scaling).to(X.dtype.element_ty)
+    if GATED:
+        # mixed batch: each row's G keeps its own adapter's ranks, times that adapter's scaling and (folded in
+        # here, so keep_scale is 1 below) its 1 / (1 - p); the mask uses the row's own threshold
+        gate, row_threshold, row_keep_scale = row_gate(IDS, OWNER, RSCALE, THR, KS, offs_m % M, offs_r, R)
+        g = g * gate
+        if DROPOUT:
+            g = g * row_keep_scale
+    else:
+        g = g * scaling
+    g = g.to(X.dtype.element_ty)
     g_t = tl.trans(g)
     if UPCAST:
         g = g.to(tl.float32)
@@ -176,7 +185,10 @@ def lora_bwd_lowrank_kernel(
         x = tl.load(X + offs_m.to(tl.int64)[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if DROPOUT:
-            keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, threshold, BLOCK_M, BLOCK_K)
+            if GATED:
+                keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, row_threshold, BLOCK_M, BLOCK_K)
+            else:
+                keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0)
         if UPCAST:
             x = x.to(tl.float32)
@@ -219,6 +231,47 @@ def _partials(kernel, deterministic, x, br, M, shapes):
     return kernel.fn, meta, [empty((parts, *sh), dev, torch.float32) for sh in shapes]
 
 
+def _split(grad_y, x, weight, lora_A, lora_B, xa, seed_arg, scalars, common, need_dx, deterministic, gating=None):
+    """The split backward: the low-rank kernel, then cuBLAS for dY W0 (in place, beta = 1) and dB = dY^T xs.
+    xs is scaling * xa, or with `gating` (mixed batch) xa itself, which is already gated and scaled."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    dx = empty((M, K) if need_dx else (0,), x.device, x.dtype)
+    launch, meta, (da,) = _partials(lora_bwd_lowrank_kernel, deterministic, x, common["BLOCK_R"], M, [(R, K)])
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]),)
+    launch[grid](
+        grad_y, lora_A, lora_B, x, seed_arg, dx if need_dx else x, da, *(gating if gating is not None else (x,) * 5),
+        M, N, K, R,
+        grad_y.stride(0), grad_y.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), x.stride(0), x.stride(1),
+        dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
+        da.stride(0) if deterministic else 0, *scalars, NEED_DX=need_dx, GATED=gating is not None,
+        **common, **meta,
+    )
+    if need_dx:
+        dx.addmm_(grad_y, weight)  # cuBLAS, beta = 1: dX = dY W0 + the low-rank term already there
+    scaling = scalars[0]
+    xs = (xa if gating is not None else xa * scaling).to(grad_y.dtype)
+    grad_B = torch.mm(grad_y.t(), xs)  # cuBLAS: dB = dY^T (scaling * XA)
+    grad_A = da.sum(0) if deterministic else da[0]
+    return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+
+
+def lora_mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, seed, any_dropout: bool, gating, need_dx: bool,
+                        deterministic: bool):
+    """Backward of forward.lora_mixed_forward (xs: its gated, scaled fp32 product); (dx or empty, dA, dB)."""
+    M, K = x.shape
+    if M == 0:
+        dx = x.new_zeros((M, K) if need_dx else (0,))
+        return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    common = dict(DROPOUT=any_dropout, DETERMINISTIC=deterministic, BLOCK_R=block_r(lora_A.shape[0]),
+                  DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET)
+    # scaling, threshold and keep_scale come per row with the gating; 1.0 / 0 / 1.0 are placeholders
+    scalars = (1.0, 0, 1.0, m_bucket(M))
+    return _split(grad_y, x, weight, lora_A, lora_B, xs.contiguous(), seed if seed is not None else x, scalars,
+                  common, need_dx, deterministic, gating)
+
+
 def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling: float, dropout_p: float,
                   need_dx: bool, deterministic: bool, variant: str | None = None):
     """Backward on 2-D tensors; returns (dx [M, K] or an empty tensor, dA [r, K], dB [N, r])."""
@@ -255,23 +308,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling: float, d
         return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
 
     if variant == "split":
-        dx = empty((M, K) if need_dx else (0,), x.device, x.dtype)
-        launch, meta, (da,) = _partials(lora_bwd_lowrank_kernel, deterministic, x, br, M, [(R, K)])
-        grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]),)
-        launch[grid](
-            grad_y, lora_A, lora_B, x, seed_arg, dx if need_dx else x, da,
-            M, N, K, R,
-            grad_y.stride(0), grad_y.stride(1), lora_A.stride(0), lora_A.stride(1),
-            lora_B.stride(0), lora_B.stride(1), x.stride(0), x.stride(1),
-            dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
-            da.stride(0) if deterministic else 0, *scalars, NEED_DX=need_dx, **common, **meta,
-        )
-        if need_dx:
-            dx.addmm_(grad_y, weight)  # cuBLAS, beta = 1: dX = dY W0 + the low-rank term already there
-        xs = (xa * scaling).to(grad_y.dtype)
-        grad_B = torch.mm(grad_y.t(), xs)  # cuBLAS: dB = dY^T (scaling * XA)
-        grad_A = da.sum(0) if deterministic else da[0]
-        return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+        return _split(grad_y, x, weight, lora_A, lora_B, xa, seed_arg, scalars, common, need_dx, deterministic)
 
     if variant != "fused":
         raise ValueError(f"variant: expected 'split', 'fused' or 'cublas', got {variant!r}")

@@ -119,25 +119,40 @@ def lora_fwd_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=XA_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "DROPOUT"],
+@triton.jit
+def row_gate(IDS, OWNER, RSCALE, THR, KS, rows, offs_r, R):
+    """Mixed batches: (gate [BM, BR] = rank_scale where rank r belongs to the row's adapter else 0,
+    per-row dropout threshold [BM, 1], per-row 1 / (1 - p) [BM, 1]). Rows with adapter -1 get a zero gate."""
+    ids = tl.load(IDS + rows)
+    owner = tl.load(OWNER + offs_r, mask=offs_r < R, other=-2)
+    rscale = tl.load(RSCALE + offs_r, mask=offs_r < R, other=0.0)
+    gate = tl.where(owner[None, :] == ids[:, None], rscale[None, :], 0.0)
+    adapter = tl.maximum(ids, 0)
+    return gate, tl.load(THR + adapter)[:, None], tl.load(KS + adapter)[:, None]
+
+
+@triton.autotune(configs=XA_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "DROPOUT", "GATED"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_xa_kernel(
-    X, A, XA, XS, SEED,
+    X, A, XA, XS, SEED, IDS, OWNER, RSCALE, THR, KS,
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_xam, stride_xsm,
     threshold, keep_scale, scaling,
     M_BUCKET,
-    DROPOUT: tl.constexpr, STORE_XS: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    DROPOUT: tl.constexpr, STORE_XS: tl.constexpr, GATED: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """xa[M, r] = dropout(x) A^T in fp32 (and, if STORE_XS, scaling * xa in x's dtype); one program per
-    BLOCK_M rows and BLOCK_R ranks."""
+    BLOCK_M rows and BLOCK_R ranks. GATED (mixed batches): each row keeps only its own adapter's ranks,
+    scaled by that adapter's scaling, with that adapter's dropout probability; xa then holds the scaled term."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = offs_m % M
+    if GATED:
+        gate, row_threshold, row_keep_scale = row_gate(IDS, OWNER, RSCALE, THR, KS, rows, offs_r, R)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     a_ptrs = A + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
@@ -146,7 +161,10 @@ def lora_xa_kernel(
         k_ok = offs_k < K - k0
         x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         if DROPOUT:
-            keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, threshold, BLOCK_M, BLOCK_K)
+            if GATED:
+                keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, row_threshold, BLOCK_M, BLOCK_K)
+            else:
+                keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
         if UPCAST:
@@ -155,7 +173,11 @@ def lora_xa_kernel(
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
-    if DROPOUT:
+    if GATED:
+        if DROPOUT:
+            acc *= row_keep_scale
+        acc *= gate
+    elif DROPOUT:
         acc *= keep_scale  # masking is exact; the 1 / (1 - p) factor is applied once, in fp32
     out_ok = (offs_m[:, None] < M) & (offs_r[None, :] < R)
     tl.store(XA + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :], acc, mask=out_ok)
@@ -184,20 +206,23 @@ def forward_variant(M: int, r: int, dropout_p: float, dtype: torch.dtype = torch
     return "fused" if dropout_p == 0.0 and block_r(r) <= 64 else "xa_first"
 
 
-def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p):
+def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None):
+    """gating: None, or (adapter_ids int32 [M], rank_owner int32 [R], rank_scale fp32 [R], thresholds int32 [n],
+    keep_scales fp32 [n]) for a mixed batch (dropout_p then only says whether any adapter drops)."""
     M, K = x.shape
     R = lora_A.shape[0]
     threshold, keep_scale = dropout_args(dropout_p)
     xa_br = min(block_r(R), 128)
+    gate_args = gating if gating is not None else (x,) * 5
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, xa_br))
     lora_xa_kernel[grid](
-        x, lora_A, xa, xs if xs is not None else xa, seed if seed is not None else x,
+        x, lora_A, xa, xs if xs is not None else xa, seed if seed is not None else x, *gate_args,
         M, K, R,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0),
         xs.stride(0) if xs is not None else 0,
         threshold, keep_scale, float(scaling), m_bucket(M),
-        DROPOUT=dropout_p > 0.0, STORE_XS=xs is not None, BLOCK_R=xa_br, DOT_PRECISION=dot_precision(x.dtype),
-        UPCAST=INTERPRET,
+        DROPOUT=dropout_p > 0.0, STORE_XS=xs is not None, GATED=gating is not None, BLOCK_R=xa_br,
+        DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
     )
 
 
@@ -233,18 +258,47 @@ def lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_
     y = empty((M, N), x.device, x.dtype)
     if variant == "xa_first":
         _launch_xa(x, lora_A, xa, None, seed, scaling, dropout_p)
-    br = block_r(R)
+    _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, scaling, fuse_xa=variant == "fused", store_xa=need_xa)
+    if not save_xa:
+        xa = xa.new_empty((0,))
+    return y, xa
+
+
+def _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, scaling, fuse_xa, store_xa):
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     lora_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, lora_A, lora_B, xa, y,
         M, N, K, R,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), bias.stride(0) if bias is not None else 0,
-        xa.stride(0) if need_xa else 0, y.stride(0), y.stride(1),
+        xa.stride(0) if store_xa else 0, y.stride(0), y.stride(1),
         float(scaling), m_bucket(M),
-        HAS_BIAS=bias is not None, FUSE_XA=variant == "fused", STORE_XA=need_xa,
-        BLOCK_R=br, DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
+        HAS_BIAS=bias is not None, FUSE_XA=fuse_xa, STORE_XA=store_xa,
+        BLOCK_R=block_r(R), DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
     )
-    if not save_xa:
-        xa = xa.new_empty((0,))
-    return y, xa
+
+
+def lora_mixed_forward(x, weight, bias, lora_A, lora_B, seed, any_dropout: bool, gating, save: bool):
+    """Mixed batch on 2-D x: every row with its own adapter (see reference.lora_mixed_forward; lora_A/lora_B are
+    the adapters concatenated along the rank, `gating` as in _launch_xa). Returns (y, xs fp32 [M, R] or empty),
+    xs = the gated, scaled dropout(x) A^T. The thin kernel applies each row's gate, so the GEMM (Triton's, or
+    cuBLAS's past CUBLAS_MIN_M rows) adds xs B^T over the concatenated rank like a single adapter's."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    xa = empty((M, R), x.device, torch.float32)
+    p = 0.5 if any_dropout else 0.0  # only says "some adapter drops"; the thresholds come with the gating
+    if M == 0:
+        return empty((M, N), x.device, x.dtype), (xa if save else xa.new_empty((0,)))
+    if M >= CUBLAS_MIN_M or x.dtype == torch.float32:
+        xs = empty((M, R), x.device, x.dtype)
+        _launch_xa(x, lora_A, xa, xs, seed, 1.0, p, gating)
+        lora_b_t = lora_B.t()
+        y = torch.addmm(bias, xs, lora_b_t) if bias is not None else torch.mm(xs, lora_b_t)
+        y.addmm_(x, weight.t())
+    else:
+        y = empty((M, N), x.device, x.dtype)
+        _launch_xa(x, lora_A, xa, None, seed, 1.0, p, gating)
+        _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, 1.0, fuse_xa=False, store_xa=True)
+    return y, (xa if save else xa.new_empty((0,)))

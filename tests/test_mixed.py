@@ -1,0 +1,117 @@
+"""Mixed batches (several adapters over one base, one adapter per row) vs the per-adapter fp64 reference."""
+
+import pytest
+import torch
+
+from conftest import DEVICE, DTYPES, assert_parity, seed_tensor
+from lora_kernels import lora_linear, lora_linear_mixed, reference, stack_adapters
+from lora_kernels.kernels import forward as triton_forward
+
+SEED = 4242
+
+
+def _adapters(K, N, ranks, dtype):
+    As = [torch.randn(r, K, device=DEVICE, dtype=dtype) / K**0.5 for r in ranks]
+    Bs = [torch.randn(N, r, device=DEVICE, dtype=dtype) / r**0.5 for r in ranks]
+    return stack_adapters(As, Bs)
+
+
+def _run(M, K, N, ranks, scalings, ps, ids, dtype, backend, bias=True, need_dx=True):
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    w = torch.randn(N, K, device=DEVICE, dtype=dtype) / K**0.5
+    b = torch.randn(N, device=DEVICE, dtype=dtype) if bias else None
+    a, bb, owner = _adapters(K, N, ranks, dtype)
+    ids = torch.tensor(ids, device=DEVICE, dtype=torch.int64)
+    xg, ag, bg = (t.clone().requires_grad_(req) for t, req in ((x, need_dx), (a, True), (bb, True)))
+    y = lora_linear_mixed(xg, w, b, ag, bg, owner, ids, scalings, ps, backend=backend, seed=seed_tensor(SEED))
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    refs = []
+    for dt in (dtype, torch.float64):
+        args = [t.to(dt) if t is not None else None for t in (x, w, b, a, bb)]
+        ry, xs = reference.lora_mixed_forward(*args, ids, owner, scalings, ps, SEED)
+        refs.append((ry, *reference.lora_mixed_backward(gy.to(dt), args[0], args[1], args[3], args[4], xs, ids,
+                                                        owner, scalings, ps, SEED, need_dx)))
+    assert_parity("y", y, refs[0][0], refs[1][0])
+    if need_dx:
+        assert_parity("grad x", xg.grad, refs[0][1], refs[1][1])
+    assert_parity("grad lora_A", ag.grad, refs[0][2], refs[1][2])
+    assert_parity("grad lora_B", bg.grad, refs[0][3], refs[1][3])
+    return ag.grad, bg.grad, owner, ids
+
+
+def _ids(M, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-1, n, (M,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("path", ["triton_gemm", "cublas"])
+@pytest.mark.parametrize("ps", [(0.0, 0.0, 0.0), (0.1, 0.0, 0.3)], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixed_batch_parity(dtype, ps, path, monkeypatch):
+    """Three adapters of ranks 3, 16 and 1 (one of them with no rows), rows of the base layer alone (-1)."""
+    if path == "cublas":
+        monkeypatch.setattr(triton_forward, "CUBLAS_MIN_M", 0)
+    ids = [i if i != 1 else 2 for i in _ids(37, 3)]  # adapter 1 gets no rows
+    da, db, owner, _ = _run(37, 45, 70, [3, 16, 1], [0.5, 2.0, 1.5], list(ps), ids, dtype, "triton")
+    assert not da[owner == 1].any() and not db[:, owner == 1].any()  # an adapter without rows gets no grad
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_odd_shapes_and_edge_batches(backend):
+    dt = torch.bfloat16
+    _run(1, 33, 17, [1, 4], [1.0, 3.0], [0.0, 0.2], [1], dt, backend)                 # M = 1
+    _run(19, 80, 72, [5, 7], [1.0, 0.25], [0.2, 0.2], [0] * 19, dt, backend)         # all rows on one adapter
+    _run(9, 40, 24, [2, 2], [1.0, 1.0], [0.0, 0.0], [-1] * 9, dt, backend)           # base layer only
+    _run(0, 32, 16, [4], [1.0], [0.0], [], dt, backend)                               # no rows
+    _run(23, 64, 48, [8, 3], [2.0, 1.0], [0.1, 0.0], _ids(23, 2, 1), dt, backend, bias=False, need_dx=False)
+
+
+def test_one_adapter_equals_the_single_adapter_op():
+    """All rows on adapter 0 with dropout: the same numbers (and dropout mask) as lora_linear with that adapter."""
+    dt = torch.float16
+    M, K, N = 29, 70, 52
+    x = torch.randn(M, K, device=DEVICE, dtype=dt)
+    w = torch.randn(N, K, device=DEVICE, dtype=dt) / K**0.5
+    a, bb, owner = _adapters(K, N, [6, 5], dt)
+    ids = torch.zeros(M, dtype=torch.int64, device=DEVICE)
+    y_mixed = lora_linear_mixed(x, w, None, a, bb, owner, ids, [1.5, 9.0], [0.25, 0.0], backend="triton",
+                                seed=seed_tensor(SEED))
+    y_single = lora_linear(x, w, None, a[:6], bb[:, :6], 1.5, 0.25, backend="triton", seed=seed_tensor(SEED))
+    y64, _ = reference.lora_forward(x.double(), w.double(), None, a[:6].double(), bb[:, :6].double(), 1.5, 0.25,
+                                    SEED)
+    assert_parity("y", y_mixed, y_single, y64)
+
+
+def test_bad_mixed_inputs_raise_clear_errors():
+    x = torch.randn(4, 8, device=DEVICE)
+    w = torch.randn(6, 8, device=DEVICE)
+    a, bb, owner = _adapters(8, 6, [2, 3], torch.float32)
+    ids = torch.tensor([0, 1, -1, 0], device=DEVICE)
+    with pytest.raises(ValueError, match=r"adapter_ids: values must be in \[-1, 2\).*found 2"):
+        lora_linear_mixed(x, w, None, a, bb, owner, torch.tensor([0, 2, 0, 0], device=DEVICE), [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"adapter_ids: expected shape \[4\]"):
+        lora_linear_mixed(x, w, None, a, bb, owner, ids[:3], [1.0, 1.0])
+    with pytest.raises(TypeError, match="adapter_ids: expected an int32 or int64 tensor"):
+        lora_linear_mixed(x, w, None, a, bb, owner, ids.float(), [1.0, 1.0])
+    with pytest.raises(ValueError, match="scalings, dropout_ps: expected one per adapter"):
+        lora_linear_mixed(x, w, None, a, bb, owner, ids, [1.0, 1.0], [0.1])
+    with pytest.raises(ValueError, match=r"dropout_ps\[1\]: expected a probability in \[0, 1\)"):
+        lora_linear_mixed(x, w, None, a, bb, owner, ids, [1.0, 1.0], [0.1, 1.0])
+    with pytest.raises(ValueError, match=r"rank_owner: expected shape \[5\]"):
+        lora_linear_mixed(x, w, None, a, bb, owner[:4], ids, [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"rank_owner: values must be adapter indices in \[0, 1\)"):
+        lora_linear_mixed(x, w, None, a, bb, owner, torch.zeros_like(ids), [1.0])
+    with pytest.raises(ValueError, match=r"lora_B: expected shape \[6, 5\]"):
+        lora_linear_mixed(x, w, None, a, bb[:, :4], owner, ids, [1.0, 1.0])
+
+
+def test_mixed_op_registration():
+    """opcheck: schema, fake (meta) implementation and autograd registration of the mixed-batch op."""
+    x = torch.randn(7, 16, device=DEVICE)
+    w = torch.randn(12, 16, device=DEVICE)
+    a, bb, owner = _adapters(16, 12, [2, 4], torch.float32)
+    ids = torch.tensor([0, 1, -1, 1, 0, 0, 1], device=DEVICE)
+    torch.library.opcheck(torch.ops.lora_kernels.lora_mixed_fwd.default,
+                          (x, w, None, a.requires_grad_(), bb.requires_grad_(), ids, owner, [1.0, 2.0], [0.0, 0.0],
+                           None, True, "torch"))
