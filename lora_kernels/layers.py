@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
 from torch import Tensor, nn
 
 from . import backends
-from .ops import lora_linear
+from .ops import lora_linear, lora_linear_mixed
 
-__all__ = ["FusedLoRALinear"]
+__all__ = ["FusedLoRALinear", "adapter_ids"]
+
+DEFAULT = "default"
+_ADAPTER_IDS: contextvars.ContextVar = contextvars.ContextVar("lora_kernels_adapter_ids", default=None)
+
+
+@contextlib.contextmanager
+def adapter_ids(ids: Tensor):
+    """Within the block, every FusedLoRALinear that is called without ``adapter_ids=`` serves a mixed batch:
+    ``ids`` gives each row's adapter (an index into the layer's ``adapter_names``, -1 for the base layer alone),
+    per token (shape = the input's leading dims) or per sequence (a prefix of them, broadcast over the rest).
+    This is how a whole model from ``inject`` serves requests for different adapters in one forward."""
+    token = _ADAPTER_IDS.set(ids)
+    try:
+        yield
+    finally:
+        _ADAPTER_IDS.reset(token)
+
+
+def _expand_ids(ids: Tensor, lead: torch.Size) -> Tensor:
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"adapter_ids: expected an integer tensor, got {type(ids).__name__}")
+    if ids.dim() > len(lead) or tuple(ids.shape) != tuple(lead[: ids.dim()]):
+        raise ValueError(f"adapter_ids: expected shape {list(lead)} (one id per row) or a prefix of it (one per "
+                         f"sequence), got {list(ids.shape)}")
+    return ids.reshape(*ids.shape, *([1] * (len(lead) - ids.dim()))).expand(lead)
 
 
 def _full(t: Tensor) -> Tensor:
@@ -38,6 +65,21 @@ def _check_hparams(r, lora_alpha, lora_dropout, in_features, out_features):
         raise ValueError(f"lora_alpha: expected a finite number > 0, got {lora_alpha!r}")
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {lora_dropout!r}")
+
+
+@torch.no_grad()
+def _init_lora(A: Tensor, B: Tensor, r: int, init_lora_weights) -> None:
+    if init_lora_weights in (True, "kaiming"):
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)
+    elif init_lora_weights == "gaussian":
+        nn.init.normal_(A, std=1.0 / r)
+        nn.init.zeros_(B)
+    elif init_lora_weights is False:
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+    else:
+        raise ValueError(f"init_lora_weights: expected 'kaiming', 'gaussian', True or False, got {init_lora_weights!r}")
 
 
 class FusedLoRALinear(nn.Module):
@@ -88,6 +130,11 @@ class FusedLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty((r, in_features), device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.empty((out_features, r), device=w.device, dtype=w.dtype))
         self.reset_lora_parameters(init_lora_weights)
+        # Further named adapters (add_adapter): their A / B here, their hyper-parameters in _extra_hparams.
+        self.extra_lora_A = nn.ParameterDict()
+        self.extra_lora_B = nn.ParameterDict()
+        self._extra_hparams: dict[str, dict] = {}
+        self.active_adapter = DEFAULT
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
@@ -126,31 +173,94 @@ class FusedLoRALinear(nn.Module):
     def reset_lora_parameters(self, init_lora_weights: bool | str = "kaiming") -> None:
         """A: kaiming-uniform(a=sqrt(5)) as loralib/PEFT, or gaussian std 1/r; B: zeros (so the layer starts
         equal to the base). ``False`` leaves B random too (tests, or a non-identity start)."""
-        if init_lora_weights in (True, "kaiming"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
-        elif init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            nn.init.zeros_(self.lora_B)
-        elif init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            raise ValueError(f"init_lora_weights: expected 'kaiming', 'gaussian', True or False, got {init_lora_weights!r}")
+        _init_lora(self.lora_A, self.lora_B, self.r, init_lora_weights)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, adapter_ids: Tensor | None = None) -> Tensor:
+        """adapter_ids (or an enclosing ``with adapter_ids(ids):``): a mixed batch, each row through its own
+        adapter (index into ``adapter_names``; -1 = base layer only), in one launch. Otherwise the active
+        adapter (``set_adapter``)."""
+        ids = adapter_ids if adapter_ids is not None else _ADAPTER_IDS.get()
+        if ids is not None:
+            return self._mixed_forward(x, _expand_ids(ids, x.shape[:-1]))
         if self.merged:
             return nn.functional.linear(x, self.base_weight(), self.bias)
-        p = self.lora_dropout if self.training else 0.0
-        return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self.scaling, p,
-                           backend=self.backend)
+        A, B, hp = self._adapter(self.active_adapter)
+        p = hp["lora_dropout"] if self.training else 0.0
+        return lora_linear(x, self.base_weight(), self.bias, A, B, hp["scaling"], p, backend=self.backend)
+
+    def _mixed_forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        if self.merged:
+            raise RuntimeError("mixed-batch forward: unmerge() first (the merged weight holds the active adapter, "
+                               "which would then apply to every row)")
+        names = self.adapter_names
+        parts = [self._adapter(n) for n in names]
+        lora_A = torch.cat([a for a, _, _ in parts], 0)  # autograd splits the grads back to each adapter
+        lora_B = torch.cat([b for _, b, _ in parts], 1)
+        owner = torch.cat([torch.full((a.shape[0],), i, dtype=torch.int32, device=a.device)
+                           for i, (a, _, _) in enumerate(parts)])
+        ps = [hp["lora_dropout"] if self.training else 0.0 for _, _, hp in parts]
+        return lora_linear_mixed(x, self.base_weight(), self.bias, lora_A, lora_B, owner, ids,
+                                 [hp["scaling"] for _, _, hp in parts], ps, backend=self.backend)
+
+    # ------------------------------------------------------------------ named adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        """"default" (lora_A / lora_B) first, then the added adapters in the order they were added; a mixed
+        batch's adapter_ids index this list."""
+        return [DEFAULT, *self._extra_hparams]
+
+    def _adapter(self, name: str):
+        """(A, B, hparams) of a named adapter."""
+        if name == DEFAULT:
+            return self.lora_A, self.lora_B, dict(r=self.r, lora_alpha=self.lora_alpha, scaling=self.scaling,
+                                                   lora_dropout=self.lora_dropout, use_rslora=self.use_rslora)
+        if name not in self._extra_hparams:
+            raise KeyError(f"adapter {name!r}: no such adapter; this layer has {self.adapter_names}")
+        return self.extra_lora_A[name], self.extra_lora_B[name], self._extra_hparams[name]
+
+    def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool | str = "kaiming") -> None:
+        """A further adapter on the same frozen W0, with its own rank, alpha and dropout (the active adapter
+        does not change: ``set_adapter(name)`` switches)."""
+        if not isinstance(name, str) or not name.isidentifier() or name == DEFAULT or name in self._extra_hparams:
+            raise ValueError(f"name: expected a new identifier other than {DEFAULT!r} and {list(self._extra_hparams)}, "
+                             f"got {name!r}")
+        _check_hparams(r, lora_alpha, lora_dropout, self.in_features, self.out_features)
+        w = self.weight
+        A = nn.Parameter(torch.empty((r, self.in_features), device=w.device, dtype=w.dtype))
+        B = nn.Parameter(torch.empty((self.out_features, r), device=w.device, dtype=w.dtype))
+        _init_lora(A, B, r, init_lora_weights)
+        self.extra_lora_A[name], self.extra_lora_B[name] = A, B
+        self._extra_hparams[name] = dict(r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout),
+                                         use_rslora=use_rslora,
+                                         scaling=lora_alpha / (math.sqrt(r) if use_rslora else r))
+
+    def delete_adapter(self, name: str) -> None:
+        if name == DEFAULT:
+            raise ValueError("delete_adapter: 'default' holds lora_A / lora_B and cannot be deleted")
+        if name == self.active_adapter:
+            raise ValueError(f"delete_adapter: {name!r} is active; set_adapter() another one first")
+        self._adapter(name)  # raises for an unknown name
+        del self.extra_lora_A[name], self.extra_lora_B[name], self._extra_hparams[name]
+
+    def set_adapter(self, name: str) -> None:
+        """Make `name` the adapter of the plain forward (a task switch; W0 is untouched, or, if merged, the
+        old adapter is taken out of it and the new one put in)."""
+        self._adapter(name)
+        merged = self.merged
+        if merged:
+            self.unmerge()
+        self.active_adapter = name
+        if merged:
+            self.merge()
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self) -> Tensor:
-        """scaling * B A in fp32, laid out like ``weight`` (the update that merge() adds to it). Sharded
+        """scaling * B A of the active adapter in fp32, laid out like ``weight`` (the update that merge() adds). Sharded
         parameters (FSDP2) are gathered first, so every rank must call it."""
-        delta = (_full(self.lora_B.detach()).float() @ _full(self.lora_A.detach()).float()) * self.scaling
+        A, B, hp = self._adapter(getattr(self, "active_adapter", DEFAULT))
+        delta = (_full(B.detach()).float() @ _full(A.detach()).float()) * hp["scaling"]
         return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()

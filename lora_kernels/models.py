@@ -15,7 +15,15 @@ from torch import nn
 
 from .layers import FusedLoRALinear
 
-__all__ = ["inject", "lora_layers", "mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "unload"]
+__all__ = ["inject", "lora_layers", "mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "unload",
+           "add_adapter", "set_adapter", "delete_adapter"]
+
+
+def _is_lora_key(key: str) -> bool:
+    """A LoRA parameter's name: `<module>.lora_A` / `.lora_B` (the default adapter, loralib's keys) or
+    `<module>.extra_lora_A.<adapter>` / `.extra_lora_B.<adapter>` (adapters added with add_adapter)."""
+    parts = key.split(".")
+    return parts[-1] in ("lora_A", "lora_B") or (len(parts) >= 2 and parts[-2] in ("extra_lora_A", "extra_lora_B"))
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -96,12 +104,12 @@ def lora_layers(model: nn.Module) -> dict[str, FusedLoRALinear]:
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
-    """Freeze everything but lora_A / lora_B. bias: "none", "all" (every bias trains), or "lora_only"
+    """Freeze everything but the LoRA parameters (every adapter's). bias: "none", "all" (every bias trains), or "lora_only"
     (the biases of the LoRA layers train)."""
     _check_bias_mode(bias)
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        p.requires_grad_(leaf in ("lora_A", "lora_B") or (bias == "all" and leaf == "bias"))
+        p.requires_grad_(_is_lora_key(name) or (bias == "all" and leaf == "bias"))
     if bias == "lora_only":
         for layer in lora_layers(model).values():
             if layer.bias is not None:
@@ -118,7 +126,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     keep = {}
     for key, value in full.items():
         leaf = key.rsplit(".", 1)[-1]
-        if leaf in ("lora_A", "lora_B") or (bias == "all" and leaf == "bias") or \
+        if _is_lora_key(key) or (bias == "all" and leaf == "bias") or \
                 (bias == "lora_only" and key in lora_bias):
             keep[key] = value
     return keep
@@ -143,4 +151,29 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for name, layer in lora_layers(model).items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.to_base_layer(merge=merge))
+    return model
+
+
+def add_adapter(model: nn.Module, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                use_rslora: bool = False, init_lora_weights: bool | str = "kaiming") -> nn.Module:
+    """FusedLoRALinear.add_adapter on every LoRA layer of `model` (the same index in every layer's
+    adapter_names, so one adapter_ids tensor serves the whole model)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model: no FusedLoRALinear layers (call inject first)")
+    for layer in layers.values():
+        layer.add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+    return model
+
+
+def set_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Switch every LoRA layer of `model` to adapter `name` (a task switch; W0 untouched unless merged)."""
+    for layer in lora_layers(model).values():
+        layer.set_adapter(name)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    for layer in lora_layers(model).values():
+        layer.delete_adapter(name)
     return model

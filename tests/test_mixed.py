@@ -115,3 +115,114 @@ def test_mixed_op_registration():
     torch.library.opcheck(torch.ops.lora_kernels.lora_mixed_fwd.default,
                           (x, w, None, a.requires_grad_(), bb.requires_grad_(), ids, owner, [1.0, 2.0], [0.0, 0.0],
                            None, True, "torch"))
+
+
+# ------------------------------------------------------------------ named adapters on layers and models
+def _layer_with_adapters(dtype=torch.float32, backend="triton"):
+    from lora_kernels import FusedLoRALinear
+
+    torch.manual_seed(0)
+    layer = FusedLoRALinear(40, 36, r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False,
+                            backend=backend, device=DEVICE, dtype=dtype)
+    layer.add_adapter("math", r=6, lora_alpha=3, lora_dropout=0.2, init_lora_weights=False)
+    layer.add_adapter("code", r=1, lora_alpha=2, use_rslora=True, init_lora_weights=False)
+    return layer
+
+
+def test_named_adapters_and_task_switch():
+    layer = _layer_with_adapters()
+    assert layer.adapter_names == ["default", "math", "code"]
+    x = torch.randn(5, 40, device=DEVICE)
+    layer.eval()
+    outs = {}
+    for name in layer.adapter_names:
+        layer.set_adapter(name)
+        outs[name] = layer(x)
+        A, B, hp = layer._adapter(name)
+        same, _ = reference.lora_forward(x, layer.weight, layer.bias, A.detach(), B.detach(), hp["scaling"])
+        ref64, _ = reference.lora_forward(*(t.detach().double() for t in (x, layer.weight, layer.bias, A, B)),
+                                          hp["scaling"])
+        assert_parity(f"y[{name}]", outs[name], same, ref64)
+    assert layer._adapter("code")[2]["scaling"] == 2.0  # rsLoRA: alpha / sqrt(r)
+    # a merged layer switches by taking one adapter out of W0 and putting the other in
+    layer.set_adapter("math")
+    layer.merge()
+    layer.set_adapter("default")
+    torch.testing.assert_close(layer(x), outs["default"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer(x, adapter_ids=torch.zeros(5, dtype=torch.int64, device=DEVICE))
+    layer.unmerge()
+    with pytest.raises(ValueError, match="cannot be deleted"):
+        layer.delete_adapter("default")
+    layer.set_adapter("code")
+    with pytest.raises(ValueError, match="is active"):
+        layer.delete_adapter("code")
+    layer.set_adapter("default")
+    layer.delete_adapter("code")
+    assert layer.adapter_names == ["default", "math"]
+    with pytest.raises(KeyError, match="no such adapter"):
+        layer.set_adapter("code")
+    with pytest.raises(ValueError, match="name: expected a new identifier"):
+        layer.add_adapter("math")
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_layer_mixed_batch_rows_follow_their_adapter(training):
+    """Each row of a mixed batch equals that row through its own adapter; grads reach only the adapters used."""
+    layer = _layer_with_adapters(torch.bfloat16)
+    layer.train(training)
+    x = torch.randn(3, 7, 40, device=DEVICE, dtype=torch.bfloat16)
+    ids = torch.tensor([[0, 2, -1, 0, 2, 2, 0], [2, 2, 2, 0, -1, -1, 0], [0] * 7], device=DEVICE)  # no "math" row
+    seed = 99
+    torch.manual_seed(seed)
+    y = layer(x, adapter_ids=ids)
+    y.float().square().sum().backward()
+    assert layer.extra_lora_A["math"].grad is None or not layer.extra_lora_A["math"].grad.any()
+    assert layer.lora_A.grad.any() and layer.extra_lora_B["code"].grad.any()
+    # the same through the functional op and the reference, with the seed the layer drew
+    names = layer.adapter_names
+    parts = [layer._adapter(n) for n in names]
+    a, bb, owner = stack_adapters([p[0].detach() for p in parts], [p[1].detach() for p in parts])
+    ps = [p[2]["lora_dropout"] if training else 0.0 for p in parts]
+    torch.manual_seed(seed)
+    drawn = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=DEVICE).item() if training else None
+    args = (x.reshape(-1, 40), layer.weight, layer.bias, a, bb)
+    same, _ = reference.lora_mixed_forward(*args, ids.reshape(-1), owner, [p[2]["scaling"] for p in parts], ps,
+                                           drawn)
+    ref64, _ = reference.lora_mixed_forward(*(t.double() for t in args), ids.reshape(-1), owner,
+                                            [p[2]["scaling"] for p in parts], ps, drawn)
+    assert_parity("y", y.reshape(-1, 36).detach(), same, ref64)
+
+
+def test_whole_model_serves_a_mixed_batch_with_the_context_manager():
+    import lora_kernels
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)).to(DEVICE)
+    lora_kernels.inject(model, ["0", "2"], r=4, init_lora_weights=False, backend="triton")
+    lora_kernels.add_adapter(model, "other", r=2, lora_alpha=4, init_lora_weights=False)
+    lora_kernels.mark_only_lora_as_trainable(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.{k}" for m in ("0", "2") for k in ("lora_A", "lora_B", "extra_lora_A.other",
+                                                                  "extra_lora_B.other")}
+    assert set(lora_kernels.lora_state_dict(model)) == trainable
+    model.eval()
+    x = torch.randn(4, 5, 24, device=DEVICE)
+    per_seq = torch.tensor([1, -1, 0, 1], device=DEVICE)  # one adapter per sequence
+    with lora_kernels.adapter_ids(per_seq):
+        y = model(x)
+    for row, adapter in enumerate(per_seq.tolist()):
+        if adapter == -1:
+            with lora_kernels.adapter_ids(torch.full((1,), -1, device=DEVICE)):
+                expected = model(x[row:row + 1])
+            plain = torch.nn.Sequential(*(lora_kernels.lora_layers(model)[m].to_base_layer(merge=False)
+                                          if m in ("0", "2") else model[int(m)] for m in ("0", "1", "2")))
+            torch.testing.assert_close(expected, plain(x[row:row + 1]), rtol=1e-5, atol=1e-5)
+        else:
+            lora_kernels.set_adapter(model, ["default", "other"][adapter])
+            expected = model(x[row:row + 1])
+        torch.testing.assert_close(y[row:row + 1], expected, rtol=1e-5, atol=1e-5)
+    lora_kernels.set_adapter(model, "default")
+    with pytest.raises(ValueError, match="adapter_ids: expected shape"):
+        with lora_kernels.adapter_ids(torch.zeros(3, dtype=torch.int64, device=DEVICE)):
+            model(x)
