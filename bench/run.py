@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 
 import lora_kernels  # noqa: E402
 
-from . import providers, table1  # noqa: E402
+from . import mixed, providers, table1  # noqa: E402
 from .providers import MODES, Case  # noqa: E402
 
 CSV_COLUMNS = ["timestamp", "op", "provider", "mode", "metric", "unit", "M", "K", "N", "r", "dropout", "dtype",
@@ -179,6 +179,29 @@ def run_table1(device, env, quick=False, progress=None, methods=table1.METHODS, 
     return rows
 
 
+def run_mixed(cases, device, env, quick=False, progress=None, sink=None, deadline=None):
+    """Mixed-batch cases (bench/mixed.py): every provider, inference and training."""
+    rows = []
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    for case in cases:
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        new = []
+        for name in mixed.PROVIDERS:
+            fns = mixed.build(name, case, device)
+            for mode in mixed.MODES:
+                if progress:
+                    progress.step(f"mixed {name} {mode} {case.label}")
+                p50, p20, p80 = measure(fns[mode], device, (), quick)
+                new.append(dict(timestamp=stamp, op=f"lora_mixed[{case.adapters}]", provider=name, mode=mode,
+                                metric="time", unit="ms", M=case.M, K=case.K, N=case.N, r=case.r, dropout=0.0,
+                                dtype=case.dtype, p50=p50, p20=p20, p80=p80, **env))
+        rows += new
+        if sink:
+            sink(new)
+    return rows
+
+
 def write_csv(rows, path):
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
@@ -230,6 +253,19 @@ def summary_markdown(rows, env) -> str:
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += ["", "Paper (Quadro RTX8000): Adapter^L +2.2% / +5.0% / +20.7%, Adapter^H +3.0% / +8.4% / "
                   "+30.3% for 32x512 / 16x256 / 1x128.", ""]
+    mix = [r for r in rows if r["op"].startswith("lora_mixed")]
+    if mix:
+        lines += ["## Mixed batches (each row its own adapter): median ms (ratio to `single`)", "",
+                  "| mode | case | " + " | ".join(mixed.PROVIDERS) + " |", "|---|---|" + "---|" * len(mixed.PROVIDERS)]
+        for key in sorted({(r["mode"], r["op"], r["M"], r["K"], r["N"], r["r"], r["dtype"]) for r in mix}):
+            hits = {r["provider"]: r["p50"] for r in mix if (r["mode"], r["op"], r["M"], r["K"], r["N"], r["r"],
+                                                             r["dtype"]) == key}
+            single = hits.get("single")
+            cells = [f"{hits[p]:.3f}" + (f" ({hits[p] / single:.2f}x)" if single else "") if p in hits else "-"
+                     for p in mixed.PROVIDERS]
+            lines.append(f"| {key[0]} | {key[1].split('[')[1][:-1]} adapters r={key[5]}, M={key[2]} K={key[3]} "
+                         f"N={key[4]} {key[6]} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -302,6 +338,7 @@ def main(argv=None) -> int:
     parser.add_argument("--r", help="comma-separated ranks to keep")
     parser.add_argument("--no-layer", action="store_true", help="skip the layer sweep")
     parser.add_argument("--no-table1", action="store_true", help="skip the Table 1 reproduction")
+    parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-batch (many adapters) cases")
     parser.add_argument("--max-minutes", type=float, help="time box: Table 1 first, then layer cases until the "
                         "box is spent; the summary and plots are written either way")
     args = parser.parse_args(argv)
@@ -323,7 +360,9 @@ def main(argv=None) -> int:
     if args.r:
         cases = [c for c in cases if str(c.r) in args.r.split(",")]
     n_t1 = 0 if args.no_table1 else len(table1.METHODS) * (1 if args.quick else len(table1.COLUMNS))
-    progress = Progress(len(cases) * len(names) * len(modes) + n_t1)
+    mixed_cases = [] if args.no_mixed else mixed.cases(args.quick)
+    progress = Progress(len(cases) * len(names) * len(modes) + n_t1
+                        + len(mixed_cases) * len(mixed.PROVIDERS) * len(mixed.MODES))
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "results.csv")
     sink = lambda new_rows: write_csv(new_rows, csv_path)  # noqa: E731
@@ -332,6 +371,7 @@ def main(argv=None) -> int:
     if not args.no_table1 and deadline is not None:  # time-boxed: the paper's table first
         rows += run_table1(device, env, args.quick, progress, sink=sink)
     rows += run_layer(cases, names, modes, device, env, args.quick, progress, sink, deadline)
+    rows += run_mixed(mixed_cases, device, env, args.quick, progress, sink, deadline)
     if not args.no_table1 and deadline is None:
         rows += run_table1(device, env, args.quick, progress, sink=sink)
     summary = summary_markdown(rows, env)

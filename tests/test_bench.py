@@ -11,7 +11,7 @@ from conftest import DEVICE, assert_parity
 from lora_kernels import reference
 
 bench_providers = pytest.importorskip("bench.providers")
-from bench import run, table1  # noqa: E402
+from bench import mixed, run, table1  # noqa: E402
 from bench.providers import Case, Layer, build, forward_fn  # noqa: E402
 
 CASE = Case(M=24, K=40, N=36, r=4, dropout=0.0, dtype="fp32")
@@ -86,15 +86,18 @@ def test_quick_run_writes_csv_summary_and_plots(tmp_path):
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and list(rows[0]) == run.CSV_COLUMNS
-    assert {r["provider"] for r in rows} == {"cublas", "eager", "triton"}
+    layer_rows = [r for r in rows if r["op"] == "lora_linear"]
+    assert {r["provider"] for r in layer_rows} == {"cublas", "eager", "triton"}
+    assert {r["provider"] for r in rows if r["op"].startswith("lora_mixed")} == set(mixed.PROVIDERS)
     assert {r["metric"] for r in rows} >= {"time", "ratio_to_cublas", "tflops", "bandwidth", "peak_memory"}
     assert all(float(r["p50"]) > 0 for r in rows if r["metric"] == "time")
     summary = (tmp_path / "summary.md").read_text()
-    assert "| fwd+bwd |" in summary
+    assert "| fwd+bwd |" in summary and "## Mixed batches" in summary
     assert ("CPU-only run" in summary) == (torch.device(DEVICE).type == "cpu")  # the CPU caveat, and only on CPU
     assert os.path.getsize(tmp_path / "speedup_vs_M.png") > 1000
     # appending: a second run adds rows under the same header
-    run.main(["--quick", "--out", str(tmp_path), "--providers", "cublas", "--no-table1", "--modes", "fwd"])
+    run.main(["--quick", "--out", str(tmp_path), "--providers", "cublas", "--no-table1", "--modes", "fwd",
+              "--no-mixed"])
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) > len(rows)
 
@@ -105,3 +108,14 @@ def test_time_box_still_writes_the_summary(tmp_path):
                      "--max-minutes", "1e-9"]) == 0
     assert not (tmp_path / "results.csv").exists()  # no case started
     assert (tmp_path / "summary.md").read_text().startswith("# Benchmark summary")
+
+
+def test_mixed_providers_compute_the_same_layer():
+    """The mixed-batch providers agree with each other (fwd) and all train every adapter that has rows."""
+    case = mixed.MixedCase(40, 64, 48, 4, 3, "fp32")
+    outs = {}
+    for name in ("mixed", "loop"):
+        fns = mixed.build(name, case, DEVICE)
+        outs[name] = fns["fwd"]()
+    torch.testing.assert_close(outs["mixed"], outs["loop"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(outs["mixed"], mixed.build("base", case, DEVICE)["fwd"](), atol=1e-3)
