@@ -76,21 +76,25 @@ def host_overhead():
     return out
 
 
+def _inputs(M, K, N, r, dev="cuda", dt=torch.bfloat16):
+    """Seeded bf16 operands of one shape: x, W0, A, B, dY and a dropout seed."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(M, K, device=dev, dtype=dt, generator=g)
+    W = torch.randn(N, K, device=dev, dtype=dt, generator=g) / K**0.5
+    A = torch.randn(r, K, device=dev, dtype=dt, generator=g) / K**0.5
+    B = torch.randn(N, r, device=dev, dtype=dt, generator=g)
+    dy = torch.randn(M, N, device=dev, dtype=dt, generator=g)
+    return x, W, A, B, dy, torch.tensor([1234], device=dev, dtype=torch.int64)
+
+
 def variants(ms_list=(1, 16, 128, 512, 1024, 2048, 4096, 8192)):
     """Each forward and backward variant through its launcher, bf16, p = 0 and 0.1, vs cuBLAS."""
-    dev, dt = "cuda", torch.bfloat16
     rows = []
     for M in ms_list:
         for K, N, r in ((4096, 4096, 16), (4096, 14336, 16), (4096, 4096, 64)):
             if r == 64 and M not in (1, 1024, 8192):
                 continue
-            g = torch.Generator(device=dev).manual_seed(0)
-            x = torch.randn(M, K, device=dev, dtype=dt, generator=g)
-            W = torch.randn(N, K, device=dev, dtype=dt, generator=g) / K**0.5
-            A = torch.randn(r, K, device=dev, dtype=dt, generator=g) / K**0.5
-            B = torch.randn(N, r, device=dev, dtype=dt, generator=g)
-            dy = torch.randn(M, N, device=dev, dtype=dt, generator=g)
-            seed = torch.tensor([1234], device=dev, dtype=torch.int64)
+            x, W, A, B, dy, seed = _inputs(M, K, N, r)
             res = {"cublas_fwd": ms(lambda: torch.mm(x, W.t())), "cublas_dx": ms(lambda: torch.mm(dy, W))}
             for p in (0.0, 0.1):
                 sd = seed if p > 0 else None
@@ -121,16 +125,10 @@ def main(argv=None):
     rows = [] if args.configs else (variants(ms_list) if ms_list else variants())
     for M, K, N, r in (SHAPES if args.configs else []):
         dev, dt = "cuda", torch.bfloat16
-        g = torch.Generator(device=dev).manual_seed(0)
-        x = torch.randn(M, K, device=dev, dtype=dt, generator=g)
-        W = torch.randn(N, K, device=dev, dtype=dt, generator=g) / K**0.5
-        A = torch.randn(r, K, device=dev, dtype=dt, generator=g) / K**0.5
-        B = torch.randn(N, r, device=dev, dtype=dt, generator=g)
-        dy = torch.randn(M, N, device=dev, dtype=dt, generator=g)
+        x, W, A, B, dy, seed = _inputs(M, K, N, r)
         s = 2.0
         y = torch.empty(M, N, device=dev, dtype=dt)
         xa = (x.float() @ A.float().t()).contiguous()
-        seed = torch.tensor([1234], device=dev, dtype=torch.int64)
         br = fwd.block_r(r)
         res = {"cublas_fwd": ms(lambda: torch.mm(x, W.t())), "cublas_dx": ms(lambda: torch.mm(dy, W))}
         res["eager_fwd"] = ms(lambda: torch.mm(x, W.t()) + s * ((x @ A.t()) @ B.t()))

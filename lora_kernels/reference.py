@@ -121,6 +121,15 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling: float, dropout
 # --------------------------------------------------------------------------------------------
 # Mixed batches: several adapters on one base, one adapter index per row.
 # --------------------------------------------------------------------------------------------
+def _adapter_parts(adapter_ids, rank_owner, scalings, dropout_ps):
+    """(row indices, rank indices, scaling, dropout p) of each adapter that has rows and ranks."""
+    for i, (s, p) in enumerate(zip(scalings, dropout_ps)):
+        rows = (adapter_ids == i).nonzero().flatten()
+        cols = (rank_owner == i).nonzero().flatten()
+        if len(rows) and len(cols):
+            yield rows, cols, s, p
+
+
 def lora_mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps,
                        seed: int | None = None):
     """y[m] = x[m] W0^T + bias + s_i (dropout_i(x)[m] A_i^T) B_i^T with i = adapter_ids[m] (-1: base only).
@@ -133,11 +142,7 @@ def lora_mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner,
     """
     y = torch.nn.functional.linear(x, weight, bias)
     xs = x.new_zeros((x.shape[0], lora_A.shape[0]))
-    for i, (s, p) in enumerate(zip(scalings, dropout_ps)):
-        rows = (adapter_ids == i).nonzero().flatten()
-        cols = (rank_owner == i).nonzero().flatten()
-        if len(rows) == 0 or len(cols) == 0:
-            continue
+    for rows, cols, s, p in _adapter_parts(adapter_ids, rank_owner, scalings, dropout_ps):
         xd, _ = _dropped(x, seed, p)
         xa = (xd[rows] @ lora_A[cols].t()) * s
         xs[rows[:, None], cols[None, :]] = xa
@@ -151,11 +156,7 @@ def lora_mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank
     grad_A = torch.zeros_like(lora_A)
     grad_B = grad_y.t() @ xs.to(grad_y.dtype)  # xs is zero off each row's own ranks
     grad_x = grad_y @ weight if need_dx else None
-    for i, (s, p) in enumerate(zip(scalings, dropout_ps)):
-        rows = (adapter_ids == i).nonzero().flatten()
-        cols = (rank_owner == i).nonzero().flatten()
-        if len(rows) == 0 or len(cols) == 0:
-            continue
+    for rows, cols, s, p in _adapter_parts(adapter_ids, rank_owner, scalings, dropout_ps):
         xd, d = _dropped(x, seed, p)
         g = (grad_y[rows] @ lora_B[:, cols]) * s
         grad_A[cols] = g.t() @ xd[rows]
