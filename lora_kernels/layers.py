@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 
 import torch
@@ -15,7 +14,9 @@ from .ops import lora_linear, lora_linear_mixed
 __all__ = ["FusedLoRALinear", "adapter_ids"]
 
 DEFAULT = "default"
-_ADAPTER_IDS: contextvars.ContextVar = contextvars.ContextVar("lora_kernels_adapter_ids", default=None)
+# The ids of the enclosing `with adapter_ids(...)` block. A plain module global rather than a ContextVar:
+# torch.compile reads (and guards on) globals, it cannot trace ContextVar.get.
+_ADAPTER_IDS: Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -24,11 +25,12 @@ def adapter_ids(ids: Tensor):
     ``ids`` gives each row's adapter (an index into the layer's ``adapter_names``, -1 for the base layer alone),
     per token (shape = the input's leading dims) or per sequence (a prefix of them, broadcast over the rest).
     This is how a whole model from ``inject`` serves requests for different adapters in one forward."""
-    token = _ADAPTER_IDS.set(ids)
+    global _ADAPTER_IDS
+    outer, _ADAPTER_IDS = _ADAPTER_IDS, ids
     try:
         yield
     finally:
-        _ADAPTER_IDS.reset(token)
+        _ADAPTER_IDS = outer
 
 
 def _expand_ids(ids: Tensor, lead: torch.Size) -> Tensor:
@@ -180,7 +182,7 @@ class FusedLoRALinear(nn.Module):
         """adapter_ids (or an enclosing ``with adapter_ids(ids):``): a mixed batch, each row through its own
         adapter (index into ``adapter_names``; -1 = base layer only), in one launch. Otherwise the active
         adapter (``set_adapter``)."""
-        ids = adapter_ids if adapter_ids is not None else _ADAPTER_IDS.get()
+        ids = adapter_ids if adapter_ids is not None else _ADAPTER_IDS
         if ids is not None:
             return self._mixed_forward(x, _expand_ids(ids, x.shape[:-1]))
         if self.merged:

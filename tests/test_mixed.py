@@ -226,3 +226,16 @@ def test_whole_model_serves_a_mixed_batch_with_the_context_manager():
     with pytest.raises(ValueError, match="adapter_ids: expected shape"):
         with lora_kernels.adapter_ids(torch.zeros(3, dtype=torch.int64, device=DEVICE)):
             model(x)
+
+
+def test_mixed_batch_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) through a layer serving a mixed batch, forward and backward."""
+    layer = _layer_with_adapters(torch.float32, backend="torch")
+    x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([0, 1, 2, -1, 1, 0], device=DEVICE)
+    layer.eval()
+    compiled = torch.compile(lambda t: layer(t, adapter_ids=ids), fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(y, layer(x, adapter_ids=ids), rtol=1e-5, atol=1e-5)
+    assert x.grad is not None and layer.extra_lora_B["math"].grad.any()
