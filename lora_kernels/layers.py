@@ -162,12 +162,20 @@ class FusedLoRALinear(nn.Module):
         """W0 as [out_features, in_features] (a transposed view when fan_in_fan_out)."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
-    def set_lora_hparams(self, lora_alpha: float, use_rslora: bool = False, lora_dropout: float | None = None) -> None:
-        """Set alpha (and with it the scaling), rsLoRA and dropout; the rank is fixed by lora_A / lora_B."""
-        lora_dropout = getattr(self, "lora_dropout", 0.0) if lora_dropout is None else lora_dropout
-        _check_hparams(self.r, lora_alpha, lora_dropout, self.in_features, self.out_features)
+    def set_lora_hparams(self, lora_alpha: float, use_rslora: bool = False, lora_dropout: float | None = None,
+                         adapter_name: str = DEFAULT) -> None:
+        """Set alpha (and with it the scaling), rsLoRA and dropout of an adapter; its rank is fixed by its A / B."""
         if getattr(self, "merged", False):
             raise RuntimeError("set_lora_hparams: unmerge() first (the merged weight holds the old scaling)")
+        if adapter_name != DEFAULT:
+            hp = self._adapter(adapter_name)[2]
+            lora_dropout = hp["lora_dropout"] if lora_dropout is None else lora_dropout
+            _check_hparams(hp["r"], lora_alpha, lora_dropout, self.in_features, self.out_features)
+            hp.update(lora_alpha=lora_alpha, use_rslora=use_rslora, lora_dropout=float(lora_dropout),
+                      scaling=lora_alpha / (math.sqrt(hp["r"]) if use_rslora else hp["r"]))
+            return
+        lora_dropout = getattr(self, "lora_dropout", 0.0) if lora_dropout is None else lora_dropout
+        _check_hparams(self.r, lora_alpha, lora_dropout, self.in_features, self.out_features)
         self.lora_alpha, self.use_rslora, self.lora_dropout = lora_alpha, use_rslora, float(lora_dropout)
         self.scaling = lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
 

@@ -34,21 +34,23 @@ _PREFIX = "base_model.model."
 # ------------------------------------------------------------------------------------------------------------
 # Saving
 # ------------------------------------------------------------------------------------------------------------
-def _adapter_config(layers: dict, base_model_name_or_path: str | None, task_type: str | None) -> dict:
-    ranks = Counter(layer.r for layer in layers.values())
-    alphas = Counter(layer.lora_alpha for layer in layers.values())
+def _adapter_config(layers: dict, adapter_name: str, base_model_name_or_path: str | None,
+                    task_type: str | None) -> dict:
+    hps = {name: layer._adapter(adapter_name)[2] for name, layer in layers.items()}
+    ranks = Counter(hp["r"] for hp in hps.values())
+    alphas = Counter(hp["lora_alpha"] for hp in hps.values())
     r = ranks.most_common(1)[0][0]
     alpha = alphas.most_common(1)[0][0]
-    rslora = {layer.use_rslora for layer in layers.values()}
-    dropouts = {layer.lora_dropout for layer in layers.values()}
+    rslora = {hp["use_rslora"] for hp in hps.values()}
+    dropouts = {hp["lora_dropout"] for hp in hps.values()}
     if len(rslora) > 1:
         raise ValueError("save_adapter: layers mix use_rslora True and False; PEFT's format has one flag")
     if len(dropouts) > 1:
         raise ValueError(f"save_adapter: layers use different lora_dropout values {sorted(dropouts)}; "
                          "PEFT's format has one")
     # Full module names, anchored: PEFT matches pattern keys against the end of module names.
-    rank_pattern = {name: layer.r for name, layer in layers.items() if layer.r != r}
-    alpha_pattern = {name: layer.lora_alpha for name, layer in layers.items() if layer.lora_alpha != alpha}
+    rank_pattern = {name: hp["r"] for name, hp in hps.items() if hp["r"] != r}
+    alpha_pattern = {name: hp["lora_alpha"] for name, hp in hps.items() if hp["lora_alpha"] != alpha}
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -87,9 +89,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_or_path: str | None = None,
-                 task_type: str | None = None) -> None:
-    """Write the LoRA layers of `model` as a PEFT adapter directory. A crash while saving leaves the previous
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default",
+                 base_model_name_or_path: str | None = None, task_type: str | None = None) -> None:
+    """Write adapter `adapter_name` of the LoRA layers of `model` as a PEFT adapter directory (the names in the
+    file carry no adapter name, as in PEFT's files: PeftModel.from_pretrained(base, path, adapter_name=...) or
+    load_adapter(..., adapter_name=...) choose it when loading). A crash while saving leaves the previous
     adapter at `path` whole: files are written to a new directory, synced, then swapped in atomically.
 
     Under torch.distributed, every rank must call it: sharded parameters (FSDP2 DTensors) are gathered, then
@@ -100,9 +104,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_o
     path = os.fspath(path)
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(layer.lora_A.detach()).contiguous().cpu()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = _full(layer.lora_B.detach()).contiguous().cpu()
-    config = _adapter_config(layers, base_model_name_or_path, task_type)
+        A, B, _ = layer._adapter(adapter_name)
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(A.detach()).contiguous().cpu()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = _full(B.detach()).contiguous().cpu()
+    config = _adapter_config(layers, adapter_name, base_model_name_or_path, task_type)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and torch.distributed.get_rank() != 0:
         torch.distributed.barrier()  # rank 0 writes
@@ -160,10 +165,12 @@ def _read_adapter(path: str):
     return config, load_file(weights_path)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a PEFT LoRA adapter directory into the FusedLoRALinear layers of `model` (prepared with `inject`
-    on the same targets). Ranks, shapes and module names must match; alpha, rsLoRA and the rank/alpha patterns
-    of the file set each layer's scaling."""
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default") -> nn.Module:
+    """Load a PEFT LoRA adapter directory into adapter `adapter_name` of the FusedLoRALinear layers of `model`
+    (prepared with `inject` on the same targets). A named adapter the layers do not have yet is added with the
+    file's ranks; an existing one must match them. Module names must match; alpha, rsLoRA, dropout and the
+    rank/alpha patterns of the file set each layer's scaling. (PEFT's save_pretrained writes adapter "x"
+    other than "default" into the subdirectory x/.)"""
     path = os.fspath(path)
     config, tensors = _read_adapter(path)
     if config.get("use_dora"):
@@ -178,19 +185,30 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                          f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
                          f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    rslora, dropout = bool(config.get("use_rslora", False)), float(config.get("lora_dropout", 0.0))
+    new = [layer for layer in layers.values() if adapter_name not in layer.adapter_names]
+    if new and len(new) != len(layers):
+        raise ValueError(f"load_adapter: adapter {adapter_name!r} exists in some LoRA layers but not in others")
     for name, layer in layers.items():
         a = tensors[f"{_PREFIX}{name}.lora_A.weight"]
         b = tensors[f"{_PREFIX}{name}.lora_B.weight"]
         r = _pattern_value(name, config.get("rank_pattern"), r_default)
-        if a.shape != layer.lora_A.shape or b.shape != layer.lora_B.shape or a.shape[0] != r:
+        expected = ((r, layer.in_features), (layer.out_features, r)) if new else \
+            tuple(tuple(t.shape) for t in layer._adapter(adapter_name)[:2])
+        if (tuple(a.shape), tuple(b.shape)) != expected or a.shape[0] != r:
             raise ValueError(f"load_adapter: {name}: the file holds lora_A {list(a.shape)}, lora_B {list(b.shape)} "
-                             f"(config rank {r}); the layer has lora_A {list(layer.lora_A.shape)}, "
-                             f"lora_B {list(layer.lora_B.shape)}")
+                             f"(config rank {r}); the layer has lora_A {list(expected[0])}, "
+                             f"lora_B {list(expected[1])}")
     for name, layer in layers.items():
         alpha = _pattern_value(name, config.get("alpha_pattern"), alpha_default)
-        layer.set_lora_hparams(lora_alpha=alpha, use_rslora=bool(config.get("use_rslora", False)),
-                               lora_dropout=float(config.get("lora_dropout", 0.0)))
+        if new:
+            layer.add_adapter(adapter_name, r=tensors[f"{_PREFIX}{name}.lora_A.weight"].shape[0], lora_alpha=alpha,
+                              lora_dropout=dropout, use_rslora=rslora)
+        else:
+            layer.set_lora_hparams(lora_alpha=alpha, use_rslora=rslora, lora_dropout=dropout,
+                                   adapter_name=adapter_name)
+        A, B, _ = layer._adapter(adapter_name)
         with torch.no_grad():
-            layer.lora_A.copy_(tensors[f"{_PREFIX}{name}.lora_A.weight"])
-            layer.lora_B.copy_(tensors[f"{_PREFIX}{name}.lora_B.weight"])
+            A.copy_(tensors[f"{_PREFIX}{name}.lora_A.weight"])
+            B.copy_(tensors[f"{_PREFIX}{name}.lora_B.weight"])
     return model

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, assert_parity
+import lora_kernels
 from lora_kernels import inject, load_adapter, lora_layers, mark_only_lora_as_trainable, save_adapter
 from lora_kernels import peft_format
 
@@ -258,3 +259,39 @@ def test_training_follows_peft_loss_curve():
         curves.append(losses)
     assert curves[0][-1] < curves[0][0] - 0.1  # it learns
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-4)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_named_adapters_both_ways_with_peft(tmp_path):
+    """Two adapters: PEFT's save_pretrained (second one in its subdirectory) loads into our named adapters, and
+    our named adapter saves into a directory PEFT loads under any name; outputs match per adapter."""
+    base = _llama()
+    targets = ["q_proj", "v_proj"]
+    pm = _peft_model(base, targets)
+    pm.add_adapter("second", peft.LoraConfig(target_modules=targets, r=2, lora_alpha=6, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")  # default in peft/, "second" in peft/second/
+    ours = inject(copy.deepcopy(base), targets, r=4, backend=BACKEND)
+    load_adapter(ours, tmp_path / "peft")
+    load_adapter(ours, tmp_path / "peft" / "second", adapter_name="second")
+    layer = lora_layers(ours)["model.layers.0.self_attn.q_proj"]
+    assert layer.adapter_names == ["default", "second"] and layer._adapter("second")[2]["scaling"] == 3.0
+    ids = torch.randint(0, 64, (2, 7), device=DEVICE)
+    pm64 = copy.deepcopy(pm).double()
+    for name in ("default", "second"):
+        pm.set_adapter(name)
+        pm64.set_adapter(name)
+        lora_kernels.set_adapter(ours, name)
+        assert_parity(f"logits[{name}]", _logits(ours, ids), _logits(pm, ids), _logits(pm64, ids))
+    # ours -> PEFT: the named adapter as its own directory, loaded by PEFT under a name of its choosing
+    save_adapter(ours, tmp_path / "ours_second", adapter_name="second")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours_second", adapter_name="x")
+    assert reloaded.peft_config["x"].r == 2 and reloaded.peft_config["x"].lora_alpha == 6
+    pm.set_adapter("second")
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(pm, ids))
+    # a file of another rank for an existing named adapter is refused
+    with pytest.raises(ValueError, match=r"the file holds lora_A \[4, 32\].*the layer has lora_A \[2, 32\]"):
+        load_adapter(ours, tmp_path / "peft", adapter_name="second")
