@@ -2,8 +2,8 @@
 
 The LoRA Linear layers of the model become ``FusedPeftLinear``, a subclass of PEFT's own LoRA Linear whose
 forward runs the fused op: same parameters, state dict, ``save_pretrained`` and ``merge_and_unload``. What the
-fused path does not cover (DoRA and other variants, several active adapters at once, mixed-adapter batches)
-falls back to PEFT's forward with a one-time warning. ``register(lora_config)`` puts the fused layer into PEFT's
+fused path does not cover (DoRA and other variants, several active adapters at once) falls back to PEFT's forward
+with a one-time warning. Mixed-adapter batches (``adapter_names=`` in forward) run the one-launch mixed kernels. ``register(lora_config)`` puts the fused layer into PEFT's
 custom-module hook (``LoraConfig._register_custom_module``) so PEFT builds fused layers itself; both take
 plain ``nn.Linear`` and ``Conv1D`` bases only: a quantized subclass of nn.Linear (bitsandbytes) stays PEFT's.
 
@@ -12,11 +12,12 @@ Needs ``peft`` (``pip install lora-kernels[peft]``). The adapter file format is 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from . import backends
 from .models import is_plain_linear
-from .ops import lora_linear
+from .ops import lora_linear, lora_linear_mixed
 
 __all__ = ["fuse", "register", "FusedPeftLinear"]
 
@@ -40,12 +41,20 @@ class _FusedForward:
         return an empty string: they fall back silently."""
         if self.disable_adapters or self.merged:
             return ""
-        if args or kwargs:
-            return f"extra forward arguments {sorted(kwargs) or len(args)} (mixed-adapter batches, variants)"
+        if args or set(kwargs) - {"adapter_names"}:
+            return f"extra forward arguments {sorted(kwargs) or len(args)} (variants)"
+        if kwargs.get("adapter_names") is not None:
+            if len(kwargs["adapter_names"]) != x.shape[0]:
+                return ""  # PEFT raises its own error for this
+            # names of adapters this layer does not have mean the base layer here, as in PEFT's own path
+            here = sorted(set(kwargs["adapter_names"]) & set(self.lora_A))
+            return next((why for a in here if (why := self._adapter_unsupported(a, x))), None)
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) != 1:
             return f"{len(active)} active adapters at once"
-        adapter = active[0]
+        return self._adapter_unsupported(active[0], x)
+
+    def _adapter_unsupported(self, adapter, x) -> str | None:
         if adapter in self.lora_variant:
             return f"the LoRA variant {type(self.lora_variant[adapter]).__name__} (DoRA or another)"
         base = self.get_base_layer()
@@ -58,21 +67,42 @@ class _FusedForward:
             return f"input dtype {x.dtype} differing from the base weight's {base.weight.dtype}"
         return None
 
+    def _dropout_p(self, adapter) -> float:
+        dropout = self.lora_dropout[adapter]
+        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
     def forward(self, x, *args, **kwargs):
         why = self._fused_unsupported(x, args, kwargs)
         if why is not None:
             if why:
                 backends.warn_once(f"peft-fallback-{why}", f"lora_kernels.peft: PEFT's own forward serves {why}")
             return super().forward(x, *args, **kwargs)
-        adapter = next(a for a in self.active_adapters if a in self.lora_A)
         base = self.get_base_layer()
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
-        dropout = self.lora_dropout[adapter]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        if kwargs.get("adapter_names") is not None:
+            return self._mixed_forward(x, weight, base.bias, kwargs["adapter_names"])
+        adapter = next(a for a in self.active_adapters if a in self.lora_A)
         # PEFT may keep adapter weights in fp32 next to a 16-bit base: cast them (differentiably) to x's dtype.
         a = self.lora_A[adapter].weight.to(x.dtype)
         b = self.lora_B[adapter].weight.to(x.dtype)
-        return lora_linear(x, weight, base.bias, a, b, self.scaling[adapter], p, backend=self.fused_backend)
+        return lora_linear(x, weight, base.bias, a, b, self.scaling[adapter], self._dropout_p(adapter),
+                           backend=self.fused_backend)
+
+    def _mixed_forward(self, x, weight, bias, adapter_names):
+        """PEFT's mixed batch (one adapter name per sample; "__base__" or an adapter this layer lacks: the base
+        layer alone) in one launch."""
+        used = list(dict.fromkeys(n for n in adapter_names if n in self.lora_A))
+        if not used:
+            return nn.functional.linear(x, weight, bias)
+        index = {n: i for i, n in enumerate(used)}
+        ids = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
+        ids = ids.reshape(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        a = torch.cat([self.lora_A[n].weight.to(x.dtype) for n in used], 0)
+        b = torch.cat([self.lora_B[n].weight.to(x.dtype) for n in used], 1)
+        owner = torch.cat([torch.full((self.lora_A[n].weight.shape[0],), i, dtype=torch.int32, device=x.device)
+                           for i, n in enumerate(used)])
+        return lora_linear_mixed(x, weight, bias, a, b, owner, ids, [self.scaling[n] for n in used],
+                                 [self._dropout_p(n) for n in used], backend=self.fused_backend)
 
 
 _FUSED_CLASS = None

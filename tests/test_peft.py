@@ -295,3 +295,26 @@ def test_named_adapters_both_ways_with_peft(tmp_path):
     # a file of another rank for an existing named adapter is refused
     with pytest.raises(ValueError, match=r"the file holds lora_A \[4, 32\].*the layer has lora_A \[2, 32\]"):
         load_adapter(ours, tmp_path / "peft", adapter_name="second")
+
+
+def test_peft_mixed_batches_run_the_mixed_kernels(monkeypatch):
+    """PEFT's forward(adapter_names=[...]) on a fused model: one mixed-kernel call per layer, PEFT's numbers."""
+    import lora_kernels.peft as lk_peft
+
+    base = _llama()
+    pm = _peft_model(base, ["q_proj", "v_proj"])
+    pm.add_adapter("second", peft.LoraConfig(target_modules=["q_proj"], r=2, lora_alpha=6, init_lora_weights=False))
+    pm.eval()  # PEFT takes adapter_names in inference only
+    reference_pm = copy.deepcopy(pm)
+    fuse(pm, backend=BACKEND)
+    calls = []
+    real = lk_peft.lora_linear_mixed
+    monkeypatch.setattr(lk_peft, "lora_linear_mixed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(0, 64, (3, 6), device=DEVICE)
+    names = ["second", "__base__", "default"]  # v_proj has no "second": the base layer there, as in PEFT
+    with torch.no_grad():
+        y = pm(ids, adapter_names=names).logits
+        y32 = reference_pm(ids, adapter_names=names).logits
+        y64 = copy.deepcopy(reference_pm).double()(ids, adapter_names=names).logits
+    assert len(calls) == 4  # q_proj and v_proj of both decoder layers
+    assert_parity("logits", y, y32, y64)
