@@ -308,8 +308,11 @@ def check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, s
 
 
 def _check_mixed_values(adapter_ids, rank_owner, n) -> None:
-    """Range checks that read the tensors (one host sync); skipped while tracing for torch.compile."""
+    """Range checks that read the tensors (one host sync); skipped while tracing for torch.compile and while a
+    CUDA graph is being captured (no sync allowed there)."""
     if torch.compiler.is_compiling() or not _plain(adapter_ids, rank_owner):
+        return
+    if adapter_ids.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     if adapter_ids.numel() and not bool(((adapter_ids >= -1) & (adapter_ids < n)).all()):
         bad = adapter_ids[(adapter_ids < -1) | (adapter_ids >= n)][0].item()

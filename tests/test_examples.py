@@ -26,3 +26,10 @@ def test_accelerate_example_two_processes(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "(2 processes)" in out.stdout and "adapter saved" in out.stdout
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_mixed_batch_serving_example():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "mixed_batch_serving.py"), "--steps", "4"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "mixed batch rows equal their adapter alone: True" in out.stdout, out.stdout
