@@ -3,6 +3,7 @@ DDP or FSDP2 (NCCL when 2 GPUs are present, else gloo on CPU), and the single-pr
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -76,7 +77,9 @@ def worker(rank: int, port: int, engine: str, p: float, backend: str, out_dir: s
     device = torch.device("cuda", rank) if use_gpus() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=WORLD)
+    # a bounded timeout: a lost peer makes the collectives raise here instead of waiting 30 minutes
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=90))
     try:
         model = build_model(p, backend, device=device)
         x, t = data(device=device)

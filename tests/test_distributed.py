@@ -6,6 +6,7 @@ micro-batches with the same dropout seeds, within the parity rule against an fp6
 """
 
 import socket
+import time
 
 import pytest
 import torch
@@ -29,10 +30,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(engine, p, tmp_path, mixed_precision=False):
-    mp.spawn(dist_worker.worker, args=(_free_port(), engine, p, BACKEND, str(tmp_path), mixed_precision),
-             nprocs=dist_worker.WORLD, join=True)
-    return torch.load(tmp_path / "result.pt")
+def _spawn(engine, p, tmp_path, mixed_precision=False, limit_s=240.0):
+    """Run the 2 workers. Rendezvous on a free local port is racy (the port can be taken between picking and
+    binding it; once in a dozen CI runs a worker hung or aborted there), so a run that fails or has not
+    finished within limit_s is stopped and started once more on a new port; a second failure is the test's."""
+    errors = []
+    for attempt in range(2):
+        ctx = mp.start_processes(dist_worker.worker, nprocs=dist_worker.WORLD, join=False, start_method="spawn",
+                                 args=(_free_port(), engine, p, BACKEND, str(tmp_path), mixed_precision))
+        deadline = time.monotonic() + limit_s
+        try:
+            while not ctx.join(timeout=5):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the workers did not finish within {limit_s:.0f} s")
+            return torch.load(tmp_path / "result.pt")
+        except Exception as e:  # noqa: BLE001 - reported below with the second attempt's error
+            errors.append(f"attempt {attempt + 1}: {type(e).__name__}: {e}")
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+    raise RuntimeError("distributed run failed twice:\n" + "\n".join(errors))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
