@@ -16,6 +16,21 @@ def _version(module: str) -> str:
         return f"not available ({type(e).__name__})"
 
 
+def _triton_settings() -> dict:
+    """How the Triton backend picks its kernels (see docs/design.md), with the environment knobs."""
+    if backends._triton_import_error() is not None:
+        return {}
+    from .kernels import backward, configs, forward
+
+    return {
+        "triton forward": f"one launch below {forward.CUBLAS_MIN_M} rows (16-bit, no dropout, r <= 64), else "
+                          "thin kernel + GEMM; cuBLAS GEMM from that size and for fp32",
+        "triton backward (LORA_KERNELS_BACKWARD)": f"{backward.backward_variant()} for 16-bit, "
+                                                   f"{backward.backward_variant(torch.float32)} for fp32",
+        "triton autotuning (LORA_KERNELS_AUTOTUNE)": "on" if configs.AUTOTUNE else "off: first config of each table",
+    }
+
+
 def info(as_dict: bool = False):
     """Report versions, devices and backend availability; prints it, or returns a dict when as_dict."""
     from . import __version__
@@ -30,6 +45,7 @@ def info(as_dict: bool = False):
         "torch CUDA": torch.version.cuda or "none (CPU build)",
         "triton": _version("triton"),
         "triton interpreter (TRITON_INTERPRET=1)": backends.triton_interpreting(),
+        **_triton_settings(),
         "devices": {},
     }
     for dev in devices:

@@ -1,5 +1,6 @@
 """The op contract: opcheck, torch.compile, autograd extras, backend choice, bad input."""
 
+import os
 import subprocess
 import sys
 import warnings
@@ -136,7 +137,11 @@ def test_info_reports_backends():
     cpu = report["devices"]["cpu"]["backends"]
     assert cpu["torch"] == "available"
     assert cpu["cuda"].startswith("unavailable: ")
-    out = subprocess.run([sys.executable, "-m", "lora_kernels.info"], capture_output=True, text=True, timeout=120)
+    assert report["triton backward (LORA_KERNELS_BACKWARD)"] == "split for 16-bit, cublas for fp32"
+    env = dict(os.environ, LORA_KERNELS_AUTOTUNE="0", LORA_KERNELS_BACKWARD="fused")
+    out = subprocess.run([sys.executable, "-m", "lora_kernels.info"], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert "first config of each table" in out.stdout and "fused for 16-bit, fused for fp32" in out.stdout
     assert out.returncode == 0, out.stderr
     assert "triton" in out.stdout and "torch" in out.stdout
     assert "RuntimeWarning" not in out.stderr
