@@ -70,6 +70,16 @@ class TorchBackend:
         return (dx if need_dx else x.new_empty((0,))), da, db
 
 
+@functools.lru_cache(maxsize=64)
+def _per_adapter_tensors(scalings: tuple, dropout_ps: tuple, device: torch.device):
+    """(scalings fp32, dropout thresholds int32, 1 / (1 - p) fp32) on `device`, one entry per adapter."""
+    from .kernels.dropout import dropout_args
+
+    return (torch.tensor(scalings, dtype=torch.float32, device=device),
+            torch.tensor([dropout_args(p)[0] for p in dropout_ps], dtype=torch.int32, device=device),
+            torch.tensor([dropout_args(p)[1] for p in dropout_ps], dtype=torch.float32, device=device))
+
+
 def _seed_int(seed):
     return None if seed is None else int(seed.reshape(()).item())
 
@@ -135,15 +145,12 @@ class TritonBackend:
 
     @staticmethod
     def _gating(x, adapter_ids, rank_owner, scalings, dropout_ps):
-        """The per-row / per-rank tensors the gated kernels read."""
-        from .kernels.dropout import dropout_args
-
-        dev = x.device
-        owner = rank_owner.to(torch.int32).contiguous()
-        rank_scale = torch.tensor(scalings, dtype=torch.float32, device=dev)[rank_owner.long()].contiguous()
-        thresholds = torch.tensor([dropout_args(p)[0] for p in dropout_ps], dtype=torch.int32, device=dev)
-        keep_scales = torch.tensor([dropout_args(p)[1] for p in dropout_ps], dtype=torch.float32, device=dev)
-        return adapter_ids.to(torch.int32).contiguous(), owner, rank_scale, thresholds, keep_scales
+        """The per-row / per-rank tensors the gated kernels read. The per-adapter values come from a small cache:
+        building them from Python lists each call would be a host-to-device copy, which waits for the stream."""
+        per_adapter = _per_adapter_tensors(tuple(scalings), tuple(dropout_ps), x.device)
+        rank_scale = per_adapter[0][rank_owner.long()]
+        return (adapter_ids.to(torch.int32).contiguous(), rank_owner.to(torch.int32).contiguous(),
+                rank_scale.contiguous(), per_adapter[1], per_adapter[2])
 
     @staticmethod
     def mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save):

@@ -12,6 +12,8 @@ Needs ``peft`` (``pip install lora-kernels[peft]``). The adapter file format is 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -94,8 +96,7 @@ class _FusedForward:
         used = list(dict.fromkeys(n for n in adapter_names if n in self.lora_A))
         if not used:
             return nn.functional.linear(x, weight, bias)
-        index = {n: i for i, n in enumerate(used)}
-        ids = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
+        ids = _sample_ids(tuple(adapter_names), tuple(used), x.device)
         ids = ids.reshape(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
         a = torch.cat([self.lora_A[n].weight.to(x.dtype) for n in used], 0)
         b = torch.cat([self.lora_B[n].weight.to(x.dtype) for n in used], 1)
@@ -103,6 +104,14 @@ class _FusedForward:
                            for i, n in enumerate(used)])
         return lora_linear_mixed(x, weight, bias, a, b, owner, ids, [self.scaling[n] for n in used],
                                  [self._dropout_p(n) for n in used], backend=self.fused_backend)
+
+
+@functools.lru_cache(maxsize=256)
+def _sample_ids(adapter_names: tuple, used: tuple, device) -> torch.Tensor:
+    """Each sample's index into `used` (-1: none), cached: one host-to-device copy per distinct batch layout
+    rather than one per layer and call (such a copy waits for the stream)."""
+    index = {n: i for i, n in enumerate(used)}
+    return torch.tensor([index.get(n, -1) for n in adapter_names], device=device)
 
 
 _FUSED_CLASS = None
