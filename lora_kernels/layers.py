@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .ops import lora_linear, lora_linear_mixed
+from .ops import lora_linear, lora_linear_mixed, stack_adapters
 
 __all__ = ["FusedLoRALinear", "adapter_ids"]
 
@@ -205,10 +205,8 @@ class FusedLoRALinear(nn.Module):
                                "which would then apply to every row)")
         names = self.adapter_names
         parts = [self._adapter(n) for n in names]
-        lora_A = torch.cat([a for a, _, _ in parts], 0)  # autograd splits the grads back to each adapter
-        lora_B = torch.cat([b for _, b, _ in parts], 1)
-        owner = torch.cat([torch.full((a.shape[0],), i, dtype=torch.int32, device=a.device)
-                           for i, (a, _, _) in enumerate(parts)])
+        # autograd splits the grads of the stacked tensors back to each adapter
+        lora_A, lora_B, owner = stack_adapters([a for a, _, _ in parts], [b for _, b, _ in parts])
         ps = [hp["lora_dropout"] if self.training else 0.0 for _, _, hp in parts]
         return lora_linear_mixed(x, self.base_weight(), self.bias, lora_A, lora_B, owner, ids,
                                  [hp["scaling"] for _, _, hp in parts], ps, backend=self.backend)

@@ -152,14 +152,13 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _grads(ctx, grad_y, call_bwd):
-    """The grads of (x, weight, bias, lora_A, lora_B) from the saved tensors; call_bwd runs the backward op."""
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+def _grads(ctx, grad_y, x, run_bwd):
+    """The grads of (x, weight, bias, lora_A, lora_B); run_bwd(need_dx, deterministic) runs a backward op and
+    returns (dx, dA, dB). Shared by the single-adapter and the mixed-batch autograd."""
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
     grad_x = grad_w = grad_bias = grad_a = grad_bb = None
     if need_x or need_a or need_bb:
-        dx, grad_a, grad_bb = call_bwd(grad_y, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p,
-                                       need_x, torch.are_deterministic_algorithms_enabled(), ctx.backend)
+        dx, grad_a, grad_bb = run_bwd(need_x, torch.are_deterministic_algorithms_enabled())
         grad_x = dx if need_x else None
     if need_w:  # W0 is frozen in LoRA; computed for callers that train it anyway
         grad_w = grad_y.t() @ x
@@ -168,8 +167,14 @@ def _grads(ctx, grad_y, call_bwd):
     return grad_x, grad_w, grad_bias, grad_a, grad_bb
 
 
+def _single_grads(ctx, grad_y, call_bwd):
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    return _grads(ctx, grad_y, x, lambda need_x, det: call_bwd(grad_y, x, weight, lora_A, lora_B, xa, seed,
+                                                               ctx.scaling, ctx.dropout_p, need_x, det, ctx.backend))
+
+
 def _backward(ctx, grad_y, grad_xa):
-    return *_grads(ctx, grad_y, torch.ops.lora_kernels.lora_linear_bwd), None, None, None, None, None
+    return *_single_grads(ctx, grad_y, torch.ops.lora_kernels.lora_linear_bwd), None, None, None, None, None
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -181,6 +186,18 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 def draw_seed(device: torch.device) -> Tensor:
     """A dropout seed from torch's generator for `device` (so torch.manual_seed makes runs repeatable)."""
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _seed_and_save(seed, x, dropout_p, params):
+    """(the dropout seed: the caller's, checked, or one drawn; None without dropout) and whether the forward must
+    save its product for a backward (grad mode on and some input requiring a grad)."""
+    if dropout_p == 0.0:
+        seed = None
+    elif seed is None:
+        seed = draw_seed(x.device)
+    else:
+        _check_seed(seed, x.device, dropout_p)
+    return seed, torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
 
 
 class _EagerLoRALinear(torch.autograd.Function):
@@ -204,7 +221,7 @@ class _EagerLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        return *_grads(ctx, grad_y, _eager_bwd), None, None, None, None, None
+        return *_single_grads(ctx, grad_y, _eager_bwd), None, None, None, None, None
 
 
 def _eager_bwd(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic, backend):
@@ -229,16 +246,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     """
     check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     name = backends.resolve(backend, x.device, x.dtype)
-    if dropout_p > 0.0 and seed is None:
-        seed = draw_seed(x.device)
-    elif dropout_p == 0.0:
-        seed = None
+    seed, save_xa = _seed_and_save(seed, x, dropout_p, (x, weight, bias, lora_A, lora_B))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    params = (x, weight, bias, lora_A, lora_B)
-    save_xa = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
-    if seed is not None:
-        _check_seed(seed, x.device, dropout_p)
     if torch.compiler.is_compiling() or not _plain(x, weight, bias, lora_A, lora_B):
         y, _ = torch.ops.lora_kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, seed, float(scaling),
                                                       float(dropout_p), save_xa, name)
@@ -371,18 +381,10 @@ def _mixed_setup_context(ctx, inputs, output):
 
 def _mixed_backward(ctx, grad_y, grad_xs):
     x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, seed = ctx.saved_tensors
-    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    grad_x = grad_w = grad_bias = grad_a = grad_bb = None
-    if need_x or need_a or need_bb:
-        dx, grad_a, grad_bb = torch.ops.lora_kernels.lora_mixed_bwd(
-            grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, ctx.scalings, ctx.dropout_ps, seed,
-            need_x, torch.are_deterministic_algorithms_enabled(), ctx.backend)
-        grad_x = dx if need_x else None
-    if need_w:
-        grad_w = grad_y.t() @ x
-    if need_b and ctx.has_bias:
-        grad_bias = grad_y.sum(0)
-    return grad_x, grad_w, grad_bias, grad_a, grad_bb, None, None, None, None, None, None, None
+    grads = _grads(ctx, grad_y, x, lambda need_x, det: torch.ops.lora_kernels.lora_mixed_bwd(
+        grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, ctx.scalings, ctx.dropout_ps, seed,
+        need_x, det, ctx.backend))
+    return *grads, None, None, None, None, None, None, None
 
 
 lora_mixed_fwd.register_autograd(_mixed_backward, setup_context=_mixed_setup_context)
@@ -400,15 +402,8 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A:
     check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps)
     _check_mixed_values(adapter_ids, rank_owner, len(scalings))
     name = backends.resolve(backend, x.device, x.dtype)
-    if max(dropout_ps) > 0.0 and seed is None:
-        seed = draw_seed(x.device)
-    elif max(dropout_ps) == 0.0:
-        seed = None
-    if seed is not None:
-        _check_seed(seed, x.device, max(dropout_ps))
+    seed, save = _seed_and_save(seed, x, max(dropout_ps), (x, weight, bias, lora_A, lora_B))
     lead = x.shape[:-1]
-    params = (x, weight, bias, lora_A, lora_B)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     y, _ = torch.ops.lora_kernels.lora_mixed_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
                                                  adapter_ids.reshape(-1), rank_owner, scalings, dropout_ps, seed,
                                                  save, name)

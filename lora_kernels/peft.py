@@ -19,7 +19,7 @@ from torch import nn
 
 from . import backends
 from .models import is_plain_linear
-from .ops import lora_linear, lora_linear_mixed
+from .ops import lora_linear, lora_linear_mixed, stack_adapters
 
 __all__ = ["fuse", "register", "FusedPeftLinear"]
 
@@ -98,10 +98,8 @@ class _FusedForward:
             return nn.functional.linear(x, weight, bias)
         ids = _sample_ids(tuple(adapter_names), tuple(used), x.device)
         ids = ids.reshape(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-        a = torch.cat([self.lora_A[n].weight.to(x.dtype) for n in used], 0)
-        b = torch.cat([self.lora_B[n].weight.to(x.dtype) for n in used], 1)
-        owner = torch.cat([torch.full((self.lora_A[n].weight.shape[0],), i, dtype=torch.int32, device=x.device)
-                           for i, n in enumerate(used)])
+        a, b, owner = stack_adapters([self.lora_A[n].weight.to(x.dtype) for n in used],
+                                     [self.lora_B[n].weight.to(x.dtype) for n in used])
         return lora_linear_mixed(x, weight, bias, a, b, owner, ids, [self.scaling[n] for n in used],
                                  [self._dropout_p(n) for n in used], backend=self.fused_backend)
 

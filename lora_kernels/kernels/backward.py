@@ -231,6 +231,11 @@ def _partials(kernel, deterministic, x, br, M, shapes):
     return kernel.fn, meta, [empty((parts, *sh), dev, torch.float32) for sh in shapes]
 
 
+def _total(buffer, deterministic):
+    """The accumulated grad: partial buffers are summed in a fixed order; the atomic path has a single slice."""
+    return buffer.sum(0) if deterministic else buffer[0]
+
+
 def _split(grad_y, x, weight, lora_A, lora_B, xa, seed_arg, scalars, common, need_dx, deterministic, gating=None):
     """The split backward: the low-rank kernel, then cuBLAS for dY W0 (in place, beta = 1) and dB = dY^T xs.
     xs is scaling * xa, or with `gating` (mixed batch) xa itself, which is already gated and scaled."""
@@ -253,8 +258,7 @@ def _split(grad_y, x, weight, lora_A, lora_B, xa, seed_arg, scalars, common, nee
     scaling = scalars[0]
     xs = (xa if gating is not None else xa * scaling).to(grad_y.dtype)
     grad_B = torch.mm(grad_y.t(), xs)  # cuBLAS: dB = dY^T (scaling * XA)
-    grad_A = da.sum(0) if deterministic else da[0]
-    return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+    return dx, _total(da, deterministic).to(lora_A.dtype), grad_B.to(lora_B.dtype)
 
 
 def lora_mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, seed, any_dropout: bool, gating, need_dx: bool,
@@ -325,7 +329,4 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling: float, d
         x.stride(0), x.stride(1), xa.stride(0), dx.stride(0), dx.stride(1),
         da.stride(0) if deterministic else 0, db.stride(0) if deterministic else 0, *scalars, **common, **meta,
     )
-    # Partial buffers are reduced in a fixed order; the atomic path has a single slice.
-    grad_A = da.sum(0) if deterministic else da[0]
-    grad_B = db.sum(0) if deterministic else db[0]
-    return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+    return dx, _total(da, deterministic).to(lora_A.dtype), _total(db, deterministic).to(lora_B.dtype)

@@ -250,10 +250,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_
         else:
             xs = empty((M, R), x.device, x.dtype)
             _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p)
-        lora_b_t = lora_B.t()
-        y = torch.addmm(bias, xs, lora_b_t) if bias is not None else torch.mm(xs, lora_b_t)
-        y.addmm_(x, weight.t())  # cuBLAS, beta = 1: y = x W0^T + (bias + scaling * xa B^T)
-        return y, (xa if save_xa else xa.new_empty((0,)))
+        return _cublas_products(x, weight, bias, lora_B, xs), (xa if save_xa else xa.new_empty((0,)))
 
     y = empty((M, N), x.device, x.dtype)
     if variant == "xa_first":
@@ -262,6 +259,14 @@ def lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_
     if not save_xa:
         xa = xa.new_empty((0,))
     return y, xa
+
+
+def _cublas_products(x, weight, bias, lora_B, xs):
+    """y = x W0^T + bias + xs B^T by cuBLAS: bias + xs B^T first, then x W0^T added in place (beta = 1: the
+    low-rank term is read in the GEMM's epilogue, not in an extra pass over y)."""
+    lora_b_t = lora_B.t()
+    y = torch.addmm(bias, xs, lora_b_t) if bias is not None else torch.mm(xs, lora_b_t)
+    return y.addmm_(x, weight.t())
 
 
 def _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, scaling, fuse_xa, store_xa):
@@ -291,12 +296,10 @@ def lora_mixed_forward(x, weight, bias, lora_A, lora_B, seed, any_dropout: bool,
     p = 0.5 if any_dropout else 0.0  # only says "some adapter drops"; the thresholds come with the gating
     if M == 0:
         return empty((M, N), x.device, x.dtype), (xa if save else xa.new_empty((0,)))
-    if M >= CUBLAS_MIN_M or x.dtype == torch.float32:
+    if forward_variant(M, R, p, x.dtype) == "cublas":
         xs = empty((M, R), x.device, x.dtype)
         _launch_xa(x, lora_A, xa, xs, seed, 1.0, p, gating)
-        lora_b_t = lora_B.t()
-        y = torch.addmm(bias, xs, lora_b_t) if bias is not None else torch.mm(xs, lora_b_t)
-        y.addmm_(x, weight.t())
+        y = _cublas_products(x, weight, bias, lora_B, xs)
     else:
         y = empty((M, N), x.device, x.dtype)
         _launch_xa(x, lora_A, xa, None, seed, 1.0, p, gating)
