@@ -31,6 +31,12 @@ def _triton_settings() -> dict:
     }
 
 
+def _cuda_extension() -> str:
+    from . import cuda_ext
+
+    return cuda_ext.describe() + "; backend='auto' does not pick it yet (unmeasured, docs/design.md)"
+
+
 def info(as_dict: bool = False):
     """Report versions, devices and backend availability; prints it, or returns a dict when as_dict."""
     from . import __version__
@@ -46,6 +52,7 @@ def info(as_dict: bool = False):
         "triton": _version("triton"),
         "triton interpreter (TRITON_INTERPRET=1)": backends.triton_interpreting(),
         **_triton_settings(),
+        "CUDA C++ extension": _cuda_extension(),
         "devices": {},
     }
     for dev in devices:

@@ -173,14 +173,86 @@ class TritonBackend:
 # cuda: the csrc extension.
 # --------------------------------------------------------------------------------------------
 class CudaBackend:
+    """The csrc/ kernels: a tiled tensor-core forward (one launch), a cooperative one-pass decode forward for
+    M <= 16, and a one-launch backward. Allocation and the grads' final casts happen here; the binding checks and
+    launches. Mixed-adapter batches have no CUDA C++ kernels: they run the Triton kernels (warned once)."""
+
     name = "cuda"
+    DECODE_MAX_M = 16  # csrc/lora_launch.h kDecodeMaxM
+    BWD_BLOCK_M = 64  # kBwdBlockM: one dA/dB partial per 64 rows in deterministic mode
+    MAX_RANK = 256
 
     @staticmethod
     def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-        return ("the CUDA C++ extension (lora_kernels._C) is not part of this build; "
-                "use backend='triton' or 'torch'")
+        if device.type != "cuda":
+            return f"the CUDA C++ kernels need CUDA tensors (got {device.type})"
+        if dtype not in KERNEL_DTYPES:
+            return f"the CUDA C++ kernels support float16, bfloat16 and float32, not {dtype}"
+        from . import cuda_ext
 
-    forward = backward = mixed_forward = mixed_backward = None
+        reason = cuda_ext.load()
+        if reason:
+            return reason
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"the CUDA C++ kernels need compute capability >= 8.0, the GPU has {major}.{minor}"
+        return None
+
+    @staticmethod
+    def _check_rank(lora_A):
+        if lora_A.shape[0] > CudaBackend.MAX_RANK:
+            raise BackendUnavailableError(f"backend 'cuda': rank r = {lora_A.shape[0]} is above the CUDA kernels' "
+                                          f"limit {CudaBackend.MAX_RANK}; use backend='triton'")
+
+    @staticmethod
+    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa):
+        from .kernels.memory import empty  # NaN-filled when the tests poison outputs
+
+        CudaBackend._check_rank(lora_A)
+        M, r = x.shape[0], lora_A.shape[0]
+        x, weight, lora_A, lora_B = (t.contiguous() for t in (x, weight, lora_A, lora_B))
+        bias = None if bias is None else bias.contiguous()
+        y = empty((M, weight.shape[0]), x.device, x.dtype)
+        decode = 1 <= M <= CudaBackend.DECODE_MAX_M
+        if decode:  # xa, then the kernel's completion counter, in one buffer (one memset)
+            buffer = empty((M * r + 1,), x.device, torch.float32)  # the kernel zeroes it
+            xa = buffer[:M * r].view(M, r)
+        else:
+            buffer = xa = empty((M, r) if save_xa else (0,), x.device, torch.float32)
+        torch.ops.lora_kernels_cuda.forward(x, weight, bias, lora_A, lora_B, seed if dropout_p > 0 else None, y,
+                                            buffer, float(scaling), float(dropout_p), bool(save_xa), decode)
+        return y, (xa if save_xa else x.new_empty((0,), dtype=torch.float32))
+
+    @staticmethod
+    def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
+        from .kernels.memory import empty
+
+        CudaBackend._check_rank(lora_A)
+        (M, K), N, r = x.shape, weight.shape[0], lora_A.shape[0]
+        grad_y, x, weight, lora_A, lora_B = (t.contiguous() for t in (grad_y, x, weight, lora_A, lora_B))
+        f32 = dict(dtype=torch.float32, device=x.device)
+        if deterministic:  # one partial per row tile, summed in a fixed order: bitwise repeatable
+            parts = -(-M // CudaBackend.BWD_BLOCK_M)
+            da, db = empty((parts, r, K), x.device, torch.float32), empty((parts, N, r), x.device, torch.float32)
+        else:  # fp32 atomics into zeroed buffers
+            da, db = torch.zeros((r, K), **f32), torch.zeros((N, r), **f32)
+        dx = empty((M, K), x.device, x.dtype) if need_dx else None
+        torch.ops.lora_kernels_cuda.backward(grad_y, x, weight, lora_A, lora_B, xa.float().contiguous(),
+                                             seed if dropout_p > 0 else None, dx, da, db, float(scaling),
+                                             float(dropout_p), bool(deterministic))
+        if deterministic:
+            da, db = da.sum(0), db.sum(0)
+        return (dx if need_dx else x.new_empty((0,))), da.to(x.dtype), db.to(x.dtype)
+
+    @staticmethod
+    def mixed_forward(*args):
+        warn_once("cuda-mixed", "lora_kernels: the CUDA C++ backend has no mixed-adapter kernels; mixed batches run "
+                                "the Triton kernels")
+        return TritonBackend.mixed_forward(*args)
+
+    @staticmethod
+    def mixed_backward(*args):
+        return TritonBackend.mixed_backward(*args)
 
 
 BACKENDS = {b.name: b for b in (TorchBackend, TritonBackend, CudaBackend)}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One command for a machine with a GPU (about 8 minutes): the test suite natively on the GPU, the benchmarks,
-# the variant sweep and the demo, with logs, CSV, summary and plots left in one folder ready to commit.
+# One command for a machine with a GPU (about 9 minutes): the test suite natively on the GPU (Triton and CUDA C++
+# backends), the decode benchmark, the benchmarks, the variant sweep and the demo, with logs, CSV, summary and plots left in one folder ready to commit.
 #   bash scripts/gpu_run.sh [OUT_DIR]        (default: bench/results/gpu-<date>)
 # Works offline: uses the torch / triton / peft / transformers already installed (installs nothing new).
 # The GPU-compile test is left to CI (it needs no GPU). Each step has its own time limit, so a slow step
@@ -12,6 +12,12 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+# The CUDA C++ extension: a library built elsewhere (stable ABI: any torch >= 2.10 of the same CUDA major) is used
+# as it is; otherwise it is built here when a toolkit is found (about a minute).
+if ! ls lora_kernels/_C*.so >/dev/null 2>&1; then
+  LORA_KERNELS_BUILD_CUDA=1 $py setup.py -q build_ext --inplace > "$out/build_ext.log" 2>&1
+  echo "CUDA extension build: exit $? (log: build_ext.log)"
+fi
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null)"
@@ -33,7 +39,9 @@ par() { $py -c "import xdist, pytest_timeout; print('-n $1 --timeout 170')" 2>/d
 wait
 tail -n 2 "$out/tests-general.log" "$out/tests-gpu.log"
 # The torch provider is the reference formulas (its dropout mask is slow int64 math): left out of GPU timing.
-timeout "${BENCH_S:-200}" $py -m bench --out "$out" --max-minutes 2.8 --providers cublas,merged,eager,peft,triton \
+timeout "${DECODE_S:-60}" $py -m bench.decode --out "$out" > "$out/decode.txt" 2>&1
+echo "decode bench: exit $?"; cat "$out/decode.txt"
+timeout "${BENCH_S:-200}" $py -m bench --out "$out" --max-minutes 2.8 --providers cublas,merged,eager,peft,triton,cuda \
   --M 1,16,128,1024,4096,8192 --KN 4096x4096,4096x14336 > "$out/bench.log" 2>&1
 echo "bench: exit $?"
 timeout "${SWEEP_S:-90}" $py -m bench.sweep --M 8192,4096,1024,16 --out "$out" > "$out/sweep.txt" 2>&1

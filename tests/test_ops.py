@@ -200,8 +200,9 @@ def test_unknown_backend_name():
 
 
 def test_unavailable_backend_says_why():
-    with pytest.raises(BackendUnavailableError, match=r"backend 'cuda' is unavailable .*extension"):
-        lora_linear(backend="cuda", **_good())
+    on_cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
+    with pytest.raises(BackendUnavailableError, match=r"backend 'cuda' is unavailable .*needs? CUDA tensors"):
+        lora_linear(backend="cuda", **on_cpu)
 
 
 def test_triton_rejects_float64():

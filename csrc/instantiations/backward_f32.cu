@@ -1,0 +1,6 @@
+// One kernel, one dtype per translation unit: the build compiles them in parallel.
+#include "../backward.cuh"
+
+namespace lora_kernels {
+template const char* backward_impl<float>(const BwdParams&, void*);
+}

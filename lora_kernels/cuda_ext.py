@@ -1,0 +1,116 @@
+"""Loading the CUDA C++ extension (csrc/): the prebuilt library of a wheel or ``pip install --no-build-isolation``,
+else (in a source checkout, with a CUDA build of torch and a CUDA toolkit) a just-in-time build, cached and
+locked by torch.utils.cpp_extension, so two processes building at once wait for one another.
+
+Nothing here raises: ``load()`` returns None when the ops ``torch.ops.lora_kernels_cuda.*`` are registered, else
+the reason, which ``python -m lora_kernels.info`` prints and ``backend="cuda"`` raises. A library that exists but
+cannot be loaded, or a just-in-time build that fails, warns once.
+
+Environment: LORA_KERNELS_CUDA_EXT=0 disables the extension; LORA_KERNELS_JIT=0 disables the just-in-time build.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import warnings
+
+import torch
+
+from . import cuda_build
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+SOURCE_ROOT = os.path.dirname(PACKAGE_DIR)
+
+
+def _registered() -> bool:
+    try:
+        torch.ops.lora_kernels_cuda.forward  # noqa: B018  (raises AttributeError when absent)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def prebuilt_library() -> str | None:
+    found = sorted(glob.glob(os.path.join(PACKAGE_DIR, "_C*.so")) + glob.glob(os.path.join(PACKAGE_DIR, "_C*.pyd")))
+    return found[0] if found else None
+
+
+def has_sources() -> bool:
+    return os.path.isfile(os.path.join(SOURCE_ROOT, "csrc", "lora_kernels_cuda.cpp"))
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"lora_kernels: {message}; the Triton and torch backends serve. "
+                  "`python -m lora_kernels.info` shows the backends.", RuntimeWarning, stacklevel=4)
+
+
+def _jit_build() -> None:
+    """Builds csrc/ with torch.utils.cpp_extension.load into its cache (~1 min with 2 cores) and registers the ops."""
+    cuda_home = cuda_build.find_cuda_home()
+    if cuda_home is None:
+        raise RuntimeError("no CUDA toolkit found for the just-in-time build (set CUDA_HOME to the toolkit root)")
+    os.environ["CUDA_HOME"] = cuda_home
+    import torch.utils.cpp_extension as cpp_extension
+
+    # The module reads CUDA_HOME once at import; a wrapper `nvcc` on PATH makes that guess wrong.
+    cpp_extension.CUDA_HOME = cuda_home
+    os.environ.setdefault("MAX_JOBS", str(cuda_build.default_max_jobs()))
+    if "LORA_KERNELS_CUDA_ARCHS" not in os.environ and torch.cuda.is_available():
+        # only this machine's GPU: a third of the compile time of the wheel's four targets
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["LORA_KERNELS_CUDA_ARCHS"] = "90a" if (major, minor) == (9, 0) else f"{major}{minor}"
+    warnings.warn("lora_kernels: building the CUDA C++ extension just in time (once; cached by torch)",
+                  RuntimeWarning, stacklevel=4)
+    cpp_extension.load(
+        name="lora_kernels_C",
+        sources=[os.path.join(SOURCE_ROOT, s) for s in cuda_build.sources(SOURCE_ROOT)],
+        extra_cflags=cuda_build.cxx_flags(), extra_cuda_cflags=cuda_build.nvcc_flags(cuda_home),
+        is_python_module=False, verbose=False)
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> str | None:
+    """None once the extension's ops are registered, else why they are not."""
+    if os.environ.get("LORA_KERNELS_CUDA_EXT") == "0":
+        return "disabled by LORA_KERNELS_CUDA_EXT=0"
+    if _registered():
+        return None
+    if not torch.version.cuda:
+        return (f"torch {torch.__version__} is a CPU build; the CUDA C++ extension needs a CUDA build of torch "
+                "(>= 2.10)")
+    library = prebuilt_library()
+    load_error = None
+    if library:
+        try:
+            torch.ops.load_library(library)
+            return None
+        except Exception as e:  # a mismatched or broken build
+            load_error = f"{os.path.basename(library)} could not be loaded ({type(e).__name__}: {e})"
+    if has_sources() and not torch.cuda.is_available():
+        return (f"{load_error + '; ' if load_error else ''}not built; a source checkout builds it just in time on "
+                "first use on a machine with a GPU (or run scripts/build_wheel.sh)")
+    if has_sources() and os.environ.get("LORA_KERNELS_JIT") != "0":
+        try:
+            _jit_build()
+            return None
+        except Exception as e:
+            reason = (f"{load_error + '; ' if load_error else ''}the just-in-time build of csrc/ failed "
+                      f"({type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''})")
+            _warn(reason)
+            return reason
+    if load_error:
+        _warn(load_error)
+        return load_error
+    return ("the CUDA C++ extension (lora_kernels._C) is not part of this install: install a wheel built with it "
+            "or build from source (docs/install.md)")
+
+
+def describe() -> str:
+    """One line for `python -m lora_kernels.info`: where the extension came from, or why it is unavailable."""
+    reason = load()
+    if reason:
+        return f"unavailable: {reason}"
+    library = prebuilt_library()
+    return f"loaded ({os.path.basename(library) if library and _registered() else 'just-in-time build'})"

@@ -1,0 +1,59 @@
+"""Checks an installed lora-kernels wheel with the CUDA extension (run by scripts/build_wheel.sh in a fresh venv,
+outside the source tree): it imports, its library loads into torch.ops, its Philox dropout mask is bit-identical to
+the torch reference, clear errors, and, on a machine with a GPU, one forward/backward against the reference."""
+
+import os
+import sys
+
+import torch
+
+wheel = os.path.basename(sys.argv[1]) if len(sys.argv) > 1 else ""
+import lora_kernels  # noqa: E402
+from lora_kernels import backends, cuda_ext, reference  # noqa: E402
+
+failures = []
+
+
+def check(ok, what):
+    print(("ok   " if ok else "FAIL ") + what)
+    if not ok:
+        failures.append(what)
+
+
+check(not wheel or ("-cp310-abi3-" in wheel and "+cu" in wheel), f"wheel tag: {wheel} (cp310-abi3, +cuXY)")
+check("site-packages" in lora_kernels.__file__, f"imported from the install: {lora_kernels.__file__}")
+reason = cuda_ext.load()
+check(reason is None, f"extension loaded: {cuda_ext.describe()}")
+library = cuda_ext.prebuilt_library()
+check(library is not None and "site-packages" in library, f"library shipped in the wheel: {library}")
+if reason is None:
+    ops = torch.ops.lora_kernels_cuda
+    for name in ("forward", "backward", "dropout_mask"):
+        check(hasattr(ops, name), f"op lora_kernels_cuda::{name} registered")
+    for seed, m, k, p in [(0, 1, 1, 0.5), (7, 3, 13, 0.1), (2**40 + 12345, 37, 130, 0.3), (2**63 - 1, 5, 4, 0.9)]:
+        out = torch.full((m, k), 255, dtype=torch.uint8)
+        ops.dropout_mask(out, seed, p)
+        same = torch.equal(out.bool(), reference.dropout_keep_mask(seed, m, k, p)) and int(out.max()) <= 1
+        check(same, f"CUDA Philox mask == reference mask (seed={seed}, {m}x{k}, p={p})")
+    try:
+        lora_kernels.lora_linear(torch.randn(2, 8), torch.randn(4, 8), None, torch.randn(1, 8), torch.randn(4, 1),
+                                 1.0, backend="cuda")
+        check(False, "backend='cuda' on CPU tensors raises")
+    except backends.BackendUnavailableError as e:
+        check("CUDA tensors" in str(e), f"backend='cuda' on CPU tensors raises: {e}")
+if torch.cuda.is_available() and reason is None:
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(37, 200, device=dev, dtype=dt, requires_grad=True)
+    w, a, b = (torch.randn(*s, device=dev, dtype=dt) * 0.1 for s in ((96, 200), (5, 200), (96, 5)))
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    y = lora_kernels.lora_linear(x, w, None, a, b, 2.0, backend="cuda")
+    y.float().square().sum().backward()
+    y64 = reference.lora_forward(*(t.detach().double() for t in (x, w)), None, a.detach().double(),
+                                 b.detach().double(), 2.0)[0]
+    check(bool(torch.isfinite(y).all()) and float((y.double() - y64).abs().max()) < 0.05 * float(y64.abs().max()),
+          "GPU forward close to the fp64 reference")
+    check(all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in (x, a, b)), "GPU backward finite")
+lora_kernels.info()
+sys.exit(1 if failures else 0)
