@@ -148,6 +148,67 @@ def test_setup_installs_pure_python_without_a_toolkit_or_torch():
         assert "cannot be built" in res.stderr
 
 
+class _ReferenceOps:
+    """Stands in for torch.ops.lora_kernels_cuda with the reference formulas, writing into the given outputs the way
+    the kernels do (backward: adds into the zeroed buffers, or fills one partial per 64-row tile): checks the
+    backend's allocation, workspace layout, views, partial sums and casts without a GPU."""
+
+    def forward(self, x, w, bias, a, b, seed, y, xa, scaling, p, store_xa, decode):
+        M, r = x.shape[0], a.shape[0]
+        assert decode == (1 <= M <= 16)
+        ry, rxa = reference.lora_forward(x, w, bias, a, b, scaling, p, None if seed is None else int(seed))
+        y.copy_(ry)
+        if decode:
+            assert xa.numel() == M * r + 1 and xa.dtype == torch.float32
+            xa.zero_()  # the launcher's memset
+            xa[:M * r].copy_(rxa.float().flatten())
+        elif store_xa:
+            xa.copy_(rxa)
+
+    def backward(self, gy, x, w, a, b, xa, seed, dx, da, db, scaling, p, deterministic):
+        rdx, rda, rdb = reference.lora_backward(gy.float(), x.float(), w.float(), a.float(), b.float(), xa, scaling,
+                                                p, None if seed is None else int(seed), dx is not None)
+        if dx is not None:
+            dx.copy_(rdx)
+        if deterministic:
+            parts = -(-x.shape[0] // 64)
+            assert da.shape == (parts, *rda.shape) and db.shape == (parts, *rdb.shape)
+            da.copy_((rda / parts).expand_as(da))
+            db.copy_((rdb / parts).expand_as(db))
+        else:
+            da.add_(rda)
+            db.add_(rdb)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M", [0, 1, 16, 17, 150])
+@pytest.mark.parametrize("deterministic,need_dx,p", [(False, True, 0.0), (True, True, 0.2), (False, False, 0.2)])
+def test_backend_glue_with_reference_ops(monkeypatch, dtype, M, deterministic, need_dx, p):
+    monkeypatch.setattr(torch.ops, "lora_kernels_cuda", _ReferenceOps(), raising=False)
+    x, w, b, a, bb = make_inputs(M, 40, 24, 3, dtype, device="cpu")
+    seed = torch.tensor([77], dtype=torch.int64) if p else None
+    cb = backends.CudaBackend
+    y, xa = cb.forward(x, w, b, a, bb, seed, 1.5, p, True)
+    ry, rxa = reference.lora_forward(x, w, b, a, bb, 1.5, p, 77)
+    assert y.dtype == dtype and xa.dtype == torch.float32 and xa.shape == (M, 3)
+    torch.testing.assert_close(y, ry)
+    torch.testing.assert_close(xa, rxa.float())
+    _, empty_xa = cb.forward(x, w, b, a, bb, seed, 1.5, p, False)
+    assert empty_xa.numel() == 0
+    gy = torch.randn(M, 24, dtype=dtype)
+    dx, da, db = cb.backward(gy, x, w, a, bb, xa, seed, 1.5, p, need_dx, deterministic)
+    rdx, rda, rdb = reference.lora_backward(gy.float(), x.float(), w.float(), a.float(), bb.float(), rxa.float(),
+                                            1.5, p, 77, need_dx)
+    assert da.shape == a.shape and db.shape == bb.shape and da.dtype == db.dtype == dtype
+    torch.testing.assert_close(da.float(), rda, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(db.float(), rdb, atol=2e-2, rtol=2e-2)
+    if need_dx:
+        assert dx.shape == x.shape and dx.dtype == dtype
+        torch.testing.assert_close(dx.float(), rdx, atol=2e-2, rtol=2e-2)
+    else:
+        assert dx.numel() == 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # On a GPU, with the extension built
 # ---------------------------------------------------------------------------------------------------------------
