@@ -213,16 +213,13 @@ template <typename T> const char* backward_impl(const BwdParams& p, void* stream
   if (auto e = cuda_error(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev))) return e;
   if (smem > static_cast<size_t>(limit)) return "this rank needs more shared memory per block than this GPU has";
   if (p.M == 0) return nullptr;  // dA and dB stay zero, dX is empty
-  auto kernel = bwd::lora_backward_kernel<T>;
-  if (auto e = cuda_error(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem))) return e;
   const int vec = (vec_ok(p.grad_y, p.N, sizeof(T)) ? 1 : 0) | (vec_ok(p.w, p.K, sizeof(T)) ? 2 : 0) |
                   (vec_ok(p.b, p.r, sizeof(T)) ? 4 : 0) | (vec_ok(p.a, p.K, sizeof(T)) ? 8 : 0) |
                   (vec_ok(p.x, p.K, sizeof(T)) ? 16 : 0);
   const int64_t tiles_m = (p.M + bwd::BM - 1) / bwd::BM, tiles_k = (p.K + bwd::BK - 1) / bwd::BK;
   if (tiles_m > 65535) return "too many row tiles for one launch (M > 4194240)";
   const dim3 grid(static_cast<unsigned>(tiles_k), static_cast<unsigned>(tiles_m));
-  kernel<<<grid, bwd::THREADS, smem, static_cast<cudaStream_t>(stream)>>>(p, vec);
-  return cuda_error(cudaGetLastError());
+  return launch_kernel(bwd::lora_backward_kernel<T>, grid, dim3(bwd::THREADS), smem, stream, false, p, vec);
 }
 
 }  // namespace lora_kernels

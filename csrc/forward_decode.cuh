@@ -43,9 +43,13 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 __device__ __forceinline__ unsigned int load_acquire(const unsigned int* p) {
+#if defined(LK_EMULATE)
+  return lk_emulation::load_acquire(p);
+#else
   unsigned int v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
+#endif
 }
 
 template <typename T, int MB, int ROWS>
@@ -167,11 +171,8 @@ const char* launch(const FwdParams& p, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(wanted < resident ? wanted : resident);
   // xa and the counter are one buffer: one memset zeroes both.
   if (auto e = cuda_error(cudaMemsetAsync(p.xa, 0, sizeof(float) * (p.M * p.r + 1), stream))) return e;
-  FwdParams args = p;
-  bool vx = vec_ok(p.x, p.K, sizeof(T)), vw = vec_ok(p.w, p.K, sizeof(T)), va = vec_ok(p.a, p.K, sizeof(T));
-  void* kargs[] = {&args, &vx, &vw, &va};
-  return cuda_error(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(blocks), dim3(THREADS),
-                                                kargs, 0, stream));
+  return launch_kernel(kernel, dim3(blocks), dim3(THREADS), 0, stream, true, p, vec_ok(p.x, p.K, sizeof(T)),
+                       vec_ok(p.w, p.K, sizeof(T)), vec_ok(p.a, p.K, sizeof(T)));
 }
 
 }  // namespace decode

@@ -137,14 +137,12 @@ template <typename T> const char* forward_tiled_impl(const FwdParams& p, void* s
   if (auto e = cuda_error(cudaGetDevice(&dev))) return e;
   if (auto e = cuda_error(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev))) return e;
   if (smem > static_cast<size_t>(limit)) return "this rank needs more shared memory per block than this GPU has";
-  auto kernel = fwd::lora_forward_tiled_kernel<T>;
-  if (auto e = cuda_error(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem))) return e;
   const int vec = (vec_ok(p.x, p.K, sizeof(T)) ? 1 : 0) | (vec_ok(p.w, p.K, sizeof(T)) ? 2 : 0) |
                   (vec_ok(p.a, p.K, sizeof(T)) ? 4 : 0) | (vec_ok(p.b, p.r, sizeof(T)) ? 8 : 0);
   const int64_t blocks = ((p.M + fwd::BM - 1) / fwd::BM) * ((p.N + fwd::BN - 1) / fwd::BN);
   if (blocks > 0x7fffffff) return "too many output tiles for one launch";
-  kernel<<<static_cast<unsigned>(blocks), fwd::THREADS, smem, static_cast<cudaStream_t>(stream)>>>(p, vec);
-  return cuda_error(cudaGetLastError());
+  return launch_kernel(fwd::lora_forward_tiled_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(fwd::THREADS), smem,
+                       stream, false, p, vec);
 }
 
 }  // namespace lora_kernels

@@ -3,9 +3,17 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <stdint.h>
+
+#include <type_traits>
+#if defined(LK_EMULATE)
+// Tests only: a host-thread model of the CUDA runtime and device features these kernels use (tests/emulation/),
+// so the kernels' own code runs, block by block and thread by thread, on a machine without a GPU.
+#include "lk_emulation.h"
+#else
 #include <cuda_runtime.h>
 #include <mma.h>
-#include <stdint.h>
+#endif
 
 #include "lora_launch.h"
 #include "philox.h"
@@ -129,5 +137,25 @@ __host__ __device__ inline bool vec_ok(const void* p, int64_t cols, int elem) {
 }
 
 inline const char* cuda_error(cudaError_t e) { return e == cudaSuccess ? nullptr : cudaGetErrorString(e); }
+
+// Launch `kernel` with `smem` bytes of dynamic shared memory (opted in above the 48 KiB default) on `stream`;
+// `cooperative`: all blocks resident at once (the decode kernel's blocks wait for one another).
+template <typename... Params, typename... Args>
+const char* launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, void* stream, bool cooperative,
+                          Args&&... args) {
+  if (smem > 48 * 1024)
+    if (auto e = cuda_error(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem))) return e;
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = static_cast<cudaStream_t>(stream);
+  config.attrs = cooperative ? attr : nullptr;
+  config.numAttrs = cooperative ? 1 : 0;
+  return cuda_error(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
 
 }  // namespace lora_kernels

@@ -1,7 +1,8 @@
 """The CUDA C++ backend (csrc/): its build configuration and Philox code everywhere; its kernels on a GPU.
 
 Without a GPU (or without the built extension) the kernel tests skip with the reason; the build itself is checked
-by scripts/build_wheel.sh (compile for sm_80 + sm_90a, wheel, fresh venv, import), which CI runs.
+by scripts/build_wheel.sh (compile for sm_80 + sm_90a, wheel, fresh venv, import), which CI runs, and the kernels'
+code runs on the CPU in tests/test_cuda_emulation.py.
 """
 
 import os
