@@ -121,7 +121,7 @@ def test_parity(cuda_backend, dtype, M, p):
     _check(cuda_backend, M, 72, 40, 3, dtype, p)
 
 
-@pytest.mark.parametrize("r", [1, 16, 17, 40])
+@pytest.mark.parametrize("r", [1, 16, 17, 40, 256])
 def test_ranks(cuda_backend, r):
     _check(cuda_backend, 20, 96, 48, r, torch.bfloat16, 0.1)
     _check(cuda_backend, 3, 96, 48, r, torch.float16, 0.0)
@@ -137,6 +137,13 @@ def test_many_tiles_and_chunks(cuda_backend):
     """Two row tiles x three column tiles (forward), three K tiles (backward); decode over 3 K chunks, 2 SMs."""
     _check(cuda_backend, 100, 160, 150, 8, torch.bfloat16, 0.1)
     _check(cuda_backend, 16, 600, 70, 8, torch.bfloat16, 0.1)
+
+
+@pytest.mark.parametrize("sms", [1, 5])
+def test_decode_grid_sizes(cuda_backend, monkeypatch, sms):
+    """One block doing every item (its warps wait on chunks it computes itself), or more warps than items."""
+    monkeypatch.setattr(EmulatedOps, "sm_count", sms)
+    _check(cuda_backend, 7, 520, 33, 5, torch.bfloat16, 0.1)
 
 
 def test_lora_only_backward_and_deterministic(cuda_backend):
