@@ -103,10 +103,7 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(BwdParams p, int
       XAt[m * LDR + rr] = from_f32<T>(m0 + m < p.M && rr < p.r ? p.xa[(m0 + m) * p.r + rr] : 0.f);
     }
   Mma16<T> acc[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) acc[i][j].zero();
+  zero_tiles(acc);
 
   for (int64_t n0 = 0; n0 < p.N; n0 += BN) {
     load_tile(dYs, LDN, gy, p.N, m0, n0, p.M, p.N, BM, BN, vec_mask & 1);
@@ -208,10 +205,7 @@ template <typename T> const char* backward_impl(const BwdParams& p, void* stream
   if (p.r > kMaxRank) return "rank out of the supported range 1..256";
   const bwd::Smem<T> s(p.r);
   const size_t smem = s.total();
-  int dev = 0, limit = 0;
-  if (auto e = cuda_error(cudaGetDevice(&dev))) return e;
-  if (auto e = cuda_error(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev))) return e;
-  if (smem > static_cast<size_t>(limit)) return "this rank needs more shared memory per block than this GPU has";
+  if (auto e = check_shared_memory(smem)) return e;
   if (p.M == 0) return nullptr;  // dA and dB stay zero, dX is empty
   const int vec = (vec_ok(p.grad_y, p.N, sizeof(T)) ? 1 : 0) | (vec_ok(p.w, p.K, sizeof(T)) ? 2 : 0) |
                   (vec_ok(p.b, p.r, sizeof(T)) ? 4 : 0) | (vec_ok(p.a, p.K, sizeof(T)) ? 8 : 0) |

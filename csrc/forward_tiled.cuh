@@ -68,10 +68,7 @@ __global__ void __launch_bounds__(THREADS) lora_forward_tiled_kernel(FwdParams p
 
   for (int i = threadIdx.x; i < BM * LDXA; i += THREADS) XAs[i] = 0.f;
   Mma16<T> acc[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) acc[i][j].zero();
+  zero_tiles(acc);
 
   for (int64_t k0 = 0; k0 < p.K; k0 += BK) {
     load_tile(Xs, LDK, x, p.K, m0, k0, p.M, p.K, BM, BK, vec_mask & 1);
@@ -133,10 +130,7 @@ template <typename T> const char* forward_tiled_impl(const FwdParams& p, void* s
   if (p.r < 1 || p.r > kMaxRank) return "rank out of the supported range 1..256";
   const fwd::Smem<T> s(p.r);
   const size_t smem = s.total();
-  int dev = 0, limit = 0;
-  if (auto e = cuda_error(cudaGetDevice(&dev))) return e;
-  if (auto e = cuda_error(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev))) return e;
-  if (smem > static_cast<size_t>(limit)) return "this rank needs more shared memory per block than this GPU has";
+  if (auto e = check_shared_memory(smem)) return e;
   const int vec = (vec_ok(p.x, p.K, sizeof(T)) ? 1 : 0) | (vec_ok(p.w, p.K, sizeof(T)) ? 2 : 0) |
                   (vec_ok(p.a, p.K, sizeof(T)) ? 4 : 0) | (vec_ok(p.b, p.r, sizeof(T)) ? 8 : 0);
   const int64_t blocks = ((p.M + fwd::BM - 1) / fwd::BM) * ((p.N + fwd::BN - 1) / fwd::BN);

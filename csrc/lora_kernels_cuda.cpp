@@ -99,6 +99,17 @@ Dropout dropout_args(const std::optional<Tensor>& seed, double p, int32_t device
   return d;
 }
 
+// The fields both launch structs share.
+template <typename Params>
+void set_problem(Params& p, int64_t M, int64_t N, int64_t K, int64_t r, double scaling, Dropout dropout) {
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.r = static_cast<int>(r);
+  p.scaling = static_cast<float>(scaling);
+  p.dropout = dropout;
+}
+
 void* current_stream(int32_t device) {
   void* stream = nullptr;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
@@ -129,13 +140,8 @@ void forward_op(Tensor x, Tensor w, std::optional<Tensor> bias, Tensor a, Tensor
   p.a = a.data_ptr();
   p.b = b.data_ptr();
   p.y = y.data_ptr();
-  p.M = M;
-  p.N = N;
-  p.K = K;
-  p.r = static_cast<int>(r);
-  p.scaling = static_cast<float>(scaling);
+  set_problem(p, M, N, K, r, scaling, dropout_args(seed, dropout_p, dev));
   p.store_xa = store_xa;
-  p.dropout = dropout_args(seed, dropout_p, dev);
   p.xa = static_cast<float*>(xa.data_ptr());
   torch::stable::accelerator::DeviceGuard guard(dev);
   if (decode) {
@@ -175,13 +181,8 @@ void backward_op(Tensor grad_y, Tensor x, Tensor w, Tensor a, Tensor b, Tensor x
   p.dx = dx.has_value() ? dx->data_ptr() : nullptr;
   p.da = static_cast<float*>(da.data_ptr());
   p.db = static_cast<float*>(db.data_ptr());
-  p.M = M;
-  p.N = N;
-  p.K = K;
-  p.r = static_cast<int>(r);
-  p.scaling = static_cast<float>(scaling);
+  set_problem(p, M, N, K, r, scaling, dropout_args(seed, dropout_p, dev));
   p.deterministic = deterministic;
-  p.dropout = dropout_args(seed, dropout_p, dev);
   torch::stable::accelerator::DeviceGuard guard(dev);
   check_launch("backward", backward(kernel_dtype(x), p, current_stream(dev)));
 }

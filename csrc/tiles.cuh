@@ -85,6 +85,14 @@ template <> struct Mma16<float> {
   }
 };
 
+// A warp's 32 x 32 output tile: 2 x 2 MMA tiles, zeroed.
+template <typename T> __device__ void zero_tiles(Mma16<T> (&acc)[2][2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) acc[i][j].zero();
+}
+
 // dst[rows x cols] (shared, pitch ldd) = src[row0.., col0..] (global, row stride lds), zero outside
 // [0, nrows) x [0, ncols). 16-byte loads when `vec` (the caller checked alignment of base and row stride).
 template <typename T>
@@ -137,6 +145,14 @@ __host__ __device__ inline bool vec_ok(const void* p, int64_t cols, int elem) {
 }
 
 inline const char* cuda_error(cudaError_t e) { return e == cudaSuccess ? nullptr : cudaGetErrorString(e); }
+
+// nullptr if this GPU gives a block `smem` bytes of shared memory (with the opt-in), else why not.
+inline const char* check_shared_memory(size_t smem) {
+  int dev = 0, limit = 0;
+  if (auto e = cuda_error(cudaGetDevice(&dev))) return e;
+  if (auto e = cuda_error(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev))) return e;
+  return smem > static_cast<size_t>(limit) ? "this rank needs more shared memory per block than this GPU has" : nullptr;
+}
 
 // Launch `kernel` with `smem` bytes of dynamic shared memory (opted in above the 48 KiB default) on `stream`;
 // `cooperative`: all blocks resident at once (the decode kernel's blocks wait for one another).
