@@ -88,6 +88,7 @@ def load() -> str | None:
             return None
         except Exception as e:  # a mismatched or broken build
             load_error = f"{os.path.basename(library)} could not be loaded ({type(e).__name__}: {e})"
+            _warn(load_error)
     if has_sources() and not torch.cuda.is_available():
         return (f"{load_error + '; ' if load_error else ''}not built; a source checkout builds it just in time on "
                 "first use on a machine with a GPU (or run scripts/build_wheel.sh)")
@@ -101,7 +102,6 @@ def load() -> str | None:
             _warn(reason)
             return reason
     if load_error:
-        _warn(load_error)
         return load_error
     return ("the CUDA C++ extension (lora_kernels._C) is not part of this install: install a wheel built with it "
             "or build from source (docs/install.md)")

@@ -374,3 +374,27 @@ def test_kernels_use_tensor_cores_and_do_not_spill(tmp_path):
         ptx = "".join(p.read_text() for p in (tmp_path / f).glob("*.ptx"))
         if "decode" not in f:
             assert "wmma.mma.sync" in ptx or "mma.sync" in ptx, f"{f}: no tensor-core MMA in the PTX"
+
+
+def test_broken_library_warns_once_and_says_why(tmp_path, monkeypatch):
+    """A library that exists but does not load (wrong torch, CUDA major mismatch) warns once; import never fails."""
+    bogus = tmp_path / "_C.abi3.so"
+    bogus.write_bytes(b"not an ELF file")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cuda_ext, "prebuilt_library", lambda: str(bogus))
+    monkeypatch.setattr(cuda_ext, "_registered", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("LORA_KERNELS_CUDA_EXT", raising=False)
+    cuda_ext.load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="_C.abi3.so could not be loaded") as record:
+            first = cuda_ext.load()
+            second = cuda_ext.load()
+        assert first == second and "could not be loaded" in first
+        assert sum("could not be loaded" in str(w.message) for w in record) == 1
+        monkeypatch.setattr(cuda_ext, "has_sources", lambda: False)
+        cuda_ext.load.cache_clear()
+        with pytest.warns(RuntimeWarning, match="could not be loaded"):
+            assert "could not be loaded" in cuda_ext.load()
+    finally:
+        cuda_ext.load.cache_clear()
