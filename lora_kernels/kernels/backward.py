@@ -175,6 +175,7 @@ def lora_bwd_lowrank_kernel(
             g = g * row_keep_scale
     else:
         g = g * scaling
+        row_threshold = threshold
     g = g.to(X.dtype.element_ty)
     g_t = tl.trans(g)
     if UPCAST:
@@ -185,10 +186,7 @@ def lora_bwd_lowrank_kernel(
         x = tl.load(X + offs_m.to(tl.int64)[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if DROPOUT:
-            if GATED:
-                keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, row_threshold, BLOCK_M, BLOCK_K)
-            else:
-                keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, threshold, BLOCK_M, BLOCK_K)
+            keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, row_threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0)
         if UPCAST:
             x = x.to(tl.float32)

@@ -153,6 +153,8 @@ def lora_xa_kernel(
     rows = offs_m % M
     if GATED:
         gate, row_threshold, row_keep_scale = row_gate(IDS, OWNER, RSCALE, THR, KS, rows, offs_r, R)
+    else:
+        row_threshold = threshold
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     a_ptrs = A + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
@@ -161,10 +163,7 @@ def lora_xa_kernel(
         k_ok = offs_k < K - k0
         x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         if DROPOUT:
-            if GATED:
-                keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, row_threshold, BLOCK_M, BLOCK_K)
-            else:
-                keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, threshold, BLOCK_M, BLOCK_K)
+            keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, row_threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
         if UPCAST:
@@ -206,9 +205,10 @@ def forward_variant(M: int, r: int, dropout_p: float, dtype: torch.dtype = torch
     return "fused" if dropout_p == 0.0 and block_r(r) <= 64 else "xa_first"
 
 
-def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None):
+def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None, any_dropout=False):
     """gating: None, or (adapter_ids int32 [M], rank_owner int32 [R], rank_scale fp32 [R], thresholds int32 [n],
-    keep_scales fp32 [n]) for a mixed batch (dropout_p then only says whether any adapter drops)."""
+    keep_scales fp32 [n]) for a mixed batch, whose dropout comes per row with the gating (dropout_p is then
+    unused; any_dropout says whether some adapter drops)."""
     M, K = x.shape
     R = lora_A.shape[0]
     threshold, keep_scale = dropout_args(dropout_p)
@@ -221,7 +221,8 @@ def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None):
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0),
         xs.stride(0) if xs is not None else 0,
         threshold, keep_scale, float(scaling), m_bucket(M),
-        DROPOUT=dropout_p > 0.0, STORE_XS=xs is not None, GATED=gating is not None, BLOCK_R=xa_br,
+        DROPOUT=any_dropout if gating is not None else dropout_p > 0.0, STORE_XS=xs is not None,
+        GATED=gating is not None, BLOCK_R=xa_br,
         DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
     )
 
@@ -293,15 +294,15 @@ def lora_mixed_forward(x, weight, bias, lora_A, lora_B, seed, any_dropout: bool,
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     xa = empty((M, R), x.device, torch.float32)
-    p = 0.5 if any_dropout else 0.0  # only says "some adapter drops"; the thresholds come with the gating
     if M == 0:
         return empty((M, N), x.device, x.dtype), (xa if save else xa.new_empty((0,)))
-    if forward_variant(M, R, p, x.dtype) == "cublas":
+    # Two launches either way (gated thin kernel, then a GEMM): the variant only picks cuBLAS or Triton's GEMM.
+    if forward_variant(M, R, 0.0, x.dtype) == "cublas":
         xs = empty((M, R), x.device, x.dtype)
-        _launch_xa(x, lora_A, xa, xs, seed, 1.0, p, gating)
+        _launch_xa(x, lora_A, xa, xs, seed, 1.0, 0.0, gating, any_dropout)
         y = _cublas_products(x, weight, bias, lora_B, xs)
     else:
         y = empty((M, N), x.device, x.dtype)
-        _launch_xa(x, lora_A, xa, None, seed, 1.0, p, gating)
+        _launch_xa(x, lora_A, xa, None, seed, 1.0, 0.0, gating, any_dropout)
         _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, 1.0, fuse_xa=False, store_xa=True)
     return y, (xa if save else xa.new_empty((0,)))
