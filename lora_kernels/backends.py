@@ -234,19 +234,15 @@ class CudaBackend:
         if deterministic:  # one partial per row tile, summed in a fixed order: bitwise repeatable
             parts = -(-M // CudaBackend.BWD_BLOCK_M)
             da, db = empty((parts, r, K), x.device, torch.float32), empty((parts, N, r), x.device, torch.float32)
-        else:  # fp32 atomics into one zeroed buffer (one fill, one cast afterwards)
-            grads = torch.zeros(r * K + N * r, **f32)
-            da, db = grads[:r * K].view(r, K), grads[r * K:].view(N, r)
+        else:  # fp32 atomics into zeroed buffers (separate ones: the op's outputs must not alias each other)
+            da, db = torch.zeros((r, K), **f32), torch.zeros((N, r), **f32)
         dx = empty((M, K), x.device, x.dtype) if need_dx else None
         torch.ops.lora_kernels_cuda.backward(grad_y, x, weight, lora_A, lora_B, xa.float().contiguous(),
                                              seed if dropout_p > 0 else None, dx, da, db, float(scaling),
                                              float(dropout_p), bool(deterministic))
         if deterministic:
-            da, db = da.sum(0).to(x.dtype), db.sum(0).to(x.dtype)
-        else:
-            grads = grads.to(x.dtype)
-            da, db = grads[:r * K].view(r, K), grads[r * K:].view(N, r)
-        return (dx if need_dx else x.new_empty((0,))), da, db
+            da, db = da.sum(0), db.sum(0)
+        return (dx if need_dx else x.new_empty((0,))), da.to(x.dtype), db.to(x.dtype)
 
     @staticmethod
     def mixed_forward(*args):

@@ -175,3 +175,44 @@ def test_dropout_mask_is_the_reference_mask(cuda_backend):
                                     1.0, 0.25, False)
         keep = reference.dropout_keep_mask(99, M, K, 0.25)
         assert torch.equal(y != 0, keep), M
+
+
+@pytest.fixture
+def cuda_backend_on_cpu(cuda_backend, monkeypatch):
+    """backend="cuda" accepted for CPU tensors, so the public API reaches the emulated kernels."""
+    monkeypatch.setattr(backends.CudaBackend, "unavailable_reason", staticmethod(lambda device, dtype: None))
+    return cuda_backend
+
+
+@pytest.mark.parametrize("M", [4, 40])
+def test_public_api_and_compile(cuda_backend_on_cpu, M):
+    """lora_linear and FusedLoRALinear with backend="cuda": autograd, 3-D inputs, torch.compile(fullgraph=True),
+    against the torch backend on the same parameters and seed."""
+    from lora_kernels import FusedLoRALinear, lora_linear
+
+    x, w, b, a, bb = make_inputs(M, 48, 32, 4, torch.bfloat16, device="cpu")
+    seed = torch.tensor([5], dtype=torch.int64)
+    gy = torch.randn(2, M // 2, 32, dtype=torch.float64)
+    outs = {}
+    for backend, dt in (("cuda", torch.bfloat16), ("torch", torch.bfloat16), ("torch", torch.float64)):
+        xi, ai, bi = (t.to(dt).clone().requires_grad_(True) for t in (x, a, bb))
+        y = lora_linear(xi.view(2, M // 2, 48), w.to(dt), b.to(dt), ai, bi, 2.0, 0.1, backend=backend, seed=seed)
+        y.backward(gy.to(dt))
+        outs[backend, dt] = (y, xi.grad, ai.grad, bi.grad)
+    for name, out, same, ref in zip(("y", "grad x", "grad lora_A", "grad lora_B"), outs["cuda", torch.bfloat16],
+                                    outs["torch", torch.bfloat16], outs["torch", torch.float64]):
+        assert_parity(name, out, same, ref)
+
+    layer = FusedLoRALinear(48, 32, r=4, lora_alpha=8, lora_dropout=0.1, backend="cuda", init_lora_weights=False,
+                            dtype=torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (layer, compiled):
+        torch.manual_seed(7)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi)
+        y.float().square().mean().backward()
+        results.append((y.detach(), xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager)
