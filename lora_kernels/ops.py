@@ -73,9 +73,14 @@ def check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
             raise TypeError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}; cast one of them")
         if t.device != x.device:
             raise ValueError(f"{name}: on device {t.device}, expected x's device {x.device}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+    # While torch.compile traces, a float that differs between compiled layers (alpha / r, dropout) is symbolic and
+    # has no value to check: the values are checked when the op runs (its implementation calls this function
+    # again, with plain numbers, before any kernel).
+    values = not torch.compiler.is_compiling()
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or (values and not math.isfinite(scaling)):
         raise ValueError(f"scaling: expected a finite number, got {scaling!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
+            or (values and not 0.0 <= dropout_p < 1.0)):
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
 
 

@@ -229,3 +229,33 @@ def test_seed_required_for_dropout_in_op():
     x, w, b, a, bb, _, s, _, _, _ = _fwd_args("torch")
     with pytest.raises(ValueError, match="seed: dropout_p > 0 needs a one-element int64 tensor"):
         torch.ops.lora_kernels.lora_linear_fwd(x, w, b, a, bb, None, s, 0.3, True, "torch")
+
+
+def test_torch_compile_layers_with_different_hyperparameters():
+    """Several compiled layers whose scaling and dropout differ: on recompilation dynamo makes the changed floats
+    symbolic; the trace must not break on them (fullgraph) and the results must match eager."""
+    for r, alpha, p in [(4, 8, 0.0), (2, 1, 0.1), (8, 3, 0.05)]:
+        layer = FusedLoRALinear(16, 12, r=r, lora_alpha=alpha, lora_dropout=p, init_lora_weights=False,
+                                device=DEVICE)
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        x = torch.randn(3, 16, device=DEVICE)
+        outs = []
+        for fn in (layer, compiled):
+            torch.manual_seed(5)
+            layer.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            y = fn(xi)
+            y.square().sum().backward()
+            outs.append((y.detach(), xi.grad, layer.lora_A.grad.clone()))
+        for eager, comp in zip(*outs):
+            torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_scaling_still_raises_under_compile():
+    """Values that are symbolic while tracing are checked when the op runs, before any kernel."""
+    args = _good()
+    fn = torch.compile(lambda x, s: lora_linear(x, args["weight"], args["bias"], args["lora_A"], args["lora_B"], s),
+                       fullgraph=True, backend="aot_eager", dynamic=True)
+    fn(args["x"], 1.5)
+    with pytest.raises(Exception, match="scaling: expected a finite number"):
+        fn(args["x"], float("inf"))
