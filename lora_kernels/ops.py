@@ -73,15 +73,23 @@ def check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
             raise TypeError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}; cast one of them")
         if t.device != x.device:
             raise ValueError(f"{name}: on device {t.device}, expected x's device {x.device}")
-    # While torch.compile traces, a float that differs between compiled layers (alpha / r, dropout) is symbolic and
-    # has no value to check: the values are checked when the op runs (its implementation calls this function
-    # again, with plain numbers, before any kernel).
-    values = not torch.compiler.is_compiling()
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or (values and not math.isfinite(scaling)):
-        raise ValueError(f"scaling: expected a finite number, got {scaling!r}")
-    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
-            or (values and not 0.0 <= dropout_p < 1.0)):
-        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    _check_scaling("scaling", scaling)
+    _check_probability("dropout_p", dropout_p)
+
+
+# While torch.compile traces, a float that differs between compiled layers (alpha / r, dropout) is symbolic and has
+# no value to check: values are checked when the op runs (its implementation checks again, with plain numbers,
+# before any kernel). Types are checked either way.
+def _check_scaling(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+            not torch.compiler.is_compiling() and not math.isfinite(v)):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+
+
+def _check_probability(name, p):
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or (
+            not torch.compiler.is_compiling() and not 0.0 <= p < 1.0):
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {p!r}")
 
 
 def _check_seed(seed, device, dropout_p):
@@ -307,10 +315,8 @@ def check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, s
         raise ValueError(f"lora_B: expected shape [{weight.shape[0]}, {lora_A.shape[0]}] (out_features, stacked "
                          f"rank), got {tuple(lora_B.shape)}")
     for i, (scale, p) in enumerate(zip(scalings, dropout_ps)):
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"scalings[{i}]: expected a finite number, got {scale!r}")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout_ps[{i}]: expected a probability in [0, 1), got {p!r}")
+        _check_scaling(f"scalings[{i}]", scale)
+        _check_probability(f"dropout_ps[{i}]", p)
     R = lora_A.shape[0]
     for name, t, shape in (("adapter_ids", adapter_ids, tuple(x.shape[:-1])), ("rank_owner", rank_owner, (R,))):
         if not isinstance(t, Tensor) or t.dtype not in (torch.int32, torch.int64):

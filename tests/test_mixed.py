@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, DTYPES, assert_parity, seed_tensor
-from lora_kernels import lora_linear, lora_linear_mixed, reference, stack_adapters
+from lora_kernels import FusedLoRALinear, lora_linear, lora_linear_mixed, reference, stack_adapters
 from lora_kernels.kernels import forward as triton_forward
 
 SEED = 4242
@@ -239,3 +239,24 @@ def test_mixed_batch_compiles_without_graph_breaks():
     y.square().sum().backward()
     torch.testing.assert_close(y, layer(x, adapter_ids=ids), rtol=1e-5, atol=1e-5)
     assert x.grad is not None and layer.extra_lora_B["math"].grad.any()
+
+
+def test_compile_mixed_layers_with_different_hyperparameters():
+    """Compiled mixed batches on layers whose adapters' scalings and dropouts differ (symbolic floats on
+    recompilation): no graph break, same results as eager."""
+    for r, alpha, p in [(4, 8, 0.0), (2, 1, 0.1), (8, 3, 0.05)]:
+        layer = FusedLoRALinear(16, 12, r=r, lora_alpha=alpha, lora_dropout=p, init_lora_weights=False,
+                                device=DEVICE)
+        layer.add_adapter("b", r=r + 1, lora_alpha=alpha * 2, lora_dropout=p / 2, init_lora_weights=False)
+        ids = torch.tensor([0, 1, -1, 1], device=DEVICE)
+        x = torch.randn(4, 16, device=DEVICE)
+        compiled = torch.compile(lambda x, ids: layer(x, adapter_ids=ids), fullgraph=True, backend="aot_eager")
+        outs = []
+        for fn in (lambda x, ids: layer(x, adapter_ids=ids), compiled):
+            torch.manual_seed(3)
+            xi = x.clone().requires_grad_(True)
+            y = fn(xi, ids)
+            y.square().sum().backward()
+            outs.append((y.detach(), xi.grad))
+        for eager, comp in zip(*outs):
+            torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
