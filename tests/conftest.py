@@ -67,7 +67,24 @@ def seed_tensor(value, device=DEVICE):
     return torch.tensor([value], dtype=torch.int64, device=device)
 
 
-__all__ = ["DEVICE", "DTYPES", "HAS_GPU", "assert_parity", "make_inputs", "seed_tensor", "requires_gpu",
+def assert_compiled_matches_eager(eager, compiled, inputs, params, seed=123, **tol):
+    """Runs `eager` and `compiled` on clones of `inputs` with the same RNG seed (the same dropout masks); their
+    outputs, the inputs' grads and the grads of `params` must match (default: float32 round-off)."""
+    runs = []
+    for fn in (eager, compiled):
+        torch.manual_seed(seed)
+        for t in params:
+            t.grad = None
+        xs = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        y = fn(*xs)
+        y.float().square().mean().backward()
+        runs.append([y.detach()] + [t.grad for t in xs if t.is_floating_point()] + [t.grad.clone() for t in params])
+    tol = tol or dict(rtol=1e-5, atol=1e-6)
+    for eager_out, compiled_out in zip(*runs):
+        torch.testing.assert_close(compiled_out, eager_out, **tol)
+
+
+__all__ = ["DEVICE", "assert_compiled_matches_eager", "DTYPES", "HAS_GPU", "assert_parity", "make_inputs", "seed_tensor", "requires_gpu",
            "lora_kernels", "backends", "reference"]
 
 

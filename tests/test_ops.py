@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICE, assert_parity, make_inputs, seed_tensor
+from conftest import DEVICE, assert_compiled_matches_eager, assert_parity, make_inputs, seed_tensor
 from lora_kernels import BackendUnavailableError, FusedLoRALinear, backends, lora_linear, reference
 
 BACKENDS = ["torch", "triton"]
@@ -57,17 +57,8 @@ def test_torch_compile_fullgraph(backend, p):
     """The ops trace into one graph (no graph break) and the compiled model matches eager, grads included."""
     model = _Block(backend, p)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 5, 24, device=DEVICE)
-    outs = []
-    for fn in (model, compiled):
-        torch.manual_seed(123)  # the same dropout seed is drawn in both runs
-        model.zero_grad()
-        xi = x.clone().requires_grad_(True)
-        y = fn(xi)
-        y.square().mean().backward()
-        outs.append((y.detach(), xi.grad, model.up.lora_A.grad.clone(), model.down.lora_B.grad.clone()))
-    for eager, comp in zip(*outs):
-        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(model, compiled, [torch.randn(2, 5, 24, device=DEVICE)],
+                                  [model.up.lora_A, model.down.lora_B])
 
 
 def test_torch_compile_inductor_forward():
@@ -238,17 +229,7 @@ def test_torch_compile_layers_with_different_hyperparameters():
         layer = FusedLoRALinear(16, 12, r=r, lora_alpha=alpha, lora_dropout=p, init_lora_weights=False,
                                 device=DEVICE)
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-        x = torch.randn(3, 16, device=DEVICE)
-        outs = []
-        for fn in (layer, compiled):
-            torch.manual_seed(5)
-            layer.zero_grad()
-            xi = x.clone().requires_grad_(True)
-            y = fn(xi)
-            y.square().sum().backward()
-            outs.append((y.detach(), xi.grad, layer.lora_A.grad.clone()))
-        for eager, comp in zip(*outs):
-            torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+        assert_compiled_matches_eager(layer, compiled, [torch.randn(3, 16, device=DEVICE)], [layer.lora_A])
 
 
 def test_bad_scaling_still_raises_under_compile():
