@@ -119,3 +119,18 @@ def test_mixed_providers_compute_the_same_layer():
         outs[name] = fns["fwd"]()
     torch.testing.assert_close(outs["mixed"], outs["loop"], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(outs["mixed"], mixed.build("base", case, DEVICE)["fwd"](), atol=1e-3)
+
+
+def test_decode_bench_providers_compute_the_same_layer(capsys):
+    """bench.decode's providers are the same layer (merged = base + s B A); without a GPU it says so and exits 0."""
+    from bench import decode
+
+    torch.manual_seed(0)
+    w, a, b = torch.randn(24, 40) / 7, torch.randn(4, 40) / 7, torch.randn(24, 4) / 2
+    x = torch.randn(3, 40)
+    fns = decode.providers(w, a, b, 2.0)
+    ref = fns["eager"](x)
+    torch.testing.assert_close(fns["merged"](x), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fns["base"](x), ref)
+    if not torch.cuda.is_available():
+        assert decode.main([]) == 0 and "needs a GPU" in capsys.readouterr().out
