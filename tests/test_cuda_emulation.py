@@ -48,6 +48,7 @@ def emulated_ops(tmp_path_factory):
     lib.lk_emu_forward.argtypes = [I, I, P, P, P, P, P, P, P, L, L, L, I, F, I, P, ctypes.c_uint, F, I]
     lib.lk_emu_backward.restype = ctypes.c_char_p
     lib.lk_emu_backward.argtypes = [I, P, P, P, P, P, P, P, P, P, L, L, L, I, F, I, P, ctypes.c_uint, F]
+    lib.lk_emu_set_shared_memory_limit.argtypes = [ctypes.c_ulonglong]
     return EmulatedOps(lib)
 
 
@@ -207,3 +208,17 @@ def test_public_api_and_compile(cuda_backend_on_cpu, M):
                             dtype=torch.bfloat16)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     assert_compiled_matches_eager(layer, compiled, [x], [layer.lora_A, layer.lora_B], rtol=0, atol=0)
+
+
+def test_rank_over_the_shared_memory_limit_says_so(cuda_backend, emulated_ops):
+    """r = 256 needs ~150 KiB (forward) and ~198 KiB (backward) per block: on a GPU with an A100's 163 KiB the
+    forward runs and the backward refuses with the reason instead of launching."""
+    emulated_ops.lib.lk_emu_set_shared_memory_limit(163 * 1024)
+    try:
+        x, w, b, a, bb = make_inputs(20, 64, 40, 256, torch.bfloat16, device="cpu")
+        y, xa = cuda_backend.forward(x, w, b, a, bb, None, 1.0, 0.0, True)
+        assert torch.isfinite(y).all()
+        with pytest.raises(AssertionError, match="more shared memory per block than this GPU has"):
+            cuda_backend.backward(torch.randn_like(y), x, w, a, bb, xa, None, 1.0, 0.0, True, False)
+    finally:
+        emulated_ops.lib.lk_emu_set_shared_memory_limit(0)

@@ -52,3 +52,7 @@ extern "C" const char* lk_emu_backward(int dtype, const void* grad_y, const void
   p.dropout = dropout(seed, threshold, keep_scale);
   return backward(static_cast<DType>(dtype), p, nullptr);
 }
+
+extern "C" void lk_emu_set_shared_memory_limit(unsigned long long bytes) {
+  lk_emulation::g_smem_optin = bytes ? bytes : kEmulatedSmemBytes;
+}

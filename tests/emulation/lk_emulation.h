@@ -124,7 +124,10 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
 }  // namespace nvcuda
 
 // ---- runtime: the functions the launchers call ----
-constexpr size_t kEmulatedSmemBytes = 227 * 1024;  // an H100's opt-in limit
+constexpr size_t kEmulatedSmemBytes = 227 * 1024;  // the buffer: an H100's opt-in limit
+namespace lk_emulation {
+inline size_t g_smem_optin = kEmulatedSmemBytes;  // what the emulated device reports (tests lower it: an A100's)
+}
 
 inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "error (emulation)"; }
 inline cudaError_t cudaGetDevice(int* d) {
@@ -132,7 +135,7 @@ inline cudaError_t cudaGetDevice(int* d) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? static_cast<int>(kEmulatedSmemBytes)
+  *v = a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? static_cast<int>(lk_emulation::g_smem_optin)
      : a == cudaDevAttrMultiProcessorCount ? lk_emulation::g_sm_count : 1;
   return cudaSuccess;
 }
