@@ -69,6 +69,13 @@ def _check_hparams(r, lora_alpha, lora_dropout, in_features, out_features):
         raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {lora_dropout!r}")
 
 
+def _hparams(r, lora_alpha, lora_dropout, use_rslora, in_features, out_features) -> dict:
+    """An adapter's checked hyper-parameters, with its scaling alpha / r (rsLoRA: alpha / sqrt(r))."""
+    _check_hparams(r, lora_alpha, lora_dropout, in_features, out_features)
+    return dict(r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), use_rslora=use_rslora,
+                scaling=lora_alpha / (math.sqrt(r) if use_rslora else r))
+
+
 @torch.no_grad()
 def _init_lora(A: Tensor, B: Tensor, r: int, init_lora_weights) -> None:
     if init_lora_weights in (True, "kaiming"):
@@ -170,14 +177,12 @@ class FusedLoRALinear(nn.Module):
         if adapter_name != DEFAULT:
             hp = self._adapter(adapter_name)[2]
             lora_dropout = hp["lora_dropout"] if lora_dropout is None else lora_dropout
-            _check_hparams(hp["r"], lora_alpha, lora_dropout, self.in_features, self.out_features)
-            hp.update(lora_alpha=lora_alpha, use_rslora=use_rslora, lora_dropout=float(lora_dropout),
-                      scaling=lora_alpha / (math.sqrt(hp["r"]) if use_rslora else hp["r"]))
+            hp.update(_hparams(hp["r"], lora_alpha, lora_dropout, use_rslora, self.in_features, self.out_features))
             return
         lora_dropout = getattr(self, "lora_dropout", 0.0) if lora_dropout is None else lora_dropout
-        _check_hparams(self.r, lora_alpha, lora_dropout, self.in_features, self.out_features)
-        self.lora_alpha, self.use_rslora, self.lora_dropout = lora_alpha, use_rslora, float(lora_dropout)
-        self.scaling = lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        hp = _hparams(self.r, lora_alpha, lora_dropout, use_rslora, self.in_features, self.out_features)
+        self.lora_alpha, self.use_rslora, self.lora_dropout, self.scaling = (
+            hp["lora_alpha"], hp["use_rslora"], hp["lora_dropout"], hp["scaling"])
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: bool | str = "kaiming") -> None:
@@ -234,15 +239,13 @@ class FusedLoRALinear(nn.Module):
         if not isinstance(name, str) or not name.isidentifier() or name == DEFAULT or name in self._extra_hparams:
             raise ValueError(f"name: expected a new identifier other than {DEFAULT!r} and {list(self._extra_hparams)}, "
                              f"got {name!r}")
-        _check_hparams(r, lora_alpha, lora_dropout, self.in_features, self.out_features)
+        hp = _hparams(r, lora_alpha, lora_dropout, use_rslora, self.in_features, self.out_features)
         w = self.weight
         A = nn.Parameter(torch.empty((r, self.in_features), device=w.device, dtype=w.dtype))
         B = nn.Parameter(torch.empty((self.out_features, r), device=w.device, dtype=w.dtype))
         _init_lora(A, B, r, init_lora_weights)
         self.extra_lora_A[name], self.extra_lora_B[name] = A, B
-        self._extra_hparams[name] = dict(r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout),
-                                         use_rslora=use_rslora,
-                                         scaling=lora_alpha / (math.sqrt(r) if use_rslora else r))
+        self._extra_hparams[name] = hp
 
     def delete_adapter(self, name: str) -> None:
         if name == DEFAULT:
