@@ -22,6 +22,7 @@ from . import cuda_build
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 SOURCE_ROOT = os.path.dirname(PACKAGE_DIR)
+_loaded_from: str | None = None  # set by load(): where the registered ops came from
 
 
 def _registered() -> bool:
@@ -73,9 +74,11 @@ def _jit_build() -> None:
 @functools.lru_cache(maxsize=None)
 def load() -> str | None:
     """None once the extension's ops are registered, else why they are not."""
+    global _loaded_from
     if os.environ.get("LORA_KERNELS_CUDA_EXT") == "0":
         return "disabled by LORA_KERNELS_CUDA_EXT=0"
     if _registered():
+        _loaded_from = "registered before lora_kernels looked"
         return None
     if not torch.version.cuda:
         return (f"torch {torch.__version__} is a CPU build; the CUDA C++ extension needs a CUDA build of torch "
@@ -85,6 +88,7 @@ def load() -> str | None:
     if library:
         try:
             torch.ops.load_library(library)
+            _loaded_from = os.path.basename(library)
             return None
         except Exception as e:  # a mismatched or broken build
             load_error = f"{os.path.basename(library)} could not be loaded ({type(e).__name__}: {e})"
@@ -95,6 +99,7 @@ def load() -> str | None:
     if has_sources() and os.environ.get("LORA_KERNELS_JIT") != "0":
         try:
             _jit_build()
+            _loaded_from = "just-in-time build"
             return None
         except Exception as e:
             reason = (f"{load_error + '; ' if load_error else ''}the just-in-time build of csrc/ failed "
@@ -110,7 +115,4 @@ def load() -> str | None:
 def describe() -> str:
     """One line for `python -m lora_kernels.info`: where the extension came from, or why it is unavailable."""
     reason = load()
-    if reason:
-        return f"unavailable: {reason}"
-    library = prebuilt_library()
-    return f"loaded ({os.path.basename(library) if library and _registered() else 'just-in-time build'})"
+    return f"unavailable: {reason}" if reason else f"loaded ({_loaded_from})"
