@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import backends
+from .layers import _expand_ids
 from .models import is_plain_linear
 from .ops import lora_linear, lora_linear_mixed, stack_adapters
 
@@ -97,7 +98,7 @@ class _FusedForward:
         if not used:
             return nn.functional.linear(x, weight, bias)
         ids = _sample_ids(tuple(adapter_names), tuple(used), x.device)
-        ids = ids.reshape(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        ids = _expand_ids(ids, x.shape[:-1])  # one id per sample, broadcast over its tokens
         a, b, owner = stack_adapters([self.lora_A[n].weight.to(x.dtype) for n in used],
                                      [self.lora_B[n].weight.to(x.dtype) for n in used])
         return lora_linear_mixed(x, weight, bias, a, b, owner, ids, [self.scaling[n] for n in used],
