@@ -3,7 +3,11 @@ PEFT-style eager LoRA and the Triton backend, timed as GPU time (CUDA graphs of 
 one call is ~10 us of GPU work and several times that of host time). Reports the effective W0 bandwidth against the
 card's measured copy bandwidth. Needs a GPU.
 
-    python -m bench.decode [--M 1,4,16] [--KN 4096x4096,4096x14336,14336x4096] [--r 16] [--out DIR]
+Also the mixed-batch decode step: `--adapters` requests (one token each), each on its own adapter of rank r, served
+by one FusedLoRALinear (`adapter_ids=`) against the base layer alone; the floor is the bytes of W0 plus all the
+adapters' A and B over the bytes of W0 (32 adapters of r = 16 at K = N = 4096: 1.25).
+
+    python -m bench.decode [--M 1,4,16] [--KN 4096x4096,4096x14336,14336x4096] [--r 16] [--adapters 32] [--out DIR]
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import torch
 from torch import nn
 
-from lora_kernels import backends, lora_linear
+from lora_kernels import FusedLoRALinear, backends, lora_linear
 
 CALLS = 50  # calls per graph replay
 
@@ -74,12 +78,35 @@ def providers(w, a, b, scaling):
     return out
 
 
+def mixed_decode_row(w, r, adapters, ring, timer=graph_time_us):
+    """One decode step of `adapters` requests on as many adapters: GPU time of the base layer and of the mixed-batch
+    layer (Triton), their ratio and the bytes floor of that ratio."""
+    N, K = w.shape
+    layer = FusedLoRALinear(K, N, r=r, lora_alpha=2 * r, bias=False, init_lora_weights=False, _weight=w).eval()
+    for i in range(1, adapters):
+        layer.add_adapter(f"a{i}", r=r, lora_alpha=2 * r, init_lora_weights=False)
+    ids = torch.arange(adapters, device=w.device)
+    t = {"base": timer(lambda x: nn.functional.linear(x, w), ring),
+         "mixed": timer(lambda x: layer(x, adapter_ids=ids), ring)}
+    with torch.no_grad():  # the mixed layer computes each row with its own adapter
+        x = ring[0]
+        expect = torch.stack([nn.functional.linear(x[i], w) + 2.0 * nn.functional.linear(nn.functional.linear(
+            x[i], [layer.lora_A, *layer.extra_lora_A.values()][i]), [layer.lora_B, *layer.extra_lora_B.values()][i])
+            for i in range(adapters)])
+        torch.testing.assert_close(layer(x, adapter_ids=ids).float(), expect.float(), rtol=3e-2, atol=3e-2)
+    floor = 1 + adapters * r * (K + N) / (K * N)
+    return {"M": adapters, "K": K, "N": N, "r": r, "adapters": adapters, "base_us": round(t["base"], 2),
+            "mixed_us": round(t["mixed"], 2), "mixed_vs_base": round(t["mixed"] / t["base"], 3),
+            "bytes_floor": round(floor, 3)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--M", default="1,4,16")
     ap.add_argument("--KN", default="4096x4096,4096x14336,14336x4096")
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--out", default=None, help="folder for decode.csv")
+    ap.add_argument("--adapters", type=int, default=32, help="mixed-batch decode: requests = adapters (0: skip)")
+    ap.add_argument("--out", default=None, help="folder for decode.csv (and decode_mixed.csv)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.decode needs a GPU")
@@ -114,13 +141,29 @@ def main(argv=None) -> int:
                 line["merged_W0_bw_frac"] = round(w_bytes / (t["merged"] * 1e-6) / bw, 3)
                 rows.append(line)
                 print("  " + "  ".join(f"{k}={v}" for k, v in line.items()))
-    if args.out and rows:
+    mixed_rows = []
+    if args.adapters and backends.BACKENDS["triton"].unavailable_reason(dev, dt) is None:
+        print(f"mixed-batch decode: {args.adapters} one-token requests on {args.adapters} adapters of r={args.r}")
+        with torch.no_grad():
+            for kn in args.KN.split(","):
+                K, N = map(int, kn.split("x"))
+                w = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
+                ring = [torch.randn(args.adapters, K, device=dev, dtype=dt) for _ in range(4)]
+                try:
+                    mixed_rows.append(mixed_decode_row(w, args.r, args.adapters, ring))
+                    print("  " + "  ".join(f"{k}={v}" for k, v in mixed_rows[-1].items()))
+                except Exception as e:
+                    print(f"  mixed K={K} N={N}: {type(e).__name__}: {str(e)[:200]}")
+    if args.out:
         os.makedirs(args.out, exist_ok=True)
-        keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-        with open(os.path.join(args.out, "decode.csv"), "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=keys)
-            wr.writeheader()
-            wr.writerows(rows)
+        for name, table in (("decode.csv", rows), ("decode_mixed.csv", mixed_rows)):
+            if table:
+                keys = sorted({k for r in table for k in r},
+                              key=lambda k: list(table[0]).index(k) if k in table[0] else 99)
+                with open(os.path.join(args.out, name), "w", newline="") as f:
+                    wr = csv.DictWriter(f, fieldnames=keys)
+                    wr.writeheader()
+                    wr.writerows(table)
     return 0
 
 

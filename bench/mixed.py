@@ -3,7 +3,9 @@
 Providers, per case (M tokens, K, N, n adapters of rank r, bf16):
   "base"    cuBLAS x @ W0^T alone (the floor; what a merged single adapter costs),
   "single"  this package's single-adapter layer with one adapter for every row (the issue's reference point),
-  "mixed"   lora_linear_mixed: every row with its own adapter, one launch for the low-rank part,
+  "mixed"   a FusedLoRALinear holding the n adapters, called with adapter_ids= (every row with its own adapter, one
+            launch for the low-rank part): what a server or trainer calls, host-side caching included (inference
+            stacks the adapters once; training re-stacks each step, for autograd),
   "loop"    the algorithm of PEFT's mixed-batch path (forward with adapter_names=): the base GEMM, then a Python
             loop over the adapters present, each on its rows (index, lora_A, lora_B, scale, index_add).
 Modes: "fwd" (inference, no grad) and "fwd+bwd" (grads of x and of every adapter).
@@ -15,7 +17,7 @@ import dataclasses
 
 import torch
 
-from lora_kernels import lora_linear, lora_linear_mixed, stack_adapters
+from lora_kernels import FusedLoRALinear, lora_linear
 
 PROVIDERS = ("base", "single", "mixed", "loop")
 MODES = ("fwd", "fwd+bwd")
@@ -66,9 +68,18 @@ def build(provider: str, case: MixedCase, device):
         def fwd():
             return lora_linear(x, w, None, As[0], Bs[0], 2.0)
     elif provider == "mixed":
+        layer = FusedLoRALinear(case.K, case.N, r=case.r, lora_alpha=2.0 * case.r, bias=False, _weight=w)
+        for i in range(1, case.adapters):
+            layer.add_adapter(f"a{i}", r=case.r, lora_alpha=2.0 * case.r)
+        with torch.no_grad():
+            adapter_As = [layer.lora_A, *layer.extra_lora_A.values()]
+            adapter_Bs = [layer.lora_B, *layer.extra_lora_B.values()]
+            for dst, src in zip(adapter_As + adapter_Bs, As + Bs):
+                dst.copy_(src)
+        params = [x, *adapter_As, *adapter_Bs]
+
         def fwd():
-            a, b, owner = stack_adapters(As, Bs)  # inside the timing: training re-stacks each step
-            return lora_linear_mixed(x, w, None, a, b, owner, ids, scalings)
+            return layer(x, adapter_ids=ids)
     elif provider == "loop":
         def fwd():
             y = x @ w.t()

@@ -147,10 +147,9 @@ class TritonBackend:
     def _gating(x, adapter_ids, rank_owner, scalings, dropout_ps):
         """The per-row / per-rank tensors the gated kernels read. The per-adapter values come from a small cache:
         building them from Python lists each call would be a host-to-device copy, which waits for the stream."""
-        per_adapter = _per_adapter_tensors(tuple(scalings), tuple(dropout_ps), x.device)
-        rank_scale = per_adapter[0][rank_owner.long()]
-        return (adapter_ids.to(torch.int32).contiguous(), rank_owner.to(torch.int32).contiguous(),
-                rank_scale.contiguous(), per_adapter[1], per_adapter[2])
+        scales, thresholds, keep_scales = _per_adapter_tensors(tuple(scalings), tuple(dropout_ps), x.device)
+        return (adapter_ids.to(torch.int32).contiguous(), rank_owner.to(torch.int32).contiguous(), scales,
+                thresholds, keep_scales)
 
     @staticmethod
     def mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save):

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .ops import lora_linear, lora_linear_mixed, stack_adapters
+from .ops import check_args, lora_linear, mixed_call
+from .stacking import AdapterStack, checked_ids
 
 __all__ = ["FusedLoRALinear", "adapter_ids"]
 
@@ -110,6 +111,7 @@ class FusedLoRALinear(nn.Module):
                  fan_in_fan_out: bool = False, device=None, dtype=None, *, _weight: Tensor | None = None,
                  _bias: Tensor | None = None):
         super().__init__()
+        self._stack = AdapterStack()
         _check_hparams(r, lora_alpha, lora_dropout, in_features, out_features)
         backends.check_name(backend)
         factory = {"device": device, "dtype": dtype}
@@ -197,7 +199,7 @@ class FusedLoRALinear(nn.Module):
         adapter (``set_adapter``)."""
         ids = adapter_ids if adapter_ids is not None else _ADAPTER_IDS
         if ids is not None:
-            return self._mixed_forward(x, _expand_ids(ids, x.shape[:-1]))
+            return self._mixed_forward(x, ids)
         if self.merged:
             return nn.functional.linear(x, self.base_weight(), self.bias)
         A, B, hp = self._adapter(self.active_adapter)
@@ -208,13 +210,21 @@ class FusedLoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("mixed-batch forward: unmerge() first (the merged weight holds the active adapter, "
                                "which would then apply to every row)")
-        names = self.adapter_names
-        parts = [self._adapter(n) for n in names]
-        # autograd splits the grads of the stacked tensors back to each adapter
-        lora_A, lora_B, owner = stack_adapters([a for a, _, _ in parts], [b for _, b, _ in parts])
-        ps = [hp["lora_dropout"] if self.training else 0.0 for _, _, hp in parts]
-        return lora_linear_mixed(x, self.base_weight(), self.bias, lora_A, lora_B, owner, ids,
-                                 [hp["scaling"] for _, _, hp in parts], ps, backend=self.backend)
+        # adapter_names order: "default", then the added adapters (in insertion order, as _extra_hparams; read
+        # from the ParameterDicts' own registries: their item access costs a microsecond each)
+        As = [self.lora_A, *self.extra_lora_A._parameters.values()]
+        Bs = [self.lora_B, *self.extra_lora_B._parameters.values()]
+        hps = self._extra_hparams.values()
+        scalings = [self.scaling, *(hp["scaling"] for hp in hps)]
+        ps = [self.lora_dropout, *(hp["lora_dropout"] for hp in hps)] if self.training else [0.0] * len(As)
+        weight = self.base_weight()
+        # x against W0 and the first adapter; the adapters were checked against W0 when added, and their
+        # hyper-parameters when set
+        check_args(x, weight, self.bias, As[0], Bs[0], 1.0, 0.0)
+        flat = checked_ids(ids, _expand_ids(ids, x.shape[:-1]), len(As))
+        # inference reuses a stacked copy; with grads autograd splits the stacked grads back to each adapter
+        lora_A, lora_B, owner = self._stack.get(As, Bs)
+        return mixed_call(x, weight, self.bias, lora_A, lora_B, owner, flat, scalings, ps, self.backend, None)
 
     # ------------------------------------------------------------------ named adapters
     @property
@@ -297,6 +307,8 @@ class FusedLoRALinear(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
+        if mode:
+            self._stack.clear()  # the stacked copy for mixed-batch inference: training restacks each step
         if self.merge_on_eval:
             self.unmerge() if mode else self.merge()
         return self

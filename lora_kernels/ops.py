@@ -34,7 +34,7 @@ from torch import Tensor
 from . import backends
 
 __all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "check_args", "lora_linear_mixed", "stack_adapters",
-           "lora_mixed_fwd", "lora_mixed_bwd"]
+           "lora_mixed_fwd", "lora_mixed_bwd", "check_mixed_values"]
 
 
 def _fmt_dtype(dtypes):
@@ -328,9 +328,9 @@ def check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, s
             raise ValueError(f"{name}: on device {t.device}, expected x's device {x.device}")
 
 
-def _check_mixed_values(adapter_ids, rank_owner, n) -> None:
-    """Range checks that read the tensors (one host sync); skipped while tracing for torch.compile and while a
-    CUDA graph is being captured (no sync allowed there)."""
+def check_mixed_values(adapter_ids, rank_owner, n) -> None:
+    """Range checks that read the tensors (one host sync; rank_owner may be None); skipped while tracing for
+    torch.compile and while a CUDA graph is being captured (no sync allowed there)."""
     if torch.compiler.is_compiling() or not _plain(adapter_ids, rank_owner):
         return
     if adapter_ids.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -338,7 +338,7 @@ def _check_mixed_values(adapter_ids, rank_owner, n) -> None:
     if adapter_ids.numel() and not bool(((adapter_ids >= -1) & (adapter_ids < n)).all()):
         bad = adapter_ids[(adapter_ids < -1) | (adapter_ids >= n)][0].item()
         raise ValueError(f"adapter_ids: values must be in [-1, {n}) (-1 = base layer only), found {bad}")
-    if rank_owner.numel() and not bool(((rank_owner >= 0) & (rank_owner < n)).all()):
+    if rank_owner is not None and rank_owner.numel() and not bool(((rank_owner >= 0) & (rank_owner < n)).all()):
         raise ValueError(f"rank_owner: values must be adapter indices in [0, {n})")
 
 
@@ -390,15 +390,42 @@ def _mixed_setup_context(ctx, inputs, output):
     ctx.scalings, ctx.dropout_ps, ctx.backend, ctx.has_bias = scalings, dropout_ps, backend, bias is not None
 
 
-def _mixed_backward(ctx, grad_y, grad_xs):
+def _mixed_backward(ctx, grad_y, grad_xs, call_bwd=None):
     x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, seed = ctx.saved_tensors
-    grads = _grads(ctx, grad_y, x, lambda need_x, det: torch.ops.lora_kernels.lora_mixed_bwd(
+    call_bwd = call_bwd or torch.ops.lora_kernels.lora_mixed_bwd
+    grads = _grads(ctx, grad_y, x, lambda need_x, det: call_bwd(
         grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, ctx.scalings, ctx.dropout_ps, seed,
         need_x, det, ctx.backend))
     return *grads, None, None, None, None, None, None, None
 
 
 lora_mixed_fwd.register_autograd(_mixed_backward, setup_context=_mixed_setup_context)
+
+
+class _EagerLoRAMixed(torch.autograd.Function):
+    """lora_mixed_fwd / _bwd without the custom-op dispatcher (as _EagerLoRALinear for one adapter)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save,
+                backend):
+        y, xs = backends.BACKENDS[backend].mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner,
+                                                         scalings, dropout_ps, seed, True)
+        _mixed_setup_context(ctx, (x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps,
+                                   seed, save, backend), (y, xs))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _mixed_backward(ctx, grad_y, None, _eager_mixed_bwd)
+
+
+def _eager_mixed_bwd(*args):
+    return backends.BACKENDS[args[-1]].mixed_backward(*args[:-1])
+
+
+def _mixed_hparams(scalings, dropout_ps):
+    scalings = [float(s) for s in scalings]
+    return scalings, [0.0] * len(scalings) if dropout_ps is None else [float(p) for p in dropout_ps]
 
 
 def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -408,14 +435,28 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A:
     (-1: the base layer alone). lora_A, lora_B, rank_owner come from ``stack_adapters``; scalings and
     dropout_ps (default: no dropout) have one entry per adapter. Grads reach each adapter's slice of
     lora_A / lora_B from its own rows only."""
-    scalings = [float(s) for s in scalings]
-    dropout_ps = [0.0] * len(scalings) if dropout_ps is None else [float(p) for p in dropout_ps]
+    scalings, dropout_ps = _mixed_hparams(scalings, dropout_ps)
     check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps)
-    _check_mixed_values(adapter_ids, rank_owner, len(scalings))
+    check_mixed_values(adapter_ids, rank_owner, len(scalings))
+    return mixed_call(x, weight, bias, lora_A, lora_B, rank_owner, adapter_ids.reshape(-1), scalings, dropout_ps,
+                      backend, seed)
+
+
+def mixed_call(x, weight, bias, lora_A, lora_B, rank_owner, flat_ids, scalings, dropout_ps, backend, seed):
+    """lora_linear_mixed after its checks (callers that checked the ids and built rank_owner themselves, like
+    FusedLoRALinear, call this with flat_ids [rows of x]): backend, seed, then the op, or outside torch.compile
+    on plain tensors the same backend functions without the dispatcher."""
     name = backends.resolve(backend, x.device, x.dtype)
     seed, save = _seed_and_save(seed, x, max(dropout_ps), (x, weight, bias, lora_A, lora_B))
     lead = x.shape[:-1]
-    y, _ = torch.ops.lora_kernels.lora_mixed_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
-                                                 adapter_ids.reshape(-1), rank_owner, scalings, dropout_ps, seed,
-                                                 save, name)
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling() or not _plain(x, weight, bias, lora_A, lora_B, flat_ids, rank_owner):
+        y, _ = torch.ops.lora_kernels.lora_mixed_fwd(x2, weight, bias, lora_A, lora_B, flat_ids, rank_owner,
+                                                     scalings, dropout_ps, seed, save, name)
+    elif save:
+        y = _EagerLoRAMixed.apply(x2, weight, bias, lora_A, lora_B, flat_ids, rank_owner, scalings, dropout_ps,
+                                  seed, True, name)
+    else:  # inference: no autograd node at all
+        y, _ = backends.BACKENDS[name].mixed_forward(x2, weight, bias, lora_A, lora_B, flat_ids, rank_owner,
+                                                     scalings, dropout_ps, seed, False)
     return y.reshape(*lead, weight.shape[0])

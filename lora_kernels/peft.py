@@ -20,7 +20,8 @@ from torch import nn
 from . import backends
 from .layers import _expand_ids
 from .models import is_plain_linear
-from .ops import lora_linear, lora_linear_mixed, stack_adapters
+from .ops import check_mixed_args, lora_linear, mixed_call
+from .stacking import AdapterStack, checked_ids
 
 __all__ = ["fuse", "register", "FusedPeftLinear"]
 
@@ -38,6 +39,7 @@ class _FusedForward:
     """The forward that FusedPeftLinear puts in front of PEFT's LoRA Linear."""
 
     fused_backend = "auto"
+    _lk_stack = None
 
     def _fused_unsupported(self, x, args, kwargs) -> str | None:
         """Why this call cannot take the fused path (None if it can). Normal states (merged, adapters disabled)
@@ -97,12 +99,17 @@ class _FusedForward:
         used = list(dict.fromkeys(n for n in adapter_names if n in self.lora_A))
         if not used:
             return nn.functional.linear(x, weight, bias)
-        ids = _sample_ids(tuple(adapter_names), tuple(used), x.device)
-        ids = _expand_ids(ids, x.shape[:-1])  # one id per sample, broadcast over its tokens
-        a, b, owner = stack_adapters([self.lora_A[n].weight.to(x.dtype) for n in used],
-                                     [self.lora_B[n].weight.to(x.dtype) for n in used])
-        return lora_linear_mixed(x, weight, bias, a, b, owner, ids, [self.scaling[n] for n in used],
-                                 [self._dropout_p(n) for n in used], backend=self.fused_backend)
+        ids = _sample_ids(tuple(adapter_names), tuple(used), x.device)  # the same tensor for every layer
+        expanded = _expand_ids(ids, x.shape[:-1])  # one id per sample, broadcast over its tokens
+        if self._lk_stack is None:
+            self._lk_stack = AdapterStack()  # inference reuses the stacked (and cast) adapters
+        a, b, owner = self._lk_stack.get([self.lora_A[n].weight for n in used],
+                                         [self.lora_B[n].weight for n in used], dtype=x.dtype)
+        scalings = [float(self.scaling[n]) for n in used]
+        ps = [float(self._dropout_p(n)) for n in used]
+        check_mixed_args(x, weight, bias, a, b, expanded, owner, scalings, ps)
+        flat = checked_ids(ids, expanded, len(used))
+        return mixed_call(x, weight, bias, a, b, owner, flat, scalings, ps, self.fused_backend, None)
 
 
 @functools.lru_cache(maxsize=256)

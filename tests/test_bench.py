@@ -134,3 +134,16 @@ def test_decode_bench_providers_compute_the_same_layer(capsys):
     assert not torch.allclose(fns["base"](x), ref)
     if not torch.cuda.is_available():
         assert decode.main([]) == 0 and "needs a GPU" in capsys.readouterr().out
+
+
+def test_decode_bench_mixed_step_checks_its_rows():
+    """The mixed-batch decode case serves each request with its own adapter (checked inside, against a per-row
+    computation) and reports the bytes floor; here with a stand-in timer (no GPU)."""
+    from bench import decode
+
+    w = torch.randn(48, 64, device=DEVICE) / 8
+    ring = [torch.randn(5, 64, device=DEVICE)]
+    calls = []
+    row = decode.mixed_decode_row(w, 4, 5, ring, timer=lambda fn, ring: calls.append(fn(ring[0]).shape) or 2.0)
+    assert calls == [(5, 48), (5, 48)]
+    assert row["mixed_vs_base"] == 1.0 and row["bytes_floor"] == round(1 + 5 * 4 * (64 + 48) / (64 * 48), 3)

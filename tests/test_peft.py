@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import DEVICE, assert_parity
+from conftest import DEVICE, CountOps, assert_parity
 import lora_kernels
 from lora_kernels import inject, load_adapter, lora_layers, mark_only_lora_as_trainable, save_adapter
 from lora_kernels import peft_format
@@ -308,8 +308,8 @@ def test_peft_mixed_batches_run_the_mixed_kernels(monkeypatch):
     reference_pm = copy.deepcopy(pm)
     fuse(pm, backend=BACKEND)
     calls = []
-    real = lk_peft.lora_linear_mixed
-    monkeypatch.setattr(lk_peft, "lora_linear_mixed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = lk_peft.mixed_call
+    monkeypatch.setattr(lk_peft, "mixed_call", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids = torch.randint(0, 64, (3, 6), device=DEVICE)
     names = ["second", "__base__", "default"]  # v_proj has no "second": the base layer there, as in PEFT
     with torch.no_grad():
@@ -318,3 +318,11 @@ def test_peft_mixed_batches_run_the_mixed_kernels(monkeypatch):
         y64 = copy.deepcopy(reference_pm).double()(ids, adapter_names=names).logits
     assert len(calls) == 4  # q_proj and v_proj of both decoder layers
     assert_parity("logits", y, y32, y64)
+    q_proj = pm.base_model.model.model.layers[0].self_attn.q_proj
+    h = torch.randn(3, 6, q_proj.in_features, device=DEVICE)
+    with torch.no_grad():
+        first = q_proj(h, adapter_names=names)
+        with CountOps() as ops:
+            again = q_proj(h, adapter_names=names)
+    assert torch.equal(again, first)
+    assert not {"cat", "all", "_to_copy"} & set(ops.counts), ops.counts  # adapters stacked and ids checked once

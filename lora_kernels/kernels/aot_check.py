@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 SMEM_LIMIT = {80: 166912, 90: 232448}
 DTYPES = ("fp16", "bf16", "fp32")
 _POINTER_TYPES = {"XA": "*fp32", "SEED": "*i64", "DA": "*fp32", "DB": "*fp32", "OUT": "*i8", "IDS": "*i32",
-                  "OWNER": "*i32", "RSCALE": "*fp32", "THR": "*i32", "KS": "*fp32"}
+                  "OWNER": "*i32", "SCALES": "*fp32", "THR": "*i32", "KS": "*fp32"}
 _FLOAT_ARGS = {"scaling", "keep_scale"}
 _SIZE_ARGS = {"M", "N", "K", "R"}  # upper case like the pointers, but i32
 

@@ -136,7 +136,7 @@ def lora_bwd_dx_kernel(
                  prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["DA"])
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_bwd_lowrank_kernel(
-    DY, A, B, X, SEED, DX, DA, IDS, OWNER, RSCALE, THR, KS,
+    DY, A, B, X, SEED, DX, DA, IDS, OWNER, SCALES, THR, KS,
     M, N, K, R,
     stride_dym, stride_dyn, stride_ar, stride_ak, stride_bn, stride_br, stride_xm, stride_xk,
     stride_dxm, stride_dxk, stride_dap,
@@ -169,7 +169,7 @@ def lora_bwd_lowrank_kernel(
     if GATED:
         # mixed batch: each row's G keeps its own adapter's ranks, times that adapter's scaling and (folded in
         # here, so keep_scale is 1 below) its 1 / (1 - p); the mask uses the row's own threshold
-        gate, row_threshold, row_keep_scale = row_gate(IDS, OWNER, RSCALE, THR, KS, offs_m % M, offs_r, R)
+        gate, row_threshold, row_keep_scale = row_gate(IDS, OWNER, SCALES, THR, KS, offs_m % M, offs_r, R)
         g = g * gate
         if DROPOUT:
             g = g * row_keep_scale

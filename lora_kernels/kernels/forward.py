@@ -120,12 +120,12 @@ def lora_fwd_kernel(
 
 
 @triton.jit
-def row_gate(IDS, OWNER, RSCALE, THR, KS, rows, offs_r, R):
-    """Mixed batches: (gate [BM, BR] = rank_scale where rank r belongs to the row's adapter else 0,
-    per-row dropout threshold [BM, 1], per-row 1 / (1 - p) [BM, 1]). Rows with adapter -1 get a zero gate."""
+def row_gate(IDS, OWNER, SCALES, THR, KS, rows, offs_r, R):
+    """Mixed batches: (gate [BM, BR] = the row's adapter's scaling on that adapter's ranks, else 0, per-row dropout
+    threshold [BM, 1], per-row 1 / (1 - p) [BM, 1]). Rows with adapter -1 get a zero gate."""
     ids = tl.load(IDS + rows)
     owner = tl.load(OWNER + offs_r, mask=offs_r < R, other=-2)
-    rscale = tl.load(RSCALE + offs_r, mask=offs_r < R, other=0.0)
+    rscale = tl.load(SCALES + tl.maximum(owner, 0), mask=offs_r < R, other=0.0)
     gate = tl.where(owner[None, :] == ids[:, None], rscale[None, :], 0.0)
     adapter = tl.maximum(ids, 0)
     return gate, tl.load(THR + adapter)[:, None], tl.load(KS + adapter)[:, None]
@@ -135,7 +135,7 @@ def row_gate(IDS, OWNER, RSCALE, THR, KS, rows, offs_r, R):
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_xa_kernel(
-    X, A, XA, XS, SEED, IDS, OWNER, RSCALE, THR, KS,
+    X, A, XA, XS, SEED, IDS, OWNER, SCALES, THR, KS,
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_xam, stride_xsm,
     threshold, keep_scale, scaling,
@@ -152,7 +152,7 @@ def lora_xa_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = offs_m % M
     if GATED:
-        gate, row_threshold, row_keep_scale = row_gate(IDS, OWNER, RSCALE, THR, KS, rows, offs_r, R)
+        gate, row_threshold, row_keep_scale = row_gate(IDS, OWNER, SCALES, THR, KS, rows, offs_r, R)
     else:
         row_threshold = threshold
     offs_k = tl.arange(0, BLOCK_K)
@@ -206,7 +206,7 @@ def forward_variant(M: int, r: int, dropout_p: float, dtype: torch.dtype = torch
 
 
 def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None, any_dropout=False):
-    """gating: None, or (adapter_ids int32 [M], rank_owner int32 [R], rank_scale fp32 [R], thresholds int32 [n],
+    """gating: None, or (adapter_ids int32 [M], rank_owner int32 [R], scalings fp32 [n], thresholds int32 [n],
     keep_scales fp32 [n]) for a mixed batch, whose dropout comes per row with the gating (dropout_p is then
     unused; any_dropout says whether some adapter drops)."""
     M, K = x.shape

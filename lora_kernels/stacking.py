@@ -1,0 +1,135 @@
+"""Host-side preparation of mixed batches, cached so that a served model pays it once, not per layer and call.
+
+A mixed batch needs the adapters stacked along the rank (``ops.stack_adapters``: a copy of every adapter) and the
+adapter ids checked (a read of the ids: one host sync) and converted to the kernels' int32. Done naively, each layer
+of each forward copies all its adapters (32 adapters of r = 16 at K = N = 4096: 8 MiB read and written, a third of
+W0's bytes, before the kernel reads them again) and waits for the GPU once. Here:
+
+- ``AdapterStack`` keeps one layer's stacked copy while no grad is needed (inference), rebuilt when any adapter
+  changes: another tensor, new storage (``.to()``), or an in-place write (optimizer step, ``load_state_dict``,
+  ``merge``: torch's version counter). With grads, adapters are stacked every call (autograd splits the stacked
+  grads back to each adapter); only the rank owners are reused.
+- ``checked_ids`` keeps the last batch's checked, flattened int32 ids, keyed on the caller's ids tensor (same object,
+  same version, same shape): with ``with adapter_ids(ids):`` every layer of the model gets the same tensor, so the
+  first layer checks and the others reuse it.
+
+Neither cache is used while torch.compile traces (the graph stacks and converts; its guards handle reuse), for tensor
+subclasses (DTensor, FakeTensor) or inference-mode tensors (no version counter): those take the plain path.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+
+from .ops import check_mixed_values, stack_adapters
+
+__all__ = ["AdapterStack", "checked_ids", "rank_owner"]
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _trackable(t: Tensor) -> bool:
+    return type(t) in _PLAIN and not t.is_inference()
+
+
+def _fingerprint(t: Tensor):
+    """What must be unchanged for a copy of `t` to be current, besides its identity (compared through a weak
+    reference). Assigning ``.data`` (``module.to()``) changes the storage, not the version."""
+    return t._version, t.data_ptr(), t.shape, t.dtype
+
+
+def _same(entries, tensors) -> bool:
+    if len(entries) != len(tensors):
+        return False
+    for (ref, fingerprint), t in zip(entries, tensors):
+        if ref() is not t or fingerprint != _fingerprint(t):
+            return False
+    return True
+
+
+_OWNERS: dict = {}
+
+
+def rank_owner(ranks: tuple, device: torch.device) -> Tensor:
+    """int32 [sum(ranks)]: the adapter index of each stacked rank column, one tensor per (ranks, device)."""
+    key = (ranks, device)
+    owner = _OWNERS.get(key)
+    if owner is None:
+        owner = torch.repeat_interleave(torch.arange(len(ranks), dtype=torch.int32),
+                                        torch.tensor(ranks)).to(device)
+        if len(_OWNERS) >= 256:
+            _OWNERS.clear()
+        _OWNERS[key] = owner
+    return owner
+
+
+class AdapterStack:
+    """One layer's adapters stacked along the rank: (lora_A [R, K], lora_B [N, R], rank_owner [R] int32)."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop the cached copy (it holds as many bytes as the adapters themselves)."""
+        self._entries, self._stacked = (), None
+
+    def __getstate__(self):  # pickling or deep-copying a layer never carries the copy (or its weak references)
+        return {}
+
+    def __setstate__(self, state):
+        self.clear()
+
+    def get(self, lora_As, lora_Bs, dtype: torch.dtype | None = None):
+        """The stacked tensors of these adapters (cast to `dtype` if given: PEFT may keep adapters in fp32)."""
+        tensors = (*lora_As, *lora_Bs)
+        if torch.compiler.is_compiling():
+            return self._stack(lora_As, lora_Bs, dtype, cached_owner=False)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return self._stack(lora_As, lora_Bs, dtype, cached_owner=all(_trackable(t) for t in tensors))
+        stacked = self._stacked
+        if stacked is not None and stacked[0].dtype == (dtype or lora_As[0].dtype) and _same(self._entries, tensors):
+            return stacked  # the same tensors, unchanged (so still trackable)
+        self.clear()  # free the old copy before making the new one
+        if not all(_trackable(t) for t in tensors):
+            return self._stack(lora_As, lora_Bs, dtype, cached_owner=False)
+        with torch.no_grad():
+            self._stacked = self._stack(lora_As, lora_Bs, dtype, cached_owner=True)
+        self._entries = tuple((weakref.ref(t), _fingerprint(t)) for t in tensors)
+        return self._stacked
+
+    @staticmethod
+    def _stack(lora_As, lora_Bs, dtype, cached_owner: bool):
+        if dtype is not None:
+            lora_As = [a.to(dtype) for a in lora_As]
+            lora_Bs = [b.to(dtype) for b in lora_Bs]
+        if not cached_owner:
+            return stack_adapters(lora_As, lora_Bs)
+        owner = rank_owner(tuple(a.shape[0] for a in lora_As), lora_As[0].device)
+        if len(lora_As) == 1:
+            return lora_As[0], lora_Bs[0], owner
+        return torch.cat(list(lora_As), 0), torch.cat(list(lora_Bs), 1), owner
+
+
+_LAST_IDS: list = [None, None, None]  # [weak reference to the caller's ids, key, checked flat int32 ids]
+
+
+def checked_ids(ids: Tensor, expanded: Tensor, n_adapters: int) -> Tensor:
+    """`expanded` (the caller's `ids` broadcast to the input's leading dims) flattened, int32, contiguous, with
+    every value checked to be in [-1, n_adapters). Reused while the caller passes the same unchanged ids tensor
+    with the same input shape and adapter count (a check reads the ids: one host sync)."""
+    if torch.compiler.is_compiling() or not _trackable(ids):
+        check_mixed_values(expanded, None, n_adapters)
+        return expanded.reshape(-1)
+    key = (_fingerprint(ids), expanded.shape, n_adapters)
+    ref, last_key, flat = _LAST_IDS
+    if ref is not None and ref() is ids and last_key == key:
+        return flat
+    flat = expanded.reshape(-1).to(torch.int32).contiguous()
+    capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
+    check_mixed_values(flat, None, n_adapters)  # skipped during CUDA graph capture (no sync allowed there)...
+    if not capturing:  # ...so only a checked batch is remembered
+        _LAST_IDS[:] = [weakref.ref(ids), key, flat]
+    return flat
