@@ -147,3 +147,17 @@ def test_decode_bench_mixed_step_checks_its_rows():
     row = decode.mixed_decode_row(w, 4, 5, ring, timer=lambda fn, ring: calls.append(fn(ring[0]).shape) or 2.0)
     assert calls == [(5, 48), (5, 48)]
     assert row["mixed_vs_base"] == 1.0 and row["bytes_floor"] == round(1 + 5 * 4 * (64 + 48) / (64 * 48), 3)
+
+
+def test_host_bench_counts_the_ops_of_a_layer_call():
+    """bench.host: kernels stubbed out (restored afterwards); a warm mixed-batch call dispatches as few ATen ops
+    whatever the number of adapters (no per-adapter stacking or id checks)."""
+    from bench import host
+    from lora_kernels import backends
+
+    forward = backends.BACKENDS["torch"].forward
+    rows = host.rows([1, 5], calls=3, K=32, M=8)
+    assert backends.BACKENDS["torch"].forward is forward
+    ops = {(r["call"], r["adapters"]): r["aten_ops"] for r in rows}
+    assert ops[("mixed batch", 5)] == ops[("mixed batch", 1)] <= 8, ops
+    assert all(r["host_us"] > 0 for r in rows)

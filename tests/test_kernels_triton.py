@@ -89,6 +89,55 @@ def test_every_forward_variant(dtype, variant, p):
     assert_parity("xa", xa, same_xa.float(), xa64)
 
 
+class LaunchSpy:
+    """Stands in for an autotuned kernel: records (grid for the interpreter's config, SPLIT_K) of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid({"BLOCK_M": 32, "BLOCK_K": 32}), kwargs["SPLIT_K"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("target", [2, 3, 64], ids=lambda t: f"target{t}")
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_xa_kernel_split_over_k(dtype, p, target, monkeypatch):
+    """Few rows: the xa kernel splits K over programs that add into xa with atomics (2, 3 -> 2 with an empty
+    tail, 4 splits of K = 100 in 32-wide steps); y and xa still meet the parity rule."""
+    monkeypatch.setattr(triton_forward, "XA_SPLIT_PROGRAMS_INTERPRETED", target)
+    monkeypatch.setattr(triton_forward, "XA_SPLIT_MIN_STEPS", 1)
+    spy = LaunchSpy(triton_forward.lora_xa_kernel)
+    monkeypatch.setattr(triton_forward, "lora_xa_kernel", spy)
+    x, w, b, a, bb = make_inputs(5, 100, 66, 12, dtype)
+    seed = seed_tensor(SEED) if p > 0 else None
+    y, xa = triton_forward.lora_forward(x, w, b, a, bb, seed, SCALING, p, True, variant="xa_first")
+    assert spy.launches == [((1, 1, min(target, 4)), True)]
+    same_y, same_xa = reference.lora_forward(x, w, b, a, bb, SCALING, p, SEED)
+    y64, xa64 = reference.lora_forward(*(t.double() for t in (x, w, b, a, bb)), SCALING, p, SEED)
+    assert_parity("y", y, same_y, y64)
+    assert_parity("xa", xa, same_xa.float(), xa64)
+
+
+def test_xa_kernel_does_not_split_when_it_must_not(monkeypatch):
+    """No split for the cuBLAS composite (its rounded copy of xa needs the whole sum) nor in deterministic mode."""
+    monkeypatch.setattr(triton_forward, "XA_SPLIT_PROGRAMS_INTERPRETED", 64)
+    spy = LaunchSpy(triton_forward.lora_xa_kernel)
+    monkeypatch.setattr(triton_forward, "lora_xa_kernel", spy)
+    x, w, b, a, bb = make_inputs(5, 100, 66, 12, torch.bfloat16)
+    triton_forward.lora_forward(x, w, b, a, bb, None, SCALING, 0.0, True, variant="cublas")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        triton_forward.lora_forward(x, w, b, a, bb, None, SCALING, 0.0, True, variant="xa_first")
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert [split for _, split in spy.launches] == [False, False]
+
+
 @pytest.mark.parametrize("need_dx", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("variant", ["split", "fused", "cublas"])

@@ -45,13 +45,17 @@ def _ids(M, n, seed=0):
     return torch.randint(-1, n, (M,), generator=g).tolist()
 
 
-@pytest.mark.parametrize("path", ["triton_gemm", "cublas"])
+@pytest.mark.parametrize("path", ["triton_gemm", "cublas", "split_k"])
 @pytest.mark.parametrize("ps", [(0.0, 0.0, 0.0), (0.1, 0.0, 0.3)], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mixed_batch_parity(dtype, ps, path, monkeypatch):
-    """Three adapters of ranks 3, 16 and 1 (one of them with no rows), rows of the base layer alone (-1)."""
+    """Three adapters of ranks 3, 16 and 1 (one of them with no rows), rows of the base layer alone (-1); the
+    gated xa kernel also with K split over programs (as for decode-sized batches on a GPU)."""
     if path == "cublas":
         monkeypatch.setattr(triton_forward, "CUBLAS_MIN_M", 0)
+    if path == "split_k":
+        monkeypatch.setattr(triton_forward, "XA_SPLIT_PROGRAMS_INTERPRETED", 64)
+        monkeypatch.setattr(triton_forward, "XA_SPLIT_MIN_STEPS", 1)
     ids = [i if i != 1 else 2 for i in _ids(37, 3)]  # adapter 1 gets no rows
     da, db, owner, _ = _run(37, 45, 70, [3, 16, 1], [0.5, 2.0, 1.5], list(ps), ids, dtype, "triton")
     assert not da[owner == 1].any() and not db[:, owner == 1].any()  # an adapter without rows gets no grad

@@ -65,19 +65,23 @@ def specializations(arch: int):
                     add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=False, BLOCK_R=row[5]))
                     add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=True, BLOCK_R=16))
             for row in TABLES["thin"][arch][elem_bytes]:
-                add("lora_xa_kernel", dtype, row, dict(DROPOUT=False, STORE_XS=True, GATED=False, BLOCK_R=16),
-                    XA_TILE_KEYS)
+                add("lora_xa_kernel", dtype, row, dict(DROPOUT=False, STORE_XS=True, GATED=False, SPLIT_K=False,
+                                                       BLOCK_R=16), XA_TILE_KEYS)
                 add("lora_bwd_lowrank_kernel", dtype, row,
                     dict(DROPOUT=False, DETERMINISTIC=False, NEED_DX=True, GATED=False, BLOCK_R=16))
                 if full:
-                    add("lora_xa_kernel", dtype, row,
-                        dict(DROPOUT=True, STORE_XS=False, GATED=False, BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
+                    add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=False, GATED=False, SPLIT_K=False,
+                                                           BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
+                    add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=False, GATED=False, SPLIT_K=True,
+                                                           BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
                     add("lora_bwd_lowrank_kernel", dtype, row,
                         dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, GATED=False, BLOCK_R=row[5]))
                     add("lora_bwd_lowrank_kernel", dtype, row,
                         dict(DROPOUT=True, DETERMINISTIC=True, NEED_DX=False, GATED=False, BLOCK_R=16))
                     # mixed batches: the gated variants
-                    add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=True, GATED=True,
+                    add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=True, GATED=True, SPLIT_K=False,
+                                                           BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
+                    add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=False, GATED=True, SPLIT_K=True,
                                                            BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
                     add("lora_bwd_lowrank_kernel", dtype, row,
                         dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, GATED=True, BLOCK_R=row[5]))

@@ -18,6 +18,8 @@ Three variants, picked per call by ``forward_variant``:
 xa is kept in fp32 [M, r] (a few hundred KiB) for the backward.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -131,8 +133,8 @@ def row_gate(IDS, OWNER, SCALES, THR, KS, rows, offs_r, R):
     return gate, tl.load(THR + adapter)[:, None], tl.load(KS + adapter)[:, None]
 
 
-@triton.autotune(configs=XA_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "DROPOUT", "GATED"],
-                 prune_configs_by={"early_config_prune": prune_configs})
+@triton.autotune(configs=XA_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "DROPOUT", "GATED", "SPLIT_K"],
+                 prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["XA"])
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_xa_kernel(
     X, A, XA, XS, SEED, IDS, OWNER, SCALES, THR, KS,
@@ -140,12 +142,15 @@ def lora_xa_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak, stride_xam, stride_xsm,
     threshold, keep_scale, scaling,
     M_BUCKET,
-    DROPOUT: tl.constexpr, STORE_XS: tl.constexpr, GATED: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    DROPOUT: tl.constexpr, STORE_XS: tl.constexpr, GATED: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """xa[M, r] = dropout(x) A^T in fp32 (and, if STORE_XS, scaling * xa in x's dtype); one program per
     BLOCK_M rows and BLOCK_R ranks. GATED (mixed batches): each row keeps only its own adapter's ranks,
-    scaled by that adapter's scaling, with that adapter's dropout probability; xa then holds the scaled term."""
+    scaled by that adapter's scaling, with that adapter's dropout probability; xa then holds the scaled term.
+    SPLIT_K (few rows: too few programs to keep the memory system busy while streaming A): the third grid
+    axis splits K, each program adding its partial sum into the zeroed xa with fp32 atomics."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -155,12 +160,19 @@ def lora_xa_kernel(
         gate, row_threshold, row_keep_scale = row_gate(IDS, OWNER, SCALES, THR, KS, rows, offs_r, R)
     else:
         row_threshold = threshold
+    if SPLIT_K:
+        steps = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(2))
+        k_begin = tl.program_id(2) * steps * BLOCK_K
+        k_end = tl.minimum(K, k_begin + steps * BLOCK_K)
+    else:
+        k_begin = 0
+        k_end = K
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    a_ptrs = A + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+    x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + (k_begin + offs_k)[None, :] * stride_xk
+    a_ptrs = A + offs_r[None, :] * stride_ar + (k_begin + offs_k)[:, None] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_ok = offs_k < k_end - k0
         x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         if DROPOUT:
             keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, row_threshold, BLOCK_M, BLOCK_K)
@@ -179,7 +191,11 @@ def lora_xa_kernel(
     elif DROPOUT:
         acc *= keep_scale  # masking is exact; the 1 / (1 - p) factor is applied once, in fp32
     out_ok = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-    tl.store(XA + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :], acc, mask=out_ok)
+    xa_ptrs = XA + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :]
+    if SPLIT_K:
+        tl.atomic_add(xa_ptrs, acc, mask=out_ok)
+    else:
+        tl.store(xa_ptrs, acc, mask=out_ok)
     if STORE_XS:
         tl.store(XS + offs_m.to(tl.int64)[:, None] * stride_xsm + offs_r[None, :],
                  (acc * scaling).to(XS.dtype.element_ty), mask=out_ok)
@@ -205,6 +221,27 @@ def forward_variant(M: int, r: int, dropout_p: float, dtype: torch.dtype = torch
     return "fused" if dropout_p == 0.0 and block_r(r) <= 64 else "xa_first"
 
 
+# Split K in the xa kernel when its row x rank tiles are fewer than this many programs (a GPU: two per SM). Under
+# the interpreter the tests set it to exercise the split path (0: never split).
+XA_SPLIT_PROGRAMS_INTERPRETED = 0
+XA_SPLIT_MIN_STEPS = 4  # K steps (of BLOCK_K) per program at least, so each split streams a useful chunk of A
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _xa_split_target(x, xs) -> int:
+    """How many programs the xa kernel should reach by splitting K (0: do not split). Not with STORE_XS (its
+    rounded copy needs the whole sum) and not in deterministic mode (atomics add in any order)."""
+    if xs is not None or torch.are_deterministic_algorithms_enabled():
+        return 0
+    if INTERPRET:
+        return XA_SPLIT_PROGRAMS_INTERPRETED
+    return 2 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
 def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None, any_dropout=False):
     """gating: None, or (adapter_ids int32 [M], rank_owner int32 [R], scalings fp32 [n], thresholds int32 [n],
     keep_scales fp32 [n]) for a mixed batch, whose dropout comes per row with the gating (dropout_p is then
@@ -214,7 +251,17 @@ def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None, any_dro
     threshold, keep_scale = dropout_args(dropout_p)
     xa_br = min(block_r(R), 128)
     gate_args = gating if gating is not None else (x,) * 5
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, xa_br))
+    target = _xa_split_target(x, xs)
+    # split when even 16-row tiles give too few programs; the grid then picks the split count per config
+    split = target > 0 and triton.cdiv(M, 16) * triton.cdiv(R, xa_br) < target
+
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(R, xa_br)
+        splits = max(1, min(triton.cdiv(K, meta["BLOCK_K"] * XA_SPLIT_MIN_STEPS), target // tiles)) if split else 1
+        return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, xa_br), splits
+
+    if split:
+        xa.zero_()
     lora_xa_kernel[grid](
         x, lora_A, xa, xs if xs is not None else xa, seed if seed is not None else x, *gate_args,
         M, K, R,
@@ -222,7 +269,7 @@ def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None, any_dro
         xs.stride(0) if xs is not None else 0,
         threshold, keep_scale, float(scaling), m_bucket(M),
         DROPOUT=any_dropout if gating is not None else dropout_p > 0.0, STORE_XS=xs is not None,
-        GATED=gating is not None, BLOCK_R=xa_br,
+        GATED=gating is not None, SPLIT_K=split, BLOCK_R=xa_br,
         DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
     )
 
@@ -282,7 +329,9 @@ def _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, scaling, fuse_xa, store
         xa.stride(0) if store_xa else 0, y.stride(0), y.stride(1),
         float(scaling), m_bucket(M),
         HAS_BIAS=bias is not None, FUSE_XA=fuse_xa, STORE_XA=store_xa,
-        BLOCK_R=block_r(R), DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
+        # the rank tile only exists when xa is fused; otherwise the rank is streamed in BLOCK_K steps and every
+        # tile config is eligible (the small-M ones included)
+        BLOCK_R=block_r(R) if fuse_xa else 16, DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
     )
 
 
