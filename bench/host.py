@@ -21,7 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lora_kernels import FusedLoRALinear, backends
 
 
-class _CountOps(TorchDispatchMode):
+class CountOps(TorchDispatchMode):
+    """Counts the ATen ops dispatched inside the block (each a kernel launch or a view on a GPU)."""
+
     def __init__(self):
         super().__init__()
         self.counts = collections.Counter()
@@ -53,7 +55,7 @@ def kernels_stubbed(name: str = "torch"):
 def measure(fn, calls: int) -> tuple[int, float]:
     """(ATen ops per call, median host microseconds per call over 5 rounds)."""
     fn()
-    with _CountOps() as ops:
+    with CountOps() as ops:
         fn()
     rounds = []
     for _ in range(5):

@@ -4,7 +4,6 @@ Without a GPU the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPR
 triton is imported, hence here, at the very top). With a GPU they run on it, natively.
 """
 
-import collections
 import os
 
 import torch
@@ -14,11 +13,11 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import lora_kernels  # noqa: E402
 from lora_kernels import backends, reference  # noqa: E402
 from lora_kernels.kernels import memory  # noqa: E402
+from bench.host import CountOps  # noqa: E402,F401  (tests count the ATen ops of a call with it)
 
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -97,15 +96,3 @@ def pytest_runtest_logreport(report):
     if path and report.failed:
         with open(path, "a") as f:
             f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the ATen ops dispatched inside the block (each is a kernel launch or a view on a GPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
