@@ -221,7 +221,7 @@ class FusedLoRALinear(nn.Module):
         # x against W0 and the first adapter; the adapters were checked against W0 when added, and their
         # hyper-parameters when set
         check_args(x, weight, self.bias, As[0], Bs[0], 1.0, 0.0)
-        flat = checked_ids(ids, _expand_ids(ids, x.shape[:-1]), len(As))
+        flat = checked_ids(ids, _expand_ids(ids, x.shape[:-1]), len(As), x.device)
         # inference reuses a stacked copy; with grads autograd splits the stacked grads back to each adapter
         lora_A, lora_B, owner = self._stack.get(As, Bs)
         return mixed_call(x, weight, self.bias, lora_A, lora_B, owner, flat, scalings, ps, self.backend, None)

@@ -318,14 +318,19 @@ def check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, s
         _check_scaling(f"scalings[{i}]", scale)
         _check_probability(f"dropout_ps[{i}]", p)
     R = lora_A.shape[0]
-    for name, t, shape in (("adapter_ids", adapter_ids, tuple(x.shape[:-1])), ("rank_owner", rank_owner, (R,))):
-        if not isinstance(t, Tensor) or t.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name}: expected an int32 or int64 tensor, got "
-                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: on device {t.device}, expected x's device {x.device}")
+    check_index_tensor("adapter_ids", adapter_ids, tuple(x.shape[:-1]), x.device)
+    check_index_tensor("rank_owner", rank_owner, (R,), x.device)
+
+
+def check_index_tensor(name, t, shape, device) -> None:
+    """An int32 / int64 tensor of this shape on this device (x's)."""
+    if not isinstance(t, Tensor) or t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected an int32 or int64 tensor, got "
+                        f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: on device {t.device}, expected x's device {device}")
 
 
 def check_mixed_values(adapter_ids, rank_owner, n) -> None:

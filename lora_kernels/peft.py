@@ -108,7 +108,7 @@ class _FusedForward:
         scalings = [float(self.scaling[n]) for n in used]
         ps = [float(self._dropout_p(n)) for n in used]
         check_mixed_args(x, weight, bias, a, b, expanded, owner, scalings, ps)
-        flat = checked_ids(ids, expanded, len(used))
+        flat = checked_ids(ids, expanded, len(used), x.device)
         return mixed_call(x, weight, bias, a, b, owner, flat, scalings, ps, self.fused_backend, None)
 
 

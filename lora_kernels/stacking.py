@@ -24,7 +24,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from .ops import check_mixed_values, stack_adapters
+from .ops import check_index_tensor, check_mixed_values, stack_adapters
 
 __all__ = ["AdapterStack", "checked_ids", "rank_owner"]
 
@@ -113,13 +113,16 @@ class AdapterStack:
         return torch.cat(list(lora_As), 0), torch.cat(list(lora_Bs), 1), owner
 
 
-_LAST_IDS: list = [None, None, None]  # [weak reference to the caller's ids, key, checked flat int32 ids]
+# (weak reference to the caller's ids, key, checked flat int32 ids): one tuple, replaced whole (no torn reads)
+_LAST_IDS: tuple = (None, None, None)
 
 
-def checked_ids(ids: Tensor, expanded: Tensor, n_adapters: int) -> Tensor:
-    """`expanded` (the caller's `ids` broadcast to the input's leading dims) flattened, int32, contiguous, with
-    every value checked to be in [-1, n_adapters). Reused while the caller passes the same unchanged ids tensor
-    with the same input shape and adapter count (a check reads the ids: one host sync)."""
+def checked_ids(ids: Tensor, expanded: Tensor, n_adapters: int, device: torch.device) -> Tensor:
+    """`expanded` (the caller's `ids` broadcast to the input's leading dims) flattened, int32, contiguous, checked:
+    an integer tensor on `device` (x's), every value in [-1, n_adapters). Reused while the caller passes the same
+    unchanged ids tensor with the same input shape and adapter count (a check reads the ids: one host sync)."""
+    global _LAST_IDS
+    check_index_tensor("adapter_ids", expanded, expanded.shape, device)
     if torch.compiler.is_compiling() or not _trackable(ids):
         check_mixed_values(expanded, None, n_adapters)
         return expanded.reshape(-1)
@@ -131,5 +134,5 @@ def checked_ids(ids: Tensor, expanded: Tensor, n_adapters: int) -> Tensor:
     capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
     check_mixed_values(flat, None, n_adapters)  # skipped during CUDA graph capture (no sync allowed there)...
     if not capturing:  # ...so only a checked batch is remembered
-        _LAST_IDS[:] = [weakref.ref(ids), key, flat]
+        _LAST_IDS = (weakref.ref(ids), key, flat)
     return flat

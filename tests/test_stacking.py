@@ -174,3 +174,14 @@ def test_adapter_stack_matches_stack_adapters():
             assert torch.equal(g, e) and g.dtype == e.dtype
     half = cache.get(As, Bs, dtype=torch.float16)
     assert half[0].dtype == torch.float16 and torch.equal(half[0], stack_adapters(As, Bs)[0].half())
+
+
+def test_layer_rejects_ids_of_the_wrong_type_or_device():
+    layer = _layer(2)
+    x = torch.randn(3, 24, device=DEVICE)
+    with pytest.raises(TypeError, match="adapter_ids: expected an int32 or int64 tensor, got torch.float32"):
+        layer(x, adapter_ids=torch.zeros(3, device=DEVICE))
+    with pytest.raises(ValueError, match="adapter_ids: on device meta, expected x's device"):
+        layer(x, adapter_ids=torch.zeros(3, dtype=torch.int64, device="meta"))
+    with pytest.raises(ValueError, match=r"adapter_ids: values must be in \[-1, 2\)"):
+        layer(x, adapter_ids=torch.tensor([0, 2, 1], device=DEVICE))
