@@ -8,18 +8,23 @@ by one FusedLoRALinear (`adapter_ids=`) against the base layer alone; the floor 
 adapters' A and B over the bytes of W0 (32 adapters of r = 16 at K = N = 4096: 1.25).
 
     python -m bench.decode [--M 1,4,16] [--KN 4096x4096,4096x14336,14336x4096] [--r 16] [--adapters 32] [--out DIR]
+                           [--policy lora_kernels/measured_policy.json]
+
+--policy records in that file where the CUDA C++ forward beat Triton on this GPU (lora_kernels/policy.py), which is
+where backend="auto" then runs it; an entry of this GPU that the new figures no longer support is removed.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import os
 
 import torch
 from torch import nn
 
-from lora_kernels import FusedLoRALinear, backends, lora_linear
+from lora_kernels import FusedLoRALinear, backends, lora_linear, policy
 
 CALLS = 50  # calls per graph replay
 
@@ -100,6 +105,15 @@ def mixed_decode_row(w, r, adapters, ring, timer=graph_time_us):
             "bytes_floor": round(floor, 3)}
 
 
+def record_policy(rows, path, device_name, source, dtype="bfloat16"):
+    """Write (or remove) this GPU's entry of the measured policy from the decode rows."""
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    entry = policy.derive(rows, device_name, dtype, today, source)
+    policy.write(entry, path, device_name, dtype)
+    print(f"policy ({path}): " + (f"auto runs cuda up to {entry['max_rows']} rows on {device_name}" if entry
+                                  else f"no advantage measured for cuda on {device_name}: auto keeps triton"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--M", default="1,4,16")
@@ -107,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=32, help="mixed-batch decode: requests = adapters (0: skip)")
     ap.add_argument("--out", default=None, help="folder for decode.csv (and decode_mixed.csv)")
+    ap.add_argument("--policy", default=None, help="measured-policy file to update with where CUDA beat Triton")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.decode needs a GPU")
@@ -141,6 +156,8 @@ def main(argv=None) -> int:
                 line["merged_W0_bw_frac"] = round(w_bytes / (t["merged"] * 1e-6) / bw, 3)
                 rows.append(line)
                 print("  " + "  ".join(f"{k}={v}" for k, v in line.items()))
+    if args.policy:
+        record_policy(rows, args.policy, torch.cuda.get_device_name(), args.out or "bench.decode")
     mixed_rows = []
     if args.adapters and backends.BACKENDS["triton"].unavailable_reason(dev, dt) is None:
         print(f"mixed-batch decode: {args.adapters} one-token requests on {args.adapters} adapters of r={args.r}")

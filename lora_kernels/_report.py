@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from . import backends
+from . import backends, policy
 
 
 def _version(module: str) -> str:
@@ -34,7 +34,7 @@ def _triton_settings() -> dict:
 def _cuda_extension() -> str:
     from . import cuda_ext
 
-    return cuda_ext.describe() + "; backend='auto' does not pick it yet (unmeasured, docs/design.md)"
+    return cuda_ext.describe() + "; backend='auto' picks it only where measured faster (see 'measured choice' below)"
 
 
 def info(as_dict: bool = False):
@@ -62,6 +62,7 @@ def info(as_dict: bool = False):
         report["devices"][str(dev)] = {
             "name": name,
             "auto backend (bf16)": auto,
+            "auto, measured choice (bf16 inference)": policy.describe(dev),
             "backends": {k: ("available" if v is None else f"unavailable: {v}") for k, v in st.items()},
         }
     if as_dict:
@@ -71,6 +72,7 @@ def info(as_dict: bool = False):
             print(f"{key:42s} {value}")
     for dev, d in report["devices"].items():
         print(f"\n[{dev}] {d['name']}  (auto -> {d['auto backend (bf16)']})")
+        print(f"  measured choice: {d['auto, measured choice (bf16 inference)']}")
         for k, v in d["backends"].items():
             print(f"  {k:8s} {v}")
     return None

@@ -299,6 +299,19 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return "torch"
 
 
+def measured_choice(default: str, device: torch.device, dtype: torch.dtype, M, K: int, N: int, r: int) -> str:
+    """For an inference call without dropout that `auto` resolved to `default`: "cuda" where the measurements
+    (lora_kernels/policy.py) favour the CUDA C++ forward for this GPU and shape and the extension can run it, else
+    `default`. Not applied under torch.compile (pass backend="cuda" there) or with LORA_KERNELS_BACKEND set."""
+    if default != "triton" or torch.compiler.is_compiling() or os.environ.get("LORA_KERNELS_BACKEND"):
+        return default
+    from . import policy
+
+    if policy.choose(device, dtype, M, K, N, r) != "cuda" or CudaBackend.unavailable_reason(device, dtype):
+        return default
+    return "cuda"
+
+
 def status(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, str | None]:
     """{backend name: None if usable, else the reason} for tensors on `device` of `dtype`."""
     return {name: b.unavailable_reason(device, dtype) for name, b in BACKENDS.items()}

@@ -262,6 +262,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     seed, save_xa = _seed_and_save(seed, x, dropout_p, (x, weight, bias, lora_A, lora_B))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if backend == "auto" and not save_xa and dropout_p == 0.0:
+        name = backends.measured_choice(name, x.device, x.dtype, x2.shape[0], weight.shape[1], weight.shape[0],
+                                        lora_A.shape[0])
     if torch.compiler.is_compiling() or not _plain(x, weight, bias, lora_A, lora_B):
         y, _ = torch.ops.lora_kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, seed, float(scaling),
                                                       float(dropout_p), save_xa, name)

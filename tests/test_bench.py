@@ -161,3 +161,18 @@ def test_host_bench_counts_the_ops_of_a_layer_call():
     ops = {(r["call"], r["adapters"]): r["aten_ops"] for r in rows}
     assert ops[("mixed batch", 5)] == ops[("mixed batch", 1)] <= 8, ops
     assert all(r["host_us"] > 0 for r in rows)
+
+
+def test_decode_bench_records_the_measured_policy(tmp_path):
+    """bench.decode --policy: an entry where CUDA beat Triton, removed again when a later run shows no advantage."""
+    from bench import decode
+    from lora_kernels import policy
+
+    path = str(tmp_path / "policy.json")
+    rows = [{"M": M, "K": 4096, "N": 4096, "r": 16, "triton_us": 30.0, "cuda_us": 20.0 if M == 1 else 31.0}
+            for M in (1, 4, 16)]
+    decode.record_policy(rows, path, "NVIDIA Test GPU", "bench/results/test")
+    (entry,) = policy.entries(path)
+    assert (entry["device"], entry["max_rows"], entry["speedup"]) == ("NVIDIA Test GPU", 1, {"1": 1.5})
+    decode.record_policy([dict(r, cuda_us=40.0) for r in rows], path, "NVIDIA Test GPU", "bench/results/test")
+    assert policy.entries(path) == ()
