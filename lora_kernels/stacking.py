@@ -74,7 +74,7 @@ class AdapterStack:
 
     def clear(self) -> None:
         """Drop the cached copy (it holds as many bytes as the adapters themselves)."""
-        self._entries, self._stacked = (), None
+        self._cache = None  # (entries, stacked): one attribute, replaced whole (threads see one or the other)
 
     def __getstate__(self):  # pickling or deep-copying a layer never carries the copy (or its weak references)
         return {}
@@ -89,16 +89,16 @@ class AdapterStack:
             return self._stack(lora_As, lora_Bs, dtype, cached_owner=False)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return self._stack(lora_As, lora_Bs, dtype, cached_owner=all(_trackable(t) for t in tensors))
-        stacked = self._stacked
-        if stacked is not None and stacked[0].dtype == (dtype or lora_As[0].dtype) and _same(self._entries, tensors):
-            return stacked  # the same tensors, unchanged (so still trackable)
+        cache = self._cache
+        if cache is not None and cache[1][0].dtype == (dtype or lora_As[0].dtype) and _same(cache[0], tensors):
+            return cache[1]  # the same tensors, unchanged (so still trackable)
         self.clear()  # free the old copy before making the new one
         if not all(_trackable(t) for t in tensors):
             return self._stack(lora_As, lora_Bs, dtype, cached_owner=False)
         with torch.no_grad():
-            self._stacked = self._stack(lora_As, lora_Bs, dtype, cached_owner=True)
-        self._entries = tuple((weakref.ref(t), _fingerprint(t)) for t in tensors)
-        return self._stacked
+            stacked = self._stack(lora_As, lora_Bs, dtype, cached_owner=True)
+        self._cache = (tuple((weakref.ref(t), _fingerprint(t)) for t in tensors), stacked)
+        return stacked
 
     @staticmethod
     def _stack(lora_As, lora_Bs, dtype, cached_owner: bool):

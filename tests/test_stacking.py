@@ -93,7 +93,7 @@ def test_grads_reach_each_adapter_after_cached_inference():
     with torch.no_grad():
         layer(x, adapter_ids=ids)
     layer.train()
-    assert layer._stack._stacked is None  # train() frees the copy
+    assert layer._stack._cache is None  # train() frees the copy
     layer(x, adapter_ids=ids).square().sum().backward()
     assert layer.lora_A.grad.any() and layer.extra_lora_B["a1"].grad.any()
     assert layer.extra_lora_A["a0"].grad is None or not layer.extra_lora_A["a0"].grad.any()  # no row uses it
@@ -144,7 +144,7 @@ def test_layers_with_a_cache_copy_and_pickle():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     for other in (clone, loaded):
-        assert other._stack._stacked is None
+        assert other._stack._cache is None
         with torch.no_grad():
             torch.testing.assert_close(other(x, adapter_ids=ids), y)
         with torch.no_grad():
@@ -159,7 +159,7 @@ def test_inference_mode_tensors_take_the_uncached_path():
         x = torch.randn(4, 24, device=DEVICE)
         ids = torch.tensor([2, 0, 1, -1], device=DEVICE)
         y = layer(x, adapter_ids=ids)
-        assert layer._stack._stacked is None
+        assert layer._stack._cache is None
         layer.extra_lora_B["a1"].mul_(2.0)  # inference tensors have no version counter: nothing may be cached
         y2 = layer(x, adapter_ids=ids)
         assert not torch.equal(y[0], y2[0]) and torch.equal(y[1:], y2[1:])
