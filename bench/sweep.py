@@ -106,6 +106,14 @@ def variants(ms_list=(1, 16, 128, 512, 1024, 2048, 4096, 8192)):
                 for v in ("split", "fused"):
                     res[f"bwd_{v}_p{p}"] = ms(lambda: bwd.lora_backward(dy, x, W, A, B, xa, sd, 2.0, p, True, False,
                                                                         variant=v))
+                # the split backward with dA summed from per-row-block partial buffers instead of fp32 atomics
+                # (the deterministic path): with its cuBLAS parts below, where the split backward's time goes
+                res[f"bwd_split_partials_p{p}"] = ms(lambda: bwd.lora_backward(dy, x, W, A, B, xa, sd, 2.0, p, True,
+                                                                               True, variant="split"))
+            dx_buf = torch.empty_like(x)
+            xs = (2.0 * xa).to(dy.dtype)
+            res["bwd_part_cublas_addmm_dx"] = ms(lambda: dx_buf.addmm_(dy, W))
+            res["bwd_part_cublas_dB"] = ms(lambda: torch.mm(dy.t(), xs))
             line = " ".join(f"{k}={v * 1e3:.1f}" for k, v in res.items())
             print(f"M={M} K={K} N={N} r={r} (us): {line}", flush=True)
             for k, v in res.items():
