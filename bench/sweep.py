@@ -103,7 +103,7 @@ def variants(ms_list=(1, 16, 128, 512, 1024, 2048, 4096, 8192)):
                         continue
                     res[f"fwd_{v}_p{p}"] = ms(lambda: fwd.lora_forward(x, W, None, A, B, sd, 2.0, p, True, variant=v))
                 xa = fwd.lora_forward(x, W, None, A, B, sd, 2.0, p, True, variant="cublas")[1]
-                for v in ("split", "fused"):
+                for v in ("split", "fused", "cublas"):  # cublas: every product by cuBLAS (fp32's path; eager-like)
                     res[f"bwd_{v}_p{p}"] = ms(lambda: bwd.lora_backward(dy, x, W, A, B, xa, sd, 2.0, p, True, False,
                                                                         variant=v))
                 # the split backward with dA summed from per-row-block partial buffers instead of fp32 atomics

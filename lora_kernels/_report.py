@@ -22,11 +22,14 @@ def _triton_settings() -> dict:
         return {}
     from .kernels import backward, configs, forward
 
+    try:
+        bwd = f"{backward.backward_variant()} for 16-bit, {backward.backward_variant(torch.float32)} for fp32"
+    except ValueError as e:  # a wrong knob: say so here rather than fail the report
+        bwd = f"error: {e}"
     return {
         "triton forward": f"one launch below {forward.CUBLAS_MIN_M} rows (16-bit, no dropout, r <= 64), else "
                           "thin kernel + GEMM; cuBLAS GEMM from that size and for fp32",
-        "triton backward (LORA_KERNELS_BACKWARD)": f"{backward.backward_variant()} for 16-bit, "
-                                                   f"{backward.backward_variant(torch.float32)} for fp32",
+        "triton backward (LORA_KERNELS_BACKWARD)": bwd,
         "triton autotuning (LORA_KERNELS_AUTOTUNE)": "on" if configs.AUTOTUNE else "off: first config of each table",
     }
 

@@ -136,6 +136,21 @@ def test_info_reports_backends():
     assert out.returncode == 0, out.stderr
     assert "triton" in out.stdout and "torch" in out.stdout
     assert "RuntimeWarning" not in out.stderr
+    env["LORA_KERNELS_BACKWARD"] = "cublas"
+    out = subprocess.run([sys.executable, "-m", "lora_kernels.info"], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert "cublas for 16-bit, cublas for fp32" in out.stdout, out.stdout
+
+
+def test_backward_variant_knob_rejects_unknown_names(monkeypatch):
+    from lora_kernels.kernels import backward
+
+    monkeypatch.setenv("LORA_KERNELS_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="LORA_KERNELS_BACKWARD: expected one of split, fused, cublas, got 'fast'"):
+        backward.backward_variant()
+    from lora_kernels import info
+
+    assert info(as_dict=True)["triton backward (LORA_KERNELS_BACKWARD)"].startswith("error: LORA_KERNELS_BACKWARD")
 
 
 # ---------------------------------------------------------------------------------------------------------

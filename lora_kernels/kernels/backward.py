@@ -208,12 +208,18 @@ def lora_bwd_lowrank_kernel(
                      low_rank.to(DX.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
+BACKWARD_VARIANTS = ("split", "fused", "cublas")
+
+
 def backward_variant(dtype: torch.dtype = torch.bfloat16) -> str:
-    """The backward to run: ``fused`` (the one-launch kernel) when asked for with LORA_KERNELS_BACKWARD=fused;
-    else ``cublas`` for fp32 inputs and ``split`` for 16-bit ones. Measured on an H100 (docs/design.md), split was
-    faster than fused at every size."""
-    if os.environ.get("LORA_KERNELS_BACKWARD", "") == "fused":
-        return "fused"
+    """The backward to run: the one named by LORA_KERNELS_BACKWARD (split, fused: the one-launch kernel, cublas:
+    every product by cuBLAS with the mask from the mask kernel) if set; else ``cublas`` for fp32 inputs and
+    ``split`` for 16-bit ones. Measured on an H100 (docs/design.md), split was faster than fused at every size."""
+    asked = os.environ.get("LORA_KERNELS_BACKWARD", "")
+    if asked:
+        if asked not in BACKWARD_VARIANTS:
+            raise ValueError(f"LORA_KERNELS_BACKWARD: expected one of {', '.join(BACKWARD_VARIANTS)}, got {asked!r}")
+        return asked
     return "cublas" if dtype == torch.float32 else "split"
 
 
