@@ -30,7 +30,9 @@ def _triton_settings() -> dict:
         "triton forward": f"one launch below {forward.CUBLAS_MIN_M} rows (16-bit, no dropout, r <= 64), else "
                           "thin kernel + GEMM; cuBLAS GEMM from that size and for fp32",
         "triton backward (LORA_KERNELS_BACKWARD)": bwd,
-        "triton autotuning (LORA_KERNELS_AUTOTUNE)": "on" if configs.AUTOTUNE else "off: first config of each table",
+        "triton autotuning (LORA_KERNELS_AUTOTUNE)": (
+            ("on, timings kept in Triton's disk cache" if configs.AUTOTUNE_KWARGS.get("cache_results") else "on")
+            if configs.AUTOTUNE else "off: first config of each table"),
     }
 
 

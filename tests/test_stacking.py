@@ -185,3 +185,19 @@ def test_layer_rejects_ids_of_the_wrong_type_or_device():
         layer(x, adapter_ids=torch.zeros(3, dtype=torch.int64, device="meta"))
     with pytest.raises(ValueError, match=r"adapter_ids: values must be in \[-1, 2\)"):
         layer(x, adapter_ids=torch.tensor([0, 2, 1], device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mixed_batch_on_a_transposed_base_weight(backend):
+    """fan_in_fan_out layers (GPT-2's Conv1D: W0 stored [in, out]) serve mixed batches like any other."""
+    layer = FusedLoRALinear(24, 20, r=3, lora_alpha=6, init_lora_weights=False, backend=backend,
+                            fan_in_fan_out=True, device=DEVICE)
+    layer.add_adapter("b", r=5, lora_alpha=5, init_lora_weights=False)
+    layer.eval()
+    x = torch.randn(2, 4, 24, device=DEVICE)
+    ids = torch.tensor([1, -1], device=DEVICE)  # per sequence
+    with torch.no_grad():
+        y = layer(x, adapter_ids=ids)
+        flat_ids = ids[:, None].expand(2, 4).reshape(-1)
+        torch.testing.assert_close(y.reshape(8, 20), _expected(layer, x.reshape(8, 24), flat_ids), rtol=1e-4,
+                                   atol=1e-4)

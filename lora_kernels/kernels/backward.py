@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import (LOWRANK_CONFIGS, BACKWARD_CONFIGS, INTERPRET, dot_precision, fixed_config, m_bucket,
-                      prune_configs)
+from .configs import (AUTOTUNE_KWARGS, BACKWARD_CONFIGS, INTERPRET, LOWRANK_CONFIGS, dot_precision, fixed_config,
+                      m_bucket, prune_configs)
 from .dropout import dropout_args, dropout_keep, dropout_mask
 from .forward import _tile_ids, block_r, row_gate
 from .memory import empty
@@ -46,7 +46,8 @@ def _accumulate(ptr, value, mask, DETERMINISTIC: tl.constexpr):
 
 
 @triton.autotune(configs=BACKWARD_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["DA", "DB"])
+                 prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["DA", "DB"],
+                 **AUTOTUNE_KWARGS)
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_bwd_dx_kernel(
     DY, W, A, B, X, XA, SEED, DX, DA, DB,
@@ -133,7 +134,7 @@ def lora_bwd_dx_kernel(
 
 
 @triton.autotune(configs=LOWRANK_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "DROPOUT", "NEED_DX", "GATED"],
-                 prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["DA"])
+                 prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["DA"], **AUTOTUNE_KWARGS)
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_bwd_lowrank_kernel(
     DY, A, B, X, SEED, DX, DA, IDS, OWNER, SCALES, THR, KS,

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import FORWARD_CONFIGS, INTERPRET, XA_CONFIGS, dot_precision, m_bucket, prune_configs
+from .configs import (AUTOTUNE_KWARGS, FORWARD_CONFIGS, INTERPRET, XA_CONFIGS, dot_precision, m_bucket,
+                      prune_configs)
 from .dropout import dropout_args, dropout_keep, dropout_mask
 from .memory import empty
 
@@ -44,7 +45,7 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.autotune(configs=FORWARD_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "FUSE_XA"],
-                 prune_configs_by={"early_config_prune": prune_configs})
+                 prune_configs_by={"early_config_prune": prune_configs}, **AUTOTUNE_KWARGS)
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_fwd_kernel(
     X, W, BIAS, A, B, XA, Y,
@@ -134,7 +135,7 @@ def row_gate(IDS, OWNER, SCALES, THR, KS, rows, offs_r, R):
 
 
 @triton.autotune(configs=XA_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "DROPOUT", "GATED", "SPLIT_K"],
-                 prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["XA"])
+                 prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["XA"], **AUTOTUNE_KWARGS)
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_xa_kernel(
     X, A, XA, XS, SEED, IDS, OWNER, SCALES, THR, KS,
