@@ -27,7 +27,7 @@ def _expected(layer, x, ids):
     active = layer.active_adapter
     for row, i in enumerate(ids.tolist()):
         if i < 0:
-            out[row] = torch.nn.functional.linear(x[row], layer.weight, layer.bias)
+            out[row] = torch.nn.functional.linear(x[row], layer.base_weight(), layer.bias)
         else:
             layer.set_adapter(layer.adapter_names[i])
             out[row] = layer(x[row:row + 1])[0]
