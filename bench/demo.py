@@ -91,6 +91,9 @@ def main():
     reps = 20 if gpu else 3
     note = "" if gpu else "  (Triton on CPU = interpreter: a correctness tool, not a speed figure)"
     print(f"\nmedian time per call, ms{note}")
+    if p > 0:
+        print("  (backend=torch is the unfused reference: its dropout mask is the kernels' Philox in plain tensor ops,"
+              " slower than torch's own dropout)")
     xg = x.clone().requires_grad_(True)
     gy = torch.randn(M, N, device=device, dtype=dtype)
 
@@ -106,7 +109,8 @@ def main():
     for b in usable:
         fused = lambda inp, b=b: lora_kernels.lora_linear(inp, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
                                                            layer.scaling, p, backend=b)
-        rows.append((f"fused, backend={b}", lambda f=fused: f(x), fwd_bwd(lambda f=fused: f(xg))))
+        label = "lora_kernels, backend=torch" if b == "torch" else f"fused, backend={b}"
+        rows.append((label, lambda f=fused: f(x), fwd_bwd(lambda f=fused: f(xg))))
     base = None
     for label, fwd, train in rows:
         with torch.no_grad():

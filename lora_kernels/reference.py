@@ -33,35 +33,40 @@ PHILOX_ROUND_B = 0xCD9E8D57
 PHILOX_ROUNDS = 10
 
 
-def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit words of the 64-bit product of a constant a and int64 tensor b (both < 2**32).
-
-    Split into 16-bit halves so no intermediate leaves int64 (signed overflow is not relied on).
-    """
-    ah, al = a >> 16, a & _M16
-    bh, bl = b >> 16, b & _M16
-    mid = ah * bl + al * bh
-    t = al * bl + ((mid & _M16) << 16)
-    lo = t & _M32
-    hi = ah * bh + (mid >> 16) + (t >> 32)
-    return hi & _M32, lo
-
-
 def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, ...]:
     """Philox4x32 (Salmon et al., 2011) on int64 tensors holding 32-bit words; key (k0, k1).
 
     Returns the four output words as int64 tensors with values in [0, 2**32). Identical, bit for bit,
     to the Triton kernels' ``_philox4x32``.
+
+    Each round multiplies c2 and c0 by the round constants and xors c1 and c3 in; the two halves of the state
+    travel as one [2, ...] tensor each (half the tensor ops). A 32 x 32-bit product is formed from the constant's
+    16-bit halves, so no intermediate exceeds 2**49 (signed int64 overflow is never relied on).
     """
-    c0, c1, c2, c3 = (torch.as_tensor(c).to(torch.int64) & _M32 for c in (c0, c1, c2, c3))
-    k0, k1 = k0 & _M32, k1 & _M32
+    device = next((c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), None)
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, device=device).to(torch.int64) & _M32
+                                               for c in (c0, c1, c2, c3)))
+    view = (2,) + (1,) * c0.dim()
+
+    def pair(a: int, b: int) -> torch.Tensor:
+        return torch.tensor([a, b], dtype=torch.int64, device=c0.device).view(view)
+
+    const = pair(PHILOX_ROUND_B, PHILOX_ROUND_A)  # multiplies (c2, c0)
+    const_hi, const_lo = const >> 16, const & _M16
+    key, key_step = pair(k0 & _M32, k1 & _M32), pair(PHILOX_KEY_A, PHILOX_KEY_B)
+    mul = torch.stack((c2, c0))    # the words multiplied this round
+    other = torch.stack((c1, c3))  # the words xored into the products' high halves
     for _ in range(rounds):
-        hi_b, lo_b = _mul_hi_lo(PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + PHILOX_KEY_A) & _M32
-        k1 = (k1 + PHILOX_KEY_B) & _M32
-    return c0, c1, c2, c3
+        p_hi = mul * const_hi                   # < 2**48
+        t = mul.mul_(const_lo)                  # < 2**48
+        t += (p_hi & _M16) << 16                # low 48 bits of the product (and the carry out of bit 47)
+        hi = (p_hi >> 16).add_(t >> 32)         # (hi_b, hi_a): high words of c2 * B, c0 * A
+        lo = t.bitwise_and_(_M32)               # (lo_b, lo_a)
+        hi ^= other
+        hi ^= key                               # (c0', c2') = (hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1)
+        mul, other = hi.flip(0), lo             # next round multiplies (c2', c0'); (c1', c3') = (lo_b, lo_a)
+        key = (key + key_step) & _M32
+    return mul[1], other[0], mul[0], other[1]
 
 
 def dropout_threshold(p: float) -> int:
@@ -77,14 +82,19 @@ def dropout_keep_mask(seed: int, m: int, k: int, p: float, device=None) -> torch
     ``word >> 1 >= floor(p * 2**31)``.
     """
     k4 = (k + 3) // 4
-    rows = torch.arange(m, device=device, dtype=torch.int64)[:, None]
-    cols = torch.arange(k4, device=device, dtype=torch.int64)[None, :]
-    counter = rows * k4 + cols
-    zero = torch.zeros_like(counter)
     seed = int(seed)
-    words = philox4x32(counter & _M32, counter >> 32, zero, zero, seed & _M32, (seed >> 32) & _M32)
-    bits = torch.stack(words, dim=-1).reshape(m, 4 * k4)[:, :k]
-    return (bits >> 1) >= dropout_threshold(p)
+    keep = torch.empty((m, k), dtype=torch.bool, device=device)
+    cols = torch.arange(k4, device=device, dtype=torch.int64)[None, :]
+    # Blocks of rows with about 2**16 counters each: the ~120 passes of the rounds then run over data in cache (on a
+    # CPU several times faster than one pass over a large mask; the bits are the same either way).
+    step = max(1, (1 << 16) // max(k4, 1))
+    for r0 in range(0, m, step):
+        rows = torch.arange(r0, min(m, r0 + step), device=device, dtype=torch.int64)[:, None]
+        counter = rows * k4 + cols
+        words = philox4x32(counter & _M32, counter >> 32, 0, 0, seed & _M32, (seed >> 32) & _M32)
+        bits = torch.stack(words, dim=-1).reshape(rows.shape[0], 4 * k4)[:, :k]
+        keep[r0:r0 + rows.shape[0]] = (bits >> 1) >= dropout_threshold(p)
+    return keep
 
 
 def _dropped(x: torch.Tensor, seed: int | None, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -86,3 +86,17 @@ def test_large_seed_and_counter_words():
     c_hi = reference.philox4x32(torch.tensor([2**32]), torch.tensor([1]), 0, 0, 0, 0)
     c_lo = reference.philox4x32(torch.tensor([0]), torch.tensor([0]), 0, 0, 0, 0)
     assert [int(v) for v in c_hi] != [int(v) for v in c_lo]
+
+
+def test_mask_in_row_blocks_equals_one_pass():
+    """dropout_keep_mask works through blocks of rows (2**16 counters each): the same bits as one pass over every
+    counter (here 130 rows of 513 counters: blocks of 127 rows and a 3-row tail), and p = 0 keeps everything."""
+    seed, m, k, p = 2**35 + 99, 130, 2050, 0.37
+    k4 = (k + 3) // 4
+    counter = torch.arange(m, dtype=torch.int64)[:, None] * k4 + torch.arange(k4, dtype=torch.int64)[None, :]
+    words = reference.philox4x32(counter & 0xFFFFFFFF, counter >> 32, 0, 0, seed & 0xFFFFFFFF, seed >> 32)
+    bits = torch.stack(words, dim=-1).reshape(m, 4 * k4)[:, :k]
+    expected = (bits >> 1) >= int(p * 2**31)
+    assert torch.equal(reference.dropout_keep_mask(seed, m, k, p), expected)
+    assert 0.3 < 1 - expected.float().mean().item() < 0.44
+    assert reference.dropout_keep_mask(seed, m, k, 0.0).all()
