@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from .layers import FusedLoRALinear
 
 __all__ = ["inject", "lora_layers", "mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "unload",
-           "add_adapter", "set_adapter", "delete_adapter"]
+           "add_adapter", "set_adapter", "delete_adapter", "adapter_ids_for"]
 
 
 def _is_lora_key(key: str) -> bool:
@@ -177,3 +178,30 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     for layer in lora_layers(model).values():
         layer.delete_adapter(name)
     return model
+
+
+def adapter_ids_for(model: nn.Module, names, device=None) -> torch.Tensor:
+    """The adapter_ids tensor for a mixed batch through `model`: one entry per name (None: the base model alone),
+    the index of that adapter in every LoRA layer's ``adapter_names``, on the layers' device unless given. Raises if the layers disagree on an index
+    (adapters added layer by layer in different orders), where one ids tensor would send rows to different
+    adapters in different layers, or if a layer lacks the adapter."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model: no FusedLoRALinear layers (call inject first)")
+    orders = {tuple(layer.adapter_names) for layer in layers.values()}
+    index = {}
+    for name in dict.fromkeys(n for n in names if n is not None):
+        where = {path: layer.adapter_names.index(name) if name in layer.adapter_names else None
+                 for path, layer in layers.items()}
+        found = set(where.values())
+        if None in found:
+            missing = sorted(path for path, i in where.items() if i is None)
+            raise ValueError(f"names: adapter {name!r} is missing in layers {missing[:4]}"
+                             f"{' ...' if len(missing) > 4 else ''}")
+        if len(found) > 1:
+            raise ValueError(f"names: adapter {name!r} has different indices across layers ({sorted(found)}; layer "
+                             f"orders {sorted(orders)[:2]}): add adapters model-wide with lora_kernels.add_adapter")
+        index[name] = found.pop()
+    if device is None:  # where the model's LoRA layers are (the ids must be on the inputs' device)
+        device = next(iter(layers.values())).lora_A.device
+    return torch.tensor([-1 if n is None else index[n] for n in names], dtype=torch.int64, device=device)

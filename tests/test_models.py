@@ -133,3 +133,33 @@ def test_injected_model_trains_on_device():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_adapter_ids_for_names_and_layer_disagreement():
+    """adapter_ids_for turns request adapter names into the ids of a mixed batch, and refuses when one ids tensor
+    would mean different adapters in different layers."""
+    import lora_kernels
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 12), torch.nn.Linear(12, 12))
+    lora_kernels.inject(model, ["0", "1"], r=2, init_lora_weights=False, backend="torch")
+    lora_kernels.add_adapter(model, "math", r=2, init_lora_weights=False)
+    lora_kernels.add_adapter(model, "code", r=3, init_lora_weights=False)
+    ids = lora_kernels.adapter_ids_for(model, ["code", None, "default", "math", "code"])
+    assert ids.tolist() == [2, -1, 0, 1, 2] and ids.dtype == torch.int64
+    x = torch.randn(5, 3, 12)
+    with torch.no_grad(), lora_kernels.adapter_ids(ids):
+        y = model(x)
+    lora_kernels.set_adapter(model, "code")
+    with torch.no_grad():
+        torch.testing.assert_close(y[0], model(x[:1])[0])
+    with pytest.raises(ValueError, match="adapter 'bio' is missing in layers"):
+        lora_kernels.adapter_ids_for(model, ["bio"])
+    layers = lora_kernels.lora_layers(model)
+    layers["0"].add_adapter("x", r=1)  # different orders: x then y in one layer, y then x in the other
+    layers["0"].add_adapter("y", r=1)
+    layers["1"].add_adapter("y", r=1)
+    layers["1"].add_adapter("x", r=1)
+    with pytest.raises(ValueError, match="adapter 'x' has different indices across layers"):
+        lora_kernels.adapter_ids_for(model, ["x", "math"])
+    assert lora_kernels.adapter_ids_for(model, ["math"]).tolist() == [1]
