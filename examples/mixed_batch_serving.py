@@ -43,7 +43,6 @@ def main(argv=None):
     for name in list(TASKS)[1:]:
         lora_kernels.add_adapter(model, name, r=4, lora_alpha=8)
     lora_kernels.mark_only_lora_as_trainable(model)
-    names = lora_kernels.lora_layers(model)["model.layers.0.self_attn.q_proj"].adapter_names
     g = torch.Generator().manual_seed(0)
 
     t0 = time.time()
@@ -65,7 +64,7 @@ def main(argv=None):
     # one mixed batch: each row with its own adapter, -1 = the base model alone
     model.eval()
     row_adapters = ["plus3", "default", "plus2", None, "plus2", "default"]
-    ids = torch.tensor([-1 if a is None else names.index(a) for a in row_adapters], device=device)
+    ids = lora_kernels.adapter_ids_for(model, row_adapters)  # the index of each row's adapter in every layer
     prompts = torch.stack([batch(TASKS.get(a, 1), 1, g, device)[0] for a in row_adapters])
     with torch.no_grad(), lora_kernels.adapter_ids(ids):
         mixed = model(prompts).logits
@@ -73,7 +72,7 @@ def main(argv=None):
     for row, adapter in enumerate(row_adapters):
         with torch.no_grad():
             if adapter is None:
-                with lora_kernels.adapter_ids(torch.tensor([-1], device=device)):
+                with lora_kernels.adapter_ids(lora_kernels.adapter_ids_for(model, [None])):
                     alone = model(prompts[row:row + 1]).logits
             else:
                 lora_kernels.set_adapter(model, adapter)
