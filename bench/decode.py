@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", type=int, default=32, help="mixed-batch decode: requests = adapters (0: skip)")
     ap.add_argument("--out", default=None, help="folder for decode.csv (and decode_mixed.csv)")
     ap.add_argument("--policy", default=None, help="measured-policy file to update with where CUDA beat Triton")
+    ap.add_argument("--source", default="python -m bench.decode",
+                    help="where the figures behind the policy entry are kept (recorded in the entry)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.decode needs a GPU")
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
                 rows.append(line)
                 print("  " + "  ".join(f"{k}={v}" for k, v in line.items()))
     if args.policy:
-        record_policy(rows, args.policy, torch.cuda.get_device_name(), args.out or "bench.decode")
+        record_policy(rows, args.policy, torch.cuda.get_device_name(), args.source)
     mixed_rows = []
     if args.adapters and backends.BACKENDS["triton"].unavailable_reason(dev, dt) is None:
         print(f"mixed-batch decode: {args.adapters} one-token requests on {args.adapters} adapters of r={args.r}")

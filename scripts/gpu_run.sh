@@ -42,7 +42,8 @@ tail -n 2 "$out/tests-general.log" "$out/tests-gpu.log"
 # The measured policy (where backend="auto" runs the CUDA C++ kernels) is updated in the results folder, from the
 # repository's copy: review it and copy it to lora_kernels/measured_policy.json with the results.
 cp lora_kernels/measured_policy.json "$out/measured_policy.json"
-timeout "${DECODE_S:-90}" $py -m bench.decode --out "$out" --policy "$out/measured_policy.json" > "$out/decode.txt" 2>&1
+timeout "${DECODE_S:-90}" $py -m bench.decode --out "$out" --policy "$out/measured_policy.json" \
+  --source "bench/results/$(basename "$out")" > "$out/decode.txt" 2>&1
 echo "decode bench: exit $?"; cat "$out/decode.txt"
 timeout "${BENCH_S:-200}" $py -m bench --out "$out" --max-minutes 2.8 --providers cublas,merged,eager,peft,triton,cuda \
   --M 1,16,128,1024,4096,8192 --KN 4096x4096,4096x14336 > "$out/bench.log" 2>&1
