@@ -26,6 +26,8 @@ from torch import nn
 
 from lora_kernels import FusedLoRALinear, backends, lora_linear, policy
 
+from .mixed import mixed_variant
+
 CALLS = 50  # calls per graph replay
 
 
@@ -91,8 +93,12 @@ def mixed_decode_row(w, r, adapters, ring, timer=graph_time_us):
     for i in range(1, adapters):
         layer.add_adapter(f"a{i}", r=r, lora_alpha=2 * r, init_lora_weights=False)
     ids = torch.arange(adapters, device=w.device)
+    def sorted_call(x):
+        with mixed_variant("sorted"):
+            return layer(x, adapter_ids=ids)
+
     t = {"base": timer(lambda x: nn.functional.linear(x, w), ring),
-         "mixed": timer(lambda x: layer(x, adapter_ids=ids), ring)}
+         "mixed": timer(lambda x: layer(x, adapter_ids=ids), ring), "mixed_sorted": timer(sorted_call, ring)}
     with torch.no_grad():  # the mixed layer computes each row with its own adapter
         x = ring[0]
         expect = torch.stack([nn.functional.linear(x[i], w) + 2.0 * nn.functional.linear(nn.functional.linear(
@@ -102,6 +108,8 @@ def mixed_decode_row(w, r, adapters, ring, timer=graph_time_us):
     floor = 1 + adapters * r * (K + N) / (K * N)
     return {"M": adapters, "K": K, "N": N, "r": r, "adapters": adapters, "base_us": round(t["base"], 2),
             "mixed_us": round(t["mixed"], 2), "mixed_vs_base": round(t["mixed"] / t["base"], 3),
+            "mixed_sorted_us": round(t["mixed_sorted"], 2),
+            "mixed_sorted_vs_base": round(t["mixed_sorted"] / t["base"], 3),
             "bytes_floor": round(floor, 3)}
 
 

@@ -6,6 +6,8 @@ Providers, per case (M tokens, K, N, n adapters of rank r, bf16):
   "mixed"   a FusedLoRALinear holding the n adapters, called with adapter_ids= (every row with its own adapter, one
             launch for the low-rank part): what a server or trainer calls, host-side caching included (inference
             stacks the adapters once; training re-stacks each step, for autograd),
+  "sorted"  the same layer with LORA_KERNELS_MIXED=sorted: rows taken in adapter order, each tile computing only
+            its own adapters' ranks (the alternative to measure against "mixed"),
   "loop"    the algorithm of PEFT's mixed-batch path (forward with adapter_names=): the base GEMM, then a Python
             loop over the adapters present, each on its rows (index, lora_A, lora_B, scale, index_add).
 Modes: "fwd" (inference, no grad) and "fwd+bwd" (grads of x and of every adapter).
@@ -13,13 +15,15 @@ Modes: "fwd" (inference, no grad) and "fwd+bwd" (grads of x and of every adapter
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 
 import torch
 
 from lora_kernels import FusedLoRALinear, lora_linear
 
-PROVIDERS = ("base", "single", "mixed", "loop")
+PROVIDERS = ("base", "single", "mixed", "sorted", "loop")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -41,6 +45,23 @@ def cases(quick: bool = False):
     if quick:
         return [MixedCase(48, 64, 48, 4, 3, "fp32")]
     return [MixedCase(4096, 4096, 4096, 16, 8), MixedCase(32, 4096, 4096, 16, 32), MixedCase(1024, 4096, 4096, 16, 8)]
+
+
+@contextlib.contextmanager
+def mixed_variant(provider: str):
+    """LORA_KERNELS_MIXED set for the "sorted" provider (and left alone for "mixed") within the block."""
+    if provider != "sorted":
+        yield
+        return
+    saved = os.environ.get("LORA_KERNELS_MIXED")
+    os.environ["LORA_KERNELS_MIXED"] = "sorted"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["LORA_KERNELS_MIXED"]
+        else:
+            os.environ["LORA_KERNELS_MIXED"] = saved
 
 
 def build(provider: str, case: MixedCase, device):
@@ -67,7 +88,7 @@ def build(provider: str, case: MixedCase, device):
     elif provider == "single":
         def fwd():
             return lora_linear(x, w, None, As[0], Bs[0], 2.0)
-    elif provider == "mixed":
+    elif provider in ("mixed", "sorted"):
         layer = FusedLoRALinear(case.K, case.N, r=case.r, lora_alpha=2.0 * case.r, bias=False, _weight=w)
         for i in range(1, case.adapters):
             layer.add_adapter(f"a{i}", r=case.r, lora_alpha=2.0 * case.r)
@@ -79,7 +100,8 @@ def build(provider: str, case: MixedCase, device):
         params = [x, *adapter_As, *adapter_Bs]
 
         def fwd():
-            return layer(x, adapter_ids=ids)
+            with mixed_variant(provider):
+                return layer(x, adapter_ids=ids)
     elif provider == "loop":
         def fwd():
             y = x @ w.t()

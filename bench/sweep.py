@@ -160,10 +160,10 @@ def main(argv=None):
             for name, fuse, R in (("fused", True, r), ("xa_first_gemm", False, r), ("plain_gemm", False, 0)):
                 def run(fuse=fuse, R=R):
                     fwd.lora_fwd_kernel.fn[grid](
-                        x, W, x, A, B, xa, y, M, N, K, R,
+                        x, W, x, A, B, xa, y, x, x, x, M, N, K, R,
                         x.stride(0), x.stride(1), W.stride(0), W.stride(1), A.stride(0), A.stride(1),
                         B.stride(0), B.stride(1), 0, xa.stride(0), y.stride(0), y.stride(1), s, 1,
-                        HAS_BIAS=False, FUSE_XA=fuse, STORE_XA=True, BLOCK_R=br, DOT_PRECISION="ieee",
+                        HAS_BIAS=False, FUSE_XA=fuse, STORE_XA=True, SORTED=False, BLOCK_R=br, DOT_PRECISION="ieee",
                         UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
                 try:
                     res[f"fwd_{name}_{cfg}"] = ms(run)

@@ -26,10 +26,16 @@ def _triton_settings() -> dict:
         bwd = f"{backward.backward_variant()} for 16-bit, {backward.backward_variant(torch.float32)} for fp32"
     except ValueError as e:  # a wrong knob: say so here rather than fail the report
         bwd = f"error: {e}"
+    try:
+        mixed = {"gated": "gated (every stacked rank, rows as they come)",
+                 "sorted": "sorted (rows in adapter order; gated with dropout)"}[forward.mixed_variant(False)]
+    except ValueError as e:
+        mixed = f"error: {e}"
     return {
         "triton forward": f"one launch below {forward.CUBLAS_MIN_M} rows (16-bit, no dropout, r <= 64), else "
                           "thin kernel + GEMM; cuBLAS GEMM from that size and for fp32",
         "triton backward (LORA_KERNELS_BACKWARD)": bwd,
+        "triton mixed batches (LORA_KERNELS_MIXED)": mixed,
         "triton autotuning (LORA_KERNELS_AUTOTUNE)": (
             ("on, timings kept in Triton's disk cache" if configs.AUTOTUNE_KWARGS.get("cache_results") else "on")
             if configs.AUTOTUNE else "off: first config of each table"),

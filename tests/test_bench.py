@@ -114,10 +114,11 @@ def test_mixed_providers_compute_the_same_layer():
     """The mixed-batch providers agree with each other (fwd) and all train every adapter that has rows."""
     case = mixed.MixedCase(40, 64, 48, 4, 3, "fp32")
     outs = {}
-    for name in ("mixed", "loop"):
+    for name in ("mixed", "sorted", "loop"):
         fns = mixed.build(name, case, DEVICE)
         outs[name] = fns["fwd"]()
     torch.testing.assert_close(outs["mixed"], outs["loop"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs["sorted"], outs["loop"], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(outs["mixed"], mixed.build("base", case, DEVICE)["fwd"](), atol=1e-3)
 
 
@@ -145,7 +146,7 @@ def test_decode_bench_mixed_step_checks_its_rows():
     ring = [torch.randn(5, 64, device=DEVICE)]
     calls = []
     row = decode.mixed_decode_row(w, 4, 5, ring, timer=lambda fn, ring: calls.append(fn(ring[0]).shape) or 2.0)
-    assert calls == [(5, 48), (5, 48)]
+    assert calls == [(5, 48)] * 3  # base, mixed, mixed with rows sorted by adapter
     assert row["mixed_vs_base"] == 1.0 and row["bytes_floor"] == round(1 + 5 * 4 * (64 + 48) / (64 * 48), 3)
 
 

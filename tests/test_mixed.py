@@ -45,7 +45,7 @@ def _ids(M, n, seed=0):
     return torch.randint(-1, n, (M,), generator=g).tolist()
 
 
-@pytest.mark.parametrize("path", ["triton_gemm", "cublas", "split_k"])
+@pytest.mark.parametrize("path", ["triton_gemm", "cublas", "split_k", "sorted", "sorted_split_k"])
 @pytest.mark.parametrize("ps", [(0.0, 0.0, 0.0), (0.1, 0.0, 0.3)], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mixed_batch_parity(dtype, ps, path, monkeypatch):
@@ -53,9 +53,11 @@ def test_mixed_batch_parity(dtype, ps, path, monkeypatch):
     gated xa kernel also with K split over programs (as for decode-sized batches on a GPU)."""
     if path == "cublas":
         monkeypatch.setattr(triton_forward, "CUBLAS_MIN_M", 0)
-    if path == "split_k":
+    if path.endswith("split_k"):
         monkeypatch.setattr(triton_forward, "XA_SPLIT_PROGRAMS_INTERPRETED", 64)
         monkeypatch.setattr(triton_forward, "XA_SPLIT_MIN_STEPS", 1)
+    if path.startswith("sorted"):  # rows in adapter order (without dropout; with dropout the gated variant runs)
+        monkeypatch.setenv("LORA_KERNELS_MIXED", "sorted")
     ids = [i if i != 1 else 2 for i in _ids(37, 3)]  # adapter 1 gets no rows
     da, db, owner, _ = _run(37, 45, 70, [3, 16, 1], [0.5, 2.0, 1.5], list(ps), ids, dtype, "triton")
     assert not da[owner == 1].any() and not db[:, owner == 1].any()  # an adapter without rows gets no grad
@@ -257,3 +259,35 @@ def test_compile_mixed_layers_with_different_hyperparameters():
         eager = lambda x, ids: layer(x, adapter_ids=ids)  # noqa: E731
         compiled = torch.compile(eager, fullgraph=True, backend="aot_eager")
         assert_compiled_matches_eager(eager, compiled, [x, ids], [layer.lora_A, layer.extra_lora_B["b"]])
+
+
+def test_sorted_variant_takes_rows_in_adapter_order(monkeypatch):
+    """LORA_KERNELS_MIXED=sorted: the kernels get the rows' order and each adapter's first rank, and the result
+    is the per-adapter reference's; 70 rows over 3 interpreter tiles, several adapters per tile, base-only rows,
+    an adapter without rows, ranks 5, 2, 17."""
+    monkeypatch.setenv("LORA_KERNELS_MIXED", "sorted")
+    seen = []
+    real = triton_forward._launch_gemm
+    monkeypatch.setattr(triton_forward, "_launch_gemm",
+                        lambda *a, **k: seen.append(k.get("sorted_rows")) or real(*a, **k))
+    ids = [i if i != 1 else -1 for i in _ids(70, 3, seed=5)]  # adapter 1: no rows
+    _run(70, 40, 36, [5, 2, 17], [1.5, 0.5, 2.0], [0.0] * 3, ids, torch.bfloat16, "triton")
+    order, sorted_ids, starts = seen[0]
+    assert starts.tolist() == [0, 5, 7, 24]
+    assert torch.equal(sorted_ids[order.long()], torch.sort(torch.tensor(ids, dtype=torch.int32)).values)
+
+
+def test_sorted_variant_refuses_a_shuffled_rank_owner_and_unknown_names(monkeypatch):
+    from lora_kernels.kernels.forward import mixed_variant, rank_starts
+
+    with pytest.raises(ValueError, match="rank_owner: the sorted mixed-batch variant needs each adapter's ranks"):
+        rank_starts(torch.tensor([0, 1, 0], dtype=torch.int32, device=DEVICE), 2)
+    assert rank_starts(torch.tensor([0, 0, 2], dtype=torch.int32, device=DEVICE), 3).tolist() == [0, 2, 2, 3]
+    monkeypatch.setenv("LORA_KERNELS_MIXED", "sorted")
+    assert mixed_variant(any_dropout=False) == "sorted" and mixed_variant(any_dropout=True) == "gated"
+    monkeypatch.setenv("LORA_KERNELS_MIXED", "segmented")
+    with pytest.raises(ValueError, match="LORA_KERNELS_MIXED: expected one of gated, sorted, got 'segmented'"):
+        mixed_variant(any_dropout=False)
+    from lora_kernels import info
+
+    assert info(as_dict=True)["triton mixed batches (LORA_KERNELS_MIXED)"].startswith("error: LORA_KERNELS_MIXED")

@@ -19,7 +19,8 @@ from concurrent.futures import ProcessPoolExecutor
 SMEM_LIMIT = {80: 166912, 90: 232448}
 DTYPES = ("fp16", "bf16", "fp32")
 _POINTER_TYPES = {"XA": "*fp32", "SEED": "*i64", "DA": "*fp32", "DB": "*fp32", "OUT": "*i8", "IDS": "*i32",
-                  "OWNER": "*i32", "SCALES": "*fp32", "THR": "*i32", "KS": "*fp32"}
+                  "OWNER": "*i32", "SCALES": "*fp32", "THR": "*i32", "KS": "*fp32", "ORDER": "*i32",
+                  "RSTART": "*i32"}
 _FLOAT_ARGS = {"scaling", "keep_scale"}
 _SIZE_ARGS = {"M", "N", "K", "R"}  # upper case like the pointers, but i32
 
@@ -54,11 +55,16 @@ def specializations(arch: int):
         for dtype in dtypes:
             full = dtype != "fp16"
             for row in TABLES["gemm"][arch][elem_bytes]:
-                add("lora_fwd_kernel", dtype, row, dict(HAS_BIAS=True, FUSE_XA=True, STORE_XA=True, BLOCK_R=16))
+                add("lora_fwd_kernel", dtype, row, dict(HAS_BIAS=True, FUSE_XA=True, STORE_XA=True, SORTED=False,
+                                                        BLOCK_R=16))
                 if full:
-                    add("lora_fwd_kernel", dtype, row, dict(HAS_BIAS=False, FUSE_XA=True, STORE_XA=True,
+                    add("lora_fwd_kernel", dtype, row, dict(HAS_BIAS=False, FUSE_XA=True, STORE_XA=True, SORTED=False,
                                                             BLOCK_R=min(64, row[5])))
-                    add("lora_fwd_kernel", dtype, row, dict(HAS_BIAS=True, FUSE_XA=False, STORE_XA=True, BLOCK_R=16))
+                    add("lora_fwd_kernel", dtype, row, dict(HAS_BIAS=True, FUSE_XA=False, STORE_XA=True, SORTED=False,
+                                                            BLOCK_R=16))
+                    # mixed batches, sorted variant
+                    add("lora_fwd_kernel", dtype, row, dict(HAS_BIAS=True, FUSE_XA=False, STORE_XA=True, SORTED=True,
+                                                            BLOCK_R=16))
             for row in TABLES["dx"][arch][elem_bytes]:
                 add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=False, DETERMINISTIC=False, BLOCK_R=16))
                 if full:
@@ -66,23 +72,27 @@ def specializations(arch: int):
                     add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=True, BLOCK_R=16))
             for row in TABLES["thin"][arch][elem_bytes]:
                 add("lora_xa_kernel", dtype, row, dict(DROPOUT=False, STORE_XS=True, GATED=False, SPLIT_K=False,
-                                                       BLOCK_R=16), XA_TILE_KEYS)
+                                                       SORTED=False, BLOCK_R=16), XA_TILE_KEYS)
                 add("lora_bwd_lowrank_kernel", dtype, row,
                     dict(DROPOUT=False, DETERMINISTIC=False, NEED_DX=True, GATED=False, BLOCK_R=16))
                 if full:
                     add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=False, GATED=False, SPLIT_K=False,
-                                                           BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
+                                                           SORTED=False, BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
                     add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=False, GATED=False, SPLIT_K=True,
-                                                           BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
+                                                           SORTED=False, BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
                     add("lora_bwd_lowrank_kernel", dtype, row,
                         dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, GATED=False, BLOCK_R=row[5]))
                     add("lora_bwd_lowrank_kernel", dtype, row,
                         dict(DROPOUT=True, DETERMINISTIC=True, NEED_DX=False, GATED=False, BLOCK_R=16))
                     # mixed batches: the gated variants
                     add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=True, GATED=True, SPLIT_K=False,
-                                                           BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
+                                                           SORTED=False, BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
                     add("lora_xa_kernel", dtype, row, dict(DROPOUT=True, STORE_XS=False, GATED=True, SPLIT_K=True,
-                                                           BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
+                                                           SORTED=False, BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
+                    for split in (False, True):  # the sorted variant (no dropout)
+                        add("lora_xa_kernel", dtype, row, dict(DROPOUT=False, STORE_XS=False, GATED=True,
+                                                               SPLIT_K=split, SORTED=True, BLOCK_R=min(128, row[5])),
+                            XA_TILE_KEYS)
                     add("lora_bwd_lowrank_kernel", dtype, row,
                         dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, GATED=True, BLOCK_R=row[5]))
     from .dropout import MASK_BLOCK
@@ -90,7 +100,7 @@ def specializations(arch: int):
     out.append(("dropout_mask_kernel", "fp32", dict(BLOCK_M=MASK_BLOCK[0], BLOCK_K=MASK_BLOCK[1]), 4, 3))
     # fp32 inputs with torch.backends.cuda.matmul.allow_tf32 switch the dots to TF32.
     add("lora_fwd_kernel", "fp32", TABLES["gemm"][arch][4][0],
-        dict(HAS_BIAS=True, FUSE_XA=True, STORE_XA=True, BLOCK_R=16), precision="tf32")
+        dict(HAS_BIAS=True, FUSE_XA=True, STORE_XA=True, SORTED=False, BLOCK_R=16), precision="tf32")
     add("lora_bwd_dx_kernel", "fp32", TABLES["dx"][arch][4][0],
         dict(DROPOUT=True, DETERMINISTIC=False, BLOCK_R=16), precision="tf32")
     return out
