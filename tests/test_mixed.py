@@ -283,6 +283,11 @@ def test_sorted_variant_refuses_a_shuffled_rank_owner_and_unknown_names(monkeypa
     with pytest.raises(ValueError, match="rank_owner: the sorted mixed-batch variant needs each adapter's ranks"):
         rank_starts(torch.tensor([0, 1, 0], dtype=torch.int32, device=DEVICE), 2)
     assert rank_starts(torch.tensor([0, 0, 2], dtype=torch.int32, device=DEVICE), 3).tolist() == [0, 2, 2, 3]
+    x, a = torch.randn(4, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE)
+    xa = torch.empty(4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="the sorted mixed-batch variant runs without dropout"):
+        triton_forward._launch_xa(x, a, xa, None, None, 1.0, 0.0, gating=None, any_dropout=True,
+                                  sort=(torch.arange(4, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)))
     monkeypatch.setenv("LORA_KERNELS_MIXED", "sorted")
     assert mixed_variant(any_dropout=False) == "sorted" and mixed_variant(any_dropout=True) == "gated"
     monkeypatch.setenv("LORA_KERNELS_MIXED", "segmented")

@@ -207,7 +207,7 @@ def lora_xa_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_ok = offs_k < k_end - k0
         x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-        if DROPOUT:
+        if DROPOUT:  # (never with SORTED: the mask is generated for rows in their own order)
             keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, row_threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
@@ -282,6 +282,8 @@ def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None, any_dro
     [n + 1]) for the sorted mixed-batch variant (no dropout)."""
     M, K = x.shape
     R = lora_A.shape[0]
+    if sort is not None and (any_dropout or dropout_p > 0.0):
+        raise ValueError("the sorted mixed-batch variant runs without dropout (its mask follows row positions)")
     threshold, keep_scale = dropout_args(dropout_p)
     xa_br = min(block_r(R), 128)
     gate_args = gating if gating is not None else (x,) * 5
