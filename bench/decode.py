@@ -93,6 +93,7 @@ def mixed_decode_row(w, r, adapters, ring, timer=graph_time_us):
     for i in range(1, adapters):
         layer.add_adapter(f"a{i}", r=r, lora_alpha=2 * r, init_lora_weights=False)
     ids = torch.arange(adapters, device=w.device)
+
     def sorted_call(x):
         with mixed_variant("sorted"):
             return layer(x, adapter_ids=ids)
@@ -101,9 +102,10 @@ def mixed_decode_row(w, r, adapters, ring, timer=graph_time_us):
          "mixed": timer(lambda x: layer(x, adapter_ids=ids), ring), "mixed_sorted": timer(sorted_call, ring)}
     with torch.no_grad():  # the mixed layer computes each row with its own adapter
         x = ring[0]
-        expect = torch.stack([nn.functional.linear(x[i], w) + 2.0 * nn.functional.linear(nn.functional.linear(
-            x[i], [layer.lora_A, *layer.extra_lora_A.values()][i]), [layer.lora_B, *layer.extra_lora_B.values()][i])
-            for i in range(adapters)])
+        As = [layer.lora_A, *layer.extra_lora_A.values()]
+        Bs = [layer.lora_B, *layer.extra_lora_B.values()]
+        expect = torch.stack([nn.functional.linear(x[i], w) + 2.0 * nn.functional.linear(
+            nn.functional.linear(x[i], As[i]), Bs[i]) for i in range(adapters)])
         torch.testing.assert_close(layer(x, adapter_ids=ids).float(), expect.float(), rtol=3e-2, atol=3e-2)
     floor = 1 + adapters * r * (K + N) / (K * N)
     return {"M": adapters, "K": K, "N": N, "r": r, "adapters": adapters, "base_us": round(t["base"], 2),

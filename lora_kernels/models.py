@@ -182,9 +182,9 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 def adapter_ids_for(model: nn.Module, names, device=None) -> torch.Tensor:
     """The adapter_ids tensor for a mixed batch through `model`: one entry per name (None: the base model alone),
-    the index of that adapter in every LoRA layer's ``adapter_names``, on the layers' device unless given. Raises if the layers disagree on an index
-    (adapters added layer by layer in different orders), where one ids tensor would send rows to different
-    adapters in different layers, or if a layer lacks the adapter."""
+    the index of that adapter in every LoRA layer's ``adapter_names``, on the layers' device unless given. Raises
+    if the layers disagree on an index (adapters added layer by layer in different orders), where one ids tensor
+    would send rows to different adapters in different layers, or if a layer lacks the adapter."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model: no FusedLoRALinear layers (call inject first)")

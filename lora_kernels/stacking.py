@@ -24,15 +24,13 @@ import weakref
 import torch
 from torch import Tensor
 
-from .ops import check_index_tensor, check_mixed_values, stack_adapters
+from .ops import _plain, check_index_tensor, check_mixed_values, stack_adapters
 
 __all__ = ["AdapterStack", "checked_ids", "rank_owner"]
 
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
 def _trackable(t: Tensor) -> bool:
-    return type(t) in _PLAIN and not t.is_inference()
+    """A plain tensor (the ops' own test) with a version counter (inference-mode tensors have none)."""
+    return _plain(t) and not t.is_inference()
 
 
 def _fingerprint(t: Tensor):
