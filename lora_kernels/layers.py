@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .ops import check_args, lora_linear, mixed_call
+from .ops import autocast_cast, autocast_dtype, check_args, lora_linear, mixed_call
 from .stacking import AdapterStack, checked_ids
 
 __all__ = ["FusedLoRALinear", "adapter_ids"]
@@ -217,14 +217,19 @@ class FusedLoRALinear(nn.Module):
         hps = self._extra_hparams.values()
         scalings = [self.scaling, *(hp["scaling"] for hp in hps)]
         ps = [self.lora_dropout, *(hp["lora_dropout"] for hp in hps)] if self.training else [0.0] * len(As)
-        weight = self.base_weight()
-        # x against W0 and the first adapter; the adapters were checked against W0 when added, and their
-        # hyper-parameters when set
-        check_args(x, weight, self.bias, As[0], Bs[0], 1.0, 0.0)
-        flat = checked_ids(ids, _expand_ids(ids, x.shape[:-1]), len(As), x.device)
+        weight, bias = self.base_weight(), self.bias
+        dtype = autocast_dtype(x)
+        if dtype is not None:  # as lora_linear does; the adapters are cast when stacked (and cached so)
+            x, weight, bias = autocast_cast(dtype, x, weight, bias)
+            dtype = None if As[0].dtype == torch.float64 else dtype
         # inference reuses a stacked copy; with grads autograd splits the stacked grads back to each adapter
-        lora_A, lora_B, owner = self._stack.get(As, Bs)
-        return mixed_call(x, weight, self.bias, lora_A, lora_B, owner, flat, scalings, ps, self.backend, None)
+        lora_A, lora_B, owner = self._stack.get(As, Bs, dtype)
+        # x against W0 and the first adapter (as stacked: cast under autocast); the adapters were checked
+        # against W0 when added, and their hyper-parameters when set
+        first = (As[0], Bs[0]) if dtype is None else (lora_A[:As[0].shape[0]], lora_B[:, :As[0].shape[0]])
+        check_args(x, weight, bias, *first, 1.0, 0.0)
+        flat = checked_ids(ids, _expand_ids(ids, x.shape[:-1]), len(As), x.device)
+        return mixed_call(x, weight, bias, lora_A, lora_B, owner, flat, scalings, ps, self.backend, None)
 
     # ------------------------------------------------------------------ named adapters
     @property

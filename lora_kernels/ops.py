@@ -16,7 +16,8 @@ Two named ops live in the ``lora_kernels`` namespace; every backend (see ``backe
 Dropout is inverted dropout with the counter-based mask of ``reference.dropout_keep_mask``: a pure
 function of (seed, row, column), so the backward regenerates it instead of storing it.
 
-``lora_linear`` (the public function) flattens leading dims, checks arguments, draws the seed, picks the
+``lora_linear`` (the public function) applies torch.autocast's rule for linear layers (``autocast_dtype``; torch
+gives custom ops none), flattens leading dims, checks arguments, draws the seed, picks the
 backend and calls the forward op; autograd is registered on the forward op, so torch.compile traces it
 without a graph break. Outside torch.compile, on plain tensors, it calls the same backend functions through
 a plain autograd.Function instead (``_EagerLoRALinear``): same checks, same results, less host time. Grads of weight and bias, if they require grad, are computed too (plain GEMM and
@@ -34,7 +35,7 @@ from torch import Tensor
 from . import backends
 
 __all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "check_args", "lora_linear_mixed", "stack_adapters",
-           "lora_mixed_fwd", "lora_mixed_bwd", "check_mixed_values"]
+           "lora_mixed_fwd", "lora_mixed_bwd", "check_mixed_values", "autocast_dtype", "autocast_cast"]
 
 
 def _fmt_dtype(dtypes):
@@ -98,6 +99,29 @@ def _check_seed(seed, device, dropout_p):
             raise ValueError("seed: dropout_p > 0 needs a one-element int64 tensor")
         if seed.device != device:
             raise ValueError(f"seed: on device {seed.device}, expected x's device {device}")
+
+
+def autocast_dtype(x) -> Optional[torch.dtype]:
+    """The dtype torch.autocast runs linear layers in on x's device here and now, or None when it is off there
+    (or x is no tensor: the argument checks then say so).
+
+    torch gives custom ops no autocast rule (their inputs arrive as they are), so the public functions apply
+    the rule autocast applies to nn.Linear themselves (``autocast_cast``): inside ``torch.autocast("cuda",
+    torch.bfloat16)`` a layer with fp32 weights takes bf16 or fp32 activations, computes in bf16 and returns
+    bf16, as nn.Linear and PEFT's layers do there. The backends then need no autocast handling of their own:
+    their inputs all arrive in autocast's dtype (autocast leaves products of 16-bit tensors as they are) or in
+    fp64 (which autocast never casts)."""
+    if not isinstance(x, Tensor):
+        return None
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if kind != "meta" and torch.is_autocast_enabled(kind) else None
+
+
+def autocast_cast(dtype: torch.dtype, *tensors):
+    """`tensors` cast as autocast casts a linear layer's inputs: floating-point tensors other than fp64 to
+    `dtype` (differentiably: grads reach fp32 parameters in fp32), None and the rest as they are."""
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def _backend(name: str):
@@ -257,6 +281,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     Dropout (inverted, like torch) applies whenever dropout_p > 0; pass ``seed`` (one-element int64
     tensor) to fix the mask, otherwise one is drawn from torch's generator.
     """
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        x, weight, bias, lora_A, lora_B = autocast_cast(dtype, x, weight, bias, lora_A, lora_B)
     check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     name = backends.resolve(backend, x.device, x.dtype)
     seed, save_xa = _seed_and_save(seed, x, dropout_p, (x, weight, bias, lora_A, lora_B))
@@ -444,6 +471,9 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A:
     dropout_ps (default: no dropout) have one entry per adapter. Grads reach each adapter's slice of
     lora_A / lora_B from its own rows only."""
     scalings, dropout_ps = _mixed_hparams(scalings, dropout_ps)
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        x, weight, bias, lora_A, lora_B = autocast_cast(dtype, x, weight, bias, lora_A, lora_B)
     check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps)
     check_mixed_values(adapter_ids, rank_owner, len(scalings))
     return mixed_call(x, weight, bias, lora_A, lora_B, rank_owner, adapter_ids.reshape(-1), scalings, dropout_ps,

@@ -20,7 +20,7 @@ from torch import nn
 from . import backends
 from .layers import _expand_ids
 from .models import is_plain_linear
-from .ops import check_mixed_args, lora_linear, mixed_call
+from .ops import autocast_cast, autocast_dtype, check_mixed_args, lora_linear, mixed_call
 from .stacking import AdapterStack, checked_ids
 
 __all__ = ["fuse", "register", "FusedPeftLinear"]
@@ -68,7 +68,7 @@ class _FusedForward:
         dropout = self.lora_dropout[adapter]
         if not isinstance(dropout, (nn.Dropout, nn.Identity)):
             return f"the dropout module {type(dropout).__name__}"
-        if x.dtype != base.weight.dtype:
+        if x.dtype != base.weight.dtype and autocast_dtype(x) is None:  # (autocast casts both)
             return f"input dtype {x.dtype} differing from the base weight's {base.weight.dtype}"
         return None
 
@@ -84,13 +84,17 @@ class _FusedForward:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        bias = base.bias
+        dtype = autocast_dtype(x)
+        if dtype is not None:  # torch.autocast: as PEFT's layers (nn.Linear under autocast) compute
+            x, weight, bias = autocast_cast(dtype, x, weight, bias)
         if kwargs.get("adapter_names") is not None:
-            return self._mixed_forward(x, weight, base.bias, kwargs["adapter_names"])
+            return self._mixed_forward(x, weight, bias, kwargs["adapter_names"])
         adapter = next(a for a in self.active_adapters if a in self.lora_A)
         # PEFT may keep adapter weights in fp32 next to a 16-bit base: cast them (differentiably) to x's dtype.
         a = self.lora_A[adapter].weight.to(x.dtype)
         b = self.lora_B[adapter].weight.to(x.dtype)
-        return lora_linear(x, weight, base.bias, a, b, self.scaling[adapter], self._dropout_p(adapter),
+        return lora_linear(x, weight, bias, a, b, self.scaling[adapter], self._dropout_p(adapter),
                            backend=self.fused_backend)
 
     def _mixed_forward(self, x, weight, bias, adapter_names):

@@ -326,3 +326,37 @@ def test_peft_mixed_batches_run_the_mixed_kernels(monkeypatch):
             again = q_proj(h, adapter_names=names)
     assert torch.equal(again, first)
     assert not {"cat", "all", "_to_copy"} & set(ops.counts), ops.counts  # adapters stacked and ids checked once
+
+
+def test_fused_model_under_autocast():
+    """Mixed-precision training (fp32 weights, torch.autocast bf16): the fused layers take the fused path (no
+    fallback to PEFT's forward) and compute what the layers cast to bf16 compute; logits and grads follow PEFT's
+    own run under the same autocast, by the parity rule against fp64. Mixed batches too."""
+    base = _llama()
+    pm = _peft_model(base, ["q_proj", "v_proj"])
+    pm.add_adapter("second", peft.LoraConfig(target_modules=["q_proj"], r=2, lora_alpha=6, init_lora_weights=False))
+    reference_pm = copy.deepcopy(pm)
+    fuse(pm, backend=BACKEND)
+    ids = torch.randint(0, 64, (2, 9), device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warns
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            y, g = _run(pm, ids)
+            y16, g16 = _run(reference_pm, ids)
+    y64, g64 = _run(copy.deepcopy(reference_pm).double(), ids)
+    assert y.dtype == y16.dtype == torch.bfloat16
+    assert_parity("logits", y, y16, y64)
+    trained = sorted(k for k in g16 if g16[k] is not None)  # the active adapter's
+    assert trained and trained == sorted(k for k in g if g[k] is not None)
+    for k in trained:
+        assert g[k].dtype == g16[k].dtype == torch.float32  # the parameters' dtype; computed in bf16 by both
+        assert_parity(f"grad {k}", g[k].bfloat16(), g16[k].bfloat16(), g64[k])
+    q_proj = pm.base_model.model.model.layers[0].self_attn.q_proj
+    cast = copy.deepcopy(q_proj).to(torch.bfloat16)
+    h = torch.randn(3, 6, q_proj.in_features, device=DEVICE)
+    names = ["second", "__base__", "default"]
+    with torch.no_grad():
+        for kwargs in ({}, {"adapter_names": names}):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                out = q_proj(h, **kwargs)
+            torch.testing.assert_close(out, cast(h.bfloat16(), **kwargs), rtol=0, atol=0)
