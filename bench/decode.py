@@ -89,7 +89,9 @@ def mixed_decode_row(w, r, adapters, ring, timer=graph_time_us):
     """One decode step of `adapters` requests on as many adapters: GPU time of the base layer and of the mixed-batch
     layer (Triton), their ratio and the bytes floor of that ratio."""
     N, K = w.shape
-    layer = FusedLoRALinear(K, N, r=r, lora_alpha=2 * r, bias=False, init_lora_weights=False, _weight=w).eval()
+    # adapters served in W0's dtype (fp32 ones would be cast once and kept: the same kernels)
+    layer = FusedLoRALinear(K, N, r=r, lora_alpha=2 * r, bias=False, init_lora_weights=False, _weight=w,
+                            lora_dtype=w.dtype).eval()
     for i in range(1, adapters):
         layer.add_adapter(f"a{i}", r=r, lora_alpha=2 * r, init_lora_weights=False)
     ids = torch.arange(adapters, device=w.device)

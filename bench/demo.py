@@ -73,8 +73,9 @@ def main():
     dtype = torch.bfloat16 if gpu else torch.float32
     M, K, N, r, p = (8192, 4096, 4096, 16, 0.1) if gpu else (128, 192, 160, 16, 0.1)
     torch.manual_seed(0)
+    # adapters in the layer's dtype (not fp32 masters): the parity check hands them to the ops as they are
     layer = FusedLoRALinear(K, N, r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False,
-                            device=device, dtype=dtype)
+                            device=device, dtype=dtype, lora_dtype=dtype)
     x = torch.randn(M, K, device=device, dtype=dtype)
     name = torch.cuda.get_device_name() if gpu else "CPU"
     print(f"lora-kernels {lora_kernels.__version__} | torch {torch.__version__} | {name} | "

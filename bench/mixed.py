@@ -89,7 +89,9 @@ def build(provider: str, case: MixedCase, device):
         def fwd():
             return lora_linear(x, w, None, As[0], Bs[0], 2.0)
     elif provider in ("mixed", "sorted"):
-        layer = FusedLoRALinear(case.K, case.N, r=case.r, lora_alpha=2.0 * case.r, bias=False, _weight=w)
+        # adapters in W0's dtype, as the "single" provider's (fp32 ones would add a cast per adapter in training)
+        layer = FusedLoRALinear(case.K, case.N, r=case.r, lora_alpha=2.0 * case.r, bias=False, _weight=w,
+                                lora_dtype=w.dtype)
         for i in range(1, case.adapters):
             layer.add_adapter(f"a{i}", r=case.r, lora_alpha=2.0 * case.r)
         with torch.no_grad():

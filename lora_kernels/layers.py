@@ -92,6 +92,18 @@ def _init_lora(A: Tensor, B: Tensor, r: int, init_lora_weights) -> None:
         raise ValueError(f"init_lora_weights: expected 'kaiming', 'gaussian', True or False, got {init_lora_weights!r}")
 
 
+def _lora_dtype(lora_dtype, weight_dtype: torch.dtype) -> torch.dtype:
+    """The adapters' parameter dtype: `lora_dtype`, or by default fp32 next to a 16-bit W0 (as PEFT keeps them:
+    a 16-bit parameter loses optimizer updates below its rounding step, and GradScaler refuses fp16 grads),
+    W0's dtype otherwise. The forward computes in W0's dtype either way."""
+    if lora_dtype is None:
+        return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+    if lora_dtype not in backends.ALL_DTYPES:
+        raise TypeError(f"lora_dtype: expected None (fp32 for a 16-bit base weight, else its dtype) or one of "
+                        f"float16, bfloat16, float32, float64; got {lora_dtype!r}")
+    return lora_dtype
+
+
 class FusedLoRALinear(nn.Module):
     """y = x W0^T + bias + scaling * (dropout(x) A^T) B^T with W0 and bias frozen.
 
@@ -103,15 +115,21 @@ class FusedLoRALinear(nn.Module):
     (loralib's ``merge_weights``). ``backend`` is passed to the ops: "auto", "torch", "triton" or "cuda".
     ``fan_in_fan_out=True`` stores W0 as [in, out] (Hugging Face's GPT-2 ``Conv1D``); the kernels read it
     through a transposed view, no copy.
+
+    ``lora_dtype``: the adapters' parameter dtype. By default fp32 next to a 16-bit W0 (as PEFT keeps them, for
+    stable training: 16-bit parameters lose small optimizer updates) and W0's dtype otherwise. The forward
+    computes in W0's dtype (autocast's inside a region): adapters kept in another dtype are cast, differentiably
+    (their grads arrive in their own dtype), and in inference the cast copy is kept until they change.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
                  init_lora_weights: bool | str = "kaiming", backend: str = "auto", merge_on_eval: bool = False,
-                 fan_in_fan_out: bool = False, device=None, dtype=None, *, _weight: Tensor | None = None,
-                 _bias: Tensor | None = None):
+                 fan_in_fan_out: bool = False, device=None, dtype=None, *, lora_dtype: torch.dtype | None = None,
+                 _weight: Tensor | None = None, _bias: Tensor | None = None):
         super().__init__()
-        self._stack = AdapterStack()
+        self._stack = AdapterStack()  # mixed batches: the adapters stacked (and cast), kept in inference
+        self._cast = AdapterStack()  # the active adapter cast to W0's dtype, kept in inference
         _check_hparams(r, lora_alpha, lora_dropout, in_features, out_features)
         backends.check_name(backend)
         factory = {"device": device, "dtype": dtype}
@@ -137,9 +155,9 @@ class FusedLoRALinear(nn.Module):
             self.bias.requires_grad_(False)
         else:
             self.register_parameter("bias", None)
-        w = self.weight
-        self.lora_A = nn.Parameter(torch.empty((r, in_features), device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty((out_features, r), device=w.device, dtype=w.dtype))
+        w, lora_dtype = self.weight, _lora_dtype(lora_dtype, self.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty((r, in_features), device=w.device, dtype=lora_dtype))
+        self.lora_B = nn.Parameter(torch.empty((out_features, r), device=w.device, dtype=lora_dtype))
         self.reset_lora_parameters(init_lora_weights)
         # Further named adapters (add_adapter): their A / B here, their hyper-parameters in _extra_hparams.
         self.extra_lora_A = nn.ParameterDict()
@@ -204,7 +222,20 @@ class FusedLoRALinear(nn.Module):
             return nn.functional.linear(x, self.base_weight(), self.bias)
         A, B, hp = self._adapter(self.active_adapter)
         p = hp["lora_dropout"] if self.training else 0.0
-        return lora_linear(x, self.base_weight(), self.bias, A, B, hp["scaling"], p, backend=self.backend)
+        weight, bias = self.base_weight(), self.bias
+        dtype = autocast_dtype(x)
+        if dtype is not None:  # as nn.Linear inside torch.autocast (lora_linear would do it too)
+            x, weight, bias = autocast_cast(dtype, x, weight, bias)
+        if A.dtype != weight.dtype:  # adapters kept in another dtype (fp32 next to a 16-bit W0) compute in W0's
+            A, B = self._cast_adapter(A, B, weight.dtype)
+        return lora_linear(x, weight, bias, A, B, hp["scaling"], p, backend=self.backend)
+
+    def _cast_adapter(self, A: Tensor, B: Tensor, dtype: torch.dtype):
+        """A, B in `dtype`: differentiably while grads are needed (the grads reach the parameters in their own
+        dtype), else a cast copy kept until the adapter changes (inference pays the cast once)."""
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
+            return A.to(dtype), B.to(dtype)
+        return self._cast.get([A], [B], dtype)[:2]
 
     def _mixed_forward(self, x: Tensor, ids: Tensor) -> Tensor:
         if self.merged:
@@ -219,14 +250,15 @@ class FusedLoRALinear(nn.Module):
         ps = [self.lora_dropout, *(hp["lora_dropout"] for hp in hps)] if self.training else [0.0] * len(As)
         weight, bias = self.base_weight(), self.bias
         dtype = autocast_dtype(x)
-        if dtype is not None:  # as lora_linear does; the adapters are cast when stacked (and cached so)
+        if dtype is not None:  # as lora_linear does
             x, weight, bias = autocast_cast(dtype, x, weight, bias)
-            dtype = None if As[0].dtype == torch.float64 else dtype
-        # inference reuses a stacked copy; with grads autograd splits the stacked grads back to each adapter
-        lora_A, lora_B, owner = self._stack.get(As, Bs, dtype)
-        # x against W0 and the first adapter (as stacked: cast under autocast); the adapters were checked
-        # against W0 when added, and their hyper-parameters when set
-        first = (As[0], Bs[0]) if dtype is None else (lora_A[:As[0].shape[0]], lora_B[:, :As[0].shape[0]])
+        # stacked in W0's dtype; inference reuses a stacked copy; with grads autograd splits the stacked grads
+        # back to each adapter (in its own dtype)
+        lora_A, lora_B, owner = self._stack.get(As, Bs, weight.dtype)
+        # x against W0 and the first adapter (as stacked, if cast); the adapters were checked against W0 when
+        # added, and their hyper-parameters when set
+        r0 = As[0].shape[0]
+        first = (As[0], Bs[0]) if As[0].dtype == weight.dtype else (lora_A[:r0], lora_B[:, :r0])
         check_args(x, weight, bias, *first, 1.0, 0.0)
         flat = checked_ids(ids, _expand_ids(ids, x.shape[:-1]), len(As), x.device)
         return mixed_call(x, weight, bias, lora_A, lora_B, owner, flat, scalings, ps, self.backend, None)
@@ -255,9 +287,9 @@ class FusedLoRALinear(nn.Module):
             raise ValueError(f"name: expected a new identifier other than {DEFAULT!r} and {list(self._extra_hparams)}, "
                              f"got {name!r}")
         hp = _hparams(r, lora_alpha, lora_dropout, use_rslora, self.in_features, self.out_features)
-        w = self.weight
-        A = nn.Parameter(torch.empty((r, self.in_features), device=w.device, dtype=w.dtype))
-        B = nn.Parameter(torch.empty((self.out_features, r), device=w.device, dtype=w.dtype))
+        like = self.lora_A  # the layer's adapter dtype and device
+        A = nn.Parameter(torch.empty((r, self.in_features), device=like.device, dtype=like.dtype))
+        B = nn.Parameter(torch.empty((self.out_features, r), device=like.device, dtype=like.dtype))
         _init_lora(A, B, r, init_lora_weights)
         self.extra_lora_A[name], self.extra_lora_B[name] = A, B
         self._extra_hparams[name] = hp
@@ -312,8 +344,9 @@ class FusedLoRALinear(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode:
-            self._stack.clear()  # the stacked copy for mixed-batch inference: training restacks each step
+        if mode:  # the copies kept for inference: training casts and stacks each step
+            self._stack.clear()
+            self._cast.clear()
         if self.merge_on_eval:
             self.unmerge() if mode else self.merge()
         return self

@@ -63,8 +63,8 @@ def test_layer_parity_with_leading_dims(backend, dtype):
                             device=DEVICE, dtype=dtype)
     x = torch.randn(2, 3, 40, device=DEVICE, dtype=dtype)
     y = layer(x)
-    args = (layer.weight, layer.bias, layer.lora_A, layer.lora_B)
-    same, _ = reference.lora_forward(x.reshape(6, 40), *[t.detach() for t in args], layer.scaling)
+    args = (layer.weight, layer.bias, layer.lora_A, layer.lora_B)  # adapters in fp32 next to a 16-bit W0
+    same, _ = reference.lora_forward(x.reshape(6, 40), *[t.detach().to(dtype) for t in args], layer.scaling)
     ref64, _ = reference.lora_forward(x.reshape(6, 40).double(), *[t.detach().double() for t in args], layer.scaling)
     assert y.shape == (2, 3, 36)
     assert_parity("y", y.reshape(6, 36), same, ref64)
@@ -102,7 +102,7 @@ def test_merge_unmerge(dtype):
     bound = 2 * EPS[dtype] * (w0.double().abs() + (w64 - w0.double()).abs() + w64.abs())
     assert ((layer.weight.double() - w0.double()).abs() <= bound).all()
     # and the forward is the LoRA path again (not the merged plain linear)
-    expected = lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    expected = lora_linear(x, layer.weight, layer.bias, layer.lora_A.to(dtype), layer.lora_B.to(dtype), layer.scaling)
     assert torch.equal(layer(x), expected)
 
 
@@ -169,3 +169,96 @@ def test_bad_hyperparameters(kwargs, pattern):
 def test_from_linear_rejects_other_modules():
     with pytest.raises(TypeError, match="linear: expected an nn.Linear, got Conv1d"):
         FusedLoRALinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The adapters' parameter dtype (lora_dtype)
+# ---------------------------------------------------------------------------------------------------------------
+def test_adapter_dtype_defaults_and_choices():
+    """fp32 adapters next to a 16-bit W0 (PEFT's default), W0's dtype otherwise; lora_dtype chooses; added
+    adapters follow the layer's; a bad value is refused naming the argument."""
+    for w_dtype, expected in [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                              (torch.float32, torch.float32), (torch.float64, torch.float64)]:
+        layer = FusedLoRALinear(16, 12, r=2, device=DEVICE, dtype=w_dtype)
+        assert layer.weight.dtype == w_dtype and layer.lora_A.dtype == layer.lora_B.dtype == expected
+        layer.add_adapter("more", r=3)
+        assert layer.extra_lora_A["more"].dtype == layer.extra_lora_B["more"].dtype == expected
+    kept = FusedLoRALinear.from_linear(_linear(dtype=torch.bfloat16), r=2, lora_dtype=torch.bfloat16)
+    assert kept.lora_A.dtype == kept.lora_B.dtype == torch.bfloat16
+    assert FusedLoRALinear.from_linear(_linear(dtype=torch.bfloat16), r=2).lora_A.dtype == torch.float32
+    for bad in ("bf16", torch.int8, 16):
+        with pytest.raises(TypeError, match="lora_dtype: expected None"):
+            FusedLoRALinear(16, 12, r=2, lora_dtype=bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_adapters_compute_in_w0_dtype(backend, dtype):
+    """The forward is the 16-bit computation with the adapters cast (bit for bit, same dropout seed); the grads
+    reach the fp32 adapters in fp32, equal to the 16-bit grads."""
+    layer = FusedLoRALinear(40, 36, r=5, lora_alpha=10, lora_dropout=0.2, init_lora_weights=False, backend=backend,
+                            device=DEVICE, dtype=dtype).train()
+    assert layer.lora_A.dtype == torch.float32
+    x = torch.randn(2, 19, 40, device=DEVICE, dtype=dtype)
+    torch.manual_seed(3)
+    y = layer(x)
+    y.float().square().sum().backward()
+    a16, b16 = (t.detach().to(dtype).requires_grad_() for t in (layer.lora_A, layer.lora_B))
+    torch.manual_seed(3)
+    expected = lora_linear(x, layer.weight, layer.bias, a16, b16, layer.scaling, 0.2, backend=backend)
+    expected.float().square().sum().backward()
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    for param, grad16 in ((layer.lora_A, a16.grad), (layer.lora_B, b16.grad)):
+        assert param.grad.dtype == torch.float32
+        torch.testing.assert_close(param.grad, grad16.float(), rtol=0, atol=0)
+
+
+def test_fp32_adapters_cast_once_in_inference():
+    """Inference keeps the cast copy: a second call casts nothing; a changed adapter is cast again."""
+    from conftest import CountOps
+
+    layer = FusedLoRALinear(24, 20, r=4, init_lora_weights=False, backend="torch", device=DEVICE,
+                            dtype=torch.bfloat16).eval()
+    x = torch.randn(5, 24, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = layer(x)
+        with CountOps() as ops:
+            again = layer(x)
+        assert "_to_copy" not in ops.counts, ops.counts
+        assert torch.equal(again, first)
+        layer.lora_B.mul_(2.0)  # an in-place update (an optimizer step, load_state_dict)
+        changed = layer(x)
+    expected = lora_linear(x, layer.weight, layer.bias, layer.lora_A.bfloat16(), layer.lora_B.bfloat16(),
+                           layer.scaling, backend="torch")
+    assert torch.equal(changed, expected) and not torch.equal(changed, first)
+
+
+def test_small_updates_survive_in_fp32_adapters():
+    """Why fp32 is the default: an optimizer step smaller than bf16's rounding step is kept by fp32 adapters and
+    lost by bf16 ones."""
+    steps = {}
+    for lora_dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        layer = FusedLoRALinear(24, 20, r=4, init_lora_weights=False, backend="torch", device=DEVICE,
+                                dtype=torch.bfloat16, lora_dtype=lora_dtype)
+        before = layer.lora_A.detach().clone()
+        opt = torch.optim.SGD(layer.parameters(), lr=1e-6)
+        layer(torch.randn(8, 24, device=DEVICE, dtype=torch.bfloat16)).float().sum().backward()
+        opt.step()
+        steps[lora_dtype] = (layer.lora_A.detach() != before).float().mean().item()
+    assert steps[None] > 0.9 and steps[torch.bfloat16] < 0.05, steps
+
+
+def test_fp16_training_with_grad_scaler():
+    """fp16 mixed precision (GradScaler) refuses fp16 grads; the default fp32 adapters train."""
+    layer = FusedLoRALinear(24, 20, r=4, init_lora_weights=False, backend="torch", device=DEVICE,
+                            dtype=torch.float16)
+    opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.1)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**8)
+    loss = layer(torch.randn(8, 24, device=DEVICE, dtype=torch.float16)).float().square().mean()
+    scaler.scale(loss).backward()
+    before = layer.lora_B.detach().clone()
+    scaler.step(opt)
+    scaler.update()
+    assert not torch.equal(layer.lora_B, before)

@@ -192,9 +192,9 @@ def test_layer_mixed_batch_rows_follow_their_adapter(training):
     ps = [p[2]["lora_dropout"] if training else 0.0 for p in parts]
     torch.manual_seed(seed)
     drawn = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=DEVICE).item() if training else None
-    args = (x.reshape(-1, 40), layer.weight, layer.bias, a, bb)
-    same, _ = reference.lora_mixed_forward(*args, ids.reshape(-1), owner, [p[2]["scaling"] for p in parts], ps,
-                                           drawn)
+    args = (x.reshape(-1, 40), layer.weight, layer.bias, a, bb)  # the adapters in fp32 (the layer casts them)
+    same, _ = reference.lora_mixed_forward(*(t.bfloat16() for t in args), ids.reshape(-1), owner,
+                                           [p[2]["scaling"] for p in parts], ps, drawn)
     ref64, _ = reference.lora_mixed_forward(*(t.double() for t in args), ids.reshape(-1), owner,
                                             [p[2]["scaling"] for p in parts], ps, drawn)
     assert_parity("y", y.reshape(-1, 36).detach(), same, ref64)
