@@ -13,7 +13,9 @@ W0's bytes, before the kernel reads them again) and waits for the GPU once. Here
   same version, same shape): with ``with adapter_ids(ids):`` every layer of the model gets the same tensor, so the
   first layer checks and the others reuse it.
 
-Neither cache is used while torch.compile traces (the graph stacks and converts; its guards handle reuse), for tensor
+Kept copies are built outside inference mode even when the call is inside it (a server's usual mode): an
+inference tensor could not be saved for a later backward (frozen adapters, input grads wanted), and the copy
+outlives the call. Neither cache is used while torch.compile traces (the graph stacks and converts; its guards handle reuse), for tensor
 subclasses (DTensor, FakeTensor) or inference-mode tensors (no version counter): those take the plain path.
 """
 
@@ -93,7 +95,7 @@ class AdapterStack:
         self.clear()  # free the old copy before making the new one
         if not all(_trackable(t) for t in tensors):
             return self._stack(lora_As, lora_Bs, dtype, cached_owner=False)
-        with torch.no_grad():
+        with torch.no_grad(), torch.inference_mode(False):  # kept copies are normal tensors (module docstring)
             stacked = self._stack(lora_As, lora_Bs, dtype, cached_owner=True)
         self._cache = (tuple((weakref.ref(t), _fingerprint(t)) for t in tensors), stacked)
         return stacked
@@ -128,7 +130,8 @@ def checked_ids(ids: Tensor, expanded: Tensor, n_adapters: int, device: torch.de
     ref, last_key, flat = _LAST_IDS
     if ref is not None and ref() is ids and last_key == key:
         return flat
-    flat = expanded.reshape(-1).to(torch.int32).contiguous()
+    with torch.inference_mode(False):  # a kept copy is a normal tensor (module docstring)
+        flat = expanded.reshape(-1).to(torch.int32).contiguous()
     capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
     check_mixed_values(flat, None, n_adapters)  # skipped during CUDA graph capture (no sync allowed there)...
     if not capturing:  # ...so only a checked batch is remembered
