@@ -25,3 +25,18 @@ def test_autotune_results_are_cached_on_disk_unless_turned_off(knob, expected):
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str([expected] * 4).replace("True", "true").replace("False", "false")
+
+
+def test_every_padded_rank_has_a_row():
+    """Every table serves every padded rank its kernels can be launched with (the fused forward up to 64, the
+    others up to 256), so the fallback to the widest row, whose spills at that rank aot_check does not bound,
+    is never taken for r <= 256; and every row serves rank 16 (the narrowest)."""
+    from lora_kernels.kernels.configs import TABLES
+
+    widest = {"gemm": 64, "dx": 256, "thin": 256}
+    for kind, by_arch in TABLES.items():
+        for arch, by_size in by_arch.items():
+            for elem_bytes, rows in by_size.items():
+                caps = [row[5] for row in rows]
+                assert max(caps) >= widest[kind], (kind, arch, elem_bytes, caps)
+                assert min(caps) >= 16 and all(c & (c - 1) == 0 for c in caps), (kind, arch, elem_bytes, caps)

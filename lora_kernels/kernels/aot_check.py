@@ -5,18 +5,28 @@
 Uses ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, which runs the whole
 pipeline down to a cubin: it catches what the CPU interpreter cannot (a tl.dot with K < 16, layouts the
 backend rejects), and the shared memory each specialization needs is checked against the architecture's
-limit. Must run with TRITON_INTERPRET unset (the interpreter replaces the kernels' JIT functions).
+limit. The cubin's registers and local memory (register spills) are read with cuobjdump; a specialization
+spilling more than MAX_LOCAL_BYTES per thread fails (ptxas then often collapses to 32 registers and a stack
+of kilobytes: a kernel that would crawl, whatever the autotuner's other choices). Must run with
+TRITON_INTERPRET unset (the interpreter replaces the kernels' JIT functions).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 # Shared memory per block, opt-in maximum (bytes).
 SMEM_LIMIT = {80: 166912, 90: 232448}
+# Local memory per thread (bytes) a shipped specialization may use for register spills. Modest spills (a few
+# hundred bytes, mostly in prologues and epilogues) are common at 255 registers and left to the autotuner.
+MAX_LOCAL_BYTES = 2048
 DTYPES = ("fp16", "bf16", "fp32")
 _POINTER_TYPES = {"XA": "*fp32", "SEED": "*i64", "DA": "*fp32", "DB": "*fp32", "OUT": "*i8", "IDS": "*i32",
                   "OWNER": "*i32", "SCALES": "*fp32", "THR": "*i32", "KS": "*fp32", "ORDER": "*i32",
@@ -121,8 +131,28 @@ def _signature(jit_fn, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
-def compile_one(arch: int, spec) -> tuple[str, int, float]:
-    """Compile one specialization; returns (description, shared memory bytes, seconds). Raises on failure."""
+def resources(cubin: bytes) -> tuple[int, int] | None:
+    """(registers per thread, local memory bytes per thread) of a cubin's kernel, from cuobjdump (Triton ships
+    one); None if no cuobjdump is found."""
+    try:
+        import triton
+
+        tool = triton.knobs.nvidia.cuobjdump.path
+    except Exception:  # an older Triton without the knob, or no NVIDIA backend
+        return None
+    if not tool or not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def compile_one(arch: int, spec) -> tuple[str, int, tuple | None, float]:
+    """Compile one specialization; returns (description, shared memory bytes, (registers, local bytes) or None,
+    seconds). Raises on failure."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -138,7 +168,11 @@ def compile_one(arch: int, spec) -> tuple[str, int, float]:
     smem = compiled.metadata.shared
     if smem > SMEM_LIMIT[arch]:
         raise RuntimeError(f"{desc}: needs {smem} bytes of shared memory, sm_{arch} has {SMEM_LIMIT[arch]}")
-    return desc, smem, time.time() - t0
+    res = resources(compiled.asm["cubin"])
+    if res is not None and res[1] > MAX_LOCAL_BYTES:
+        raise RuntimeError(f"{desc}: spills {res[1]} bytes of local memory per thread ({res[0]} registers); "
+                           f"the limit is {MAX_LOCAL_BYTES} (lower the rank cap of its config row in configs.py)")
+    return desc, smem, res, time.time() - t0
 
 
 def _run(args):
@@ -162,15 +196,20 @@ def main(argv=None) -> int:
         return 2
     jobs = [(arch, s) for arch in (args.arch or [80, 90])
             for s in (specializations(arch)[: args.limit] if args.limit else specializations(arch))]
-    failures, t0 = [], time.time()
+    failures, spilling, unmeasured, t0 = [], 0, 0, time.time()
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for ok, result in pool.map(_run, jobs):
             if ok:
-                desc, smem, secs = result
-                print(f"ok   {secs:5.2f}s smem={smem:6d}  {desc}")
+                desc, smem, res, secs = result
+                spilling += bool(res and res[1])
+                unmeasured += res is None
+                usage = f"regs={res[0]:3d} local={res[1]:5d}" if res else "regs=  ? local=    ?"
+                print(f"ok   {secs:5.2f}s smem={smem:6d} {usage}  {desc}")
             else:
                 failures.append(result)
                 print(f"FAIL {result}")
+    print(f"spills: {spilling} specializations use local memory (each <= {MAX_LOCAL_BYTES} bytes per thread)"
+          + (f"; {unmeasured} not measured (no cuobjdump)" if unmeasured else ""))
     print(f"{len(jobs) - len(failures)} compiled, {len(failures)} failed in {time.time() - t0:.0f}s")
     return 1 if failures else 0
 
