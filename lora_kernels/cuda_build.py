@@ -55,10 +55,13 @@ def find_cuda_home() -> str | None:
 
 
 def nvcc_archs(cuda_home: str) -> set[str]:
-    """The compute_XX targets this nvcc can build (e.g. {'80', '90', '90a'})."""
+    """The compute_XX targets this nvcc can build (e.g. {'80', '90', '90a'}). nvcc --list-gpu-arch names the base
+    architectures only; each from sm_90 on also has its arch-specific target (90a, 100a, ...), which nvcc builds
+    whenever it builds the base one."""
     out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"], capture_output=True,
                          text=True, check=True).stdout
-    return set(re.findall(r"compute_(\w+)", out))
+    base = set(re.findall(r"compute_(\d+)\b", out))
+    return base | {f"{a}a" for a in base if int(a) >= 90}
 
 
 def gencode_flags(cuda_home: str) -> tuple[list[str], list[str]]:

@@ -17,6 +17,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="$(mkdir -p "${1:-$ROOT/dist}" && cd "${1:-$ROOT/dist}" && pwd)"
 PY="${PYTHON:-python3}"
+# the build's targets, also read by the check (every one must be in the library)
+export LORA_KERNELS_CUDA_ARCHS="${LORA_KERNELS_CUDA_ARCHS:-80;86;89;90a}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT

@@ -43,6 +43,56 @@ if reason is None:
         check(False, "backend='cuda' on CPU tensors raises")
     except backends.BackendUnavailableError as e:
         check("CUDA tensors" in str(e), f"backend='cuda' on CPU tensors raises: {e}")
+
+
+def _cuobjdump():
+    """Triton's bundled cuobjdump (torch's CUDA builds install Triton), else one on the PATH."""
+    import shutil
+
+    try:
+        import triton
+
+        path = triton.knobs.nvidia.cuobjdump.path
+        if path and os.path.exists(path):
+            return path
+    except Exception:  # no Triton, or one without the knob
+        pass
+    return shutil.which("cuobjdump")
+
+
+MAX_LOCAL_BYTES = 256  # per thread: a few spilled values outside the main loops, not accumulators
+
+if library is not None:
+    import re
+    import subprocess
+
+    tool = _cuobjdump()
+    if tool is None:
+        print("skip kernel binaries: no cuobjdump")
+    else:
+        # machine code for every architecture the build was asked for (LORA_KERNELS_CUDA_ARCHS, as set for the build)
+        elves = subprocess.run([tool, "-lelf", library], capture_output=True, text=True).stdout
+        built = set(re.findall(r"\.sm_(\w+)\.cubin", elves))
+        wanted = {a.strip().replace("sm_", "") for a in os.environ.get("LORA_KERNELS_CUDA_ARCHS", "").split(";")
+                  if a.strip()}
+        check(bool(built) and wanted <= built, f"machine code for sm_{', sm_'.join(sorted(built))}"
+              + (f" (asked: sm_{', sm_'.join(sorted(wanted))})" if wanted else ""))
+        # the kernels keep their state in registers: local memory (register spills) past a few values would put
+        # accumulators in DRAM-backed memory on every step
+        out = subprocess.run([tool, "-res-usage", "-elf", library], capture_output=True, text=True).stdout
+        usage, arch, name = [], None, None
+        for line in out.splitlines():
+            if m := re.search(r"arch = sm_(\w+)", line):
+                arch = m.group(1)
+            elif m := re.search(r"Function (\S+):", line):
+                name = m.group(1)
+            elif m := re.search(r"REG:(\d+) STACK:(\d+)", line):
+                usage.append((arch, name, int(m.group(1)), int(m.group(2))))
+        over = [(a, n, stack) for a, n, _, stack in usage if stack > MAX_LOCAL_BYTES]
+        check(bool(usage) and not over,
+              f"kernel resources: {len(usage)} kernels, at most {max((u[2] for u in usage), default=0)} registers "
+              f"and {max((u[3] for u in usage), default=0)} bytes of local memory per thread (limit "
+              f"{MAX_LOCAL_BYTES})" + (f"; over: {over[:3]}" if over else ""))
 if torch.cuda.is_available() and reason is None:
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16

@@ -94,6 +94,20 @@ def test_gencode_flags(monkeypatch):
         cuda_build.gencode_flags("/x")
 
 
+def test_nvcc_archs_include_arch_specific_targets(tmp_path):
+    """nvcc --list-gpu-arch lists base architectures only (CUDA 13.0: no compute_90a), yet builds sm_90a: the
+    arch-specific targets from sm_90 on count as supported, or the default build would skip sm_90a."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    nvcc = bin_dir / "nvcc"
+    nvcc.write_text("#!/bin/sh\nprintf 'compute_75\\ncompute_80\\ncompute_86\\ncompute_90\\ncompute_100\\n'\n")
+    nvcc.chmod(0o755)
+    assert cuda_build.nvcc_archs(str(tmp_path)) == {"75", "80", "86", "90", "90a", "100", "100a"}
+    home = cuda_build.find_cuda_home()
+    if home is not None:  # the real one, where present: the build's default targets are all there
+        assert {"80", "90a"} <= cuda_build.nvcc_archs(home)
+
+
 def test_find_cuda_home_sees_through_a_wrapper(tmp_path, monkeypatch):
     toolkit = tmp_path / "cuda-13.0"
     (toolkit / "bin").mkdir(parents=True)
