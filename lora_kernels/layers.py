@@ -227,15 +227,8 @@ class FusedLoRALinear(nn.Module):
         if dtype is not None:  # as nn.Linear inside torch.autocast (lora_linear would do it too)
             x, weight, bias = autocast_cast(dtype, x, weight, bias)
         if A.dtype != weight.dtype:  # adapters kept in another dtype (fp32 next to a 16-bit W0) compute in W0's
-            A, B = self._cast_adapter(A, B, weight.dtype)
+            A, B = self._cast.cast(A, B, weight.dtype)
         return lora_linear(x, weight, bias, A, B, hp["scaling"], p, backend=self.backend)
-
-    def _cast_adapter(self, A: Tensor, B: Tensor, dtype: torch.dtype):
-        """A, B in `dtype`: differentiably while grads are needed (the grads reach the parameters in their own
-        dtype), else a cast copy kept until the adapter changes (inference pays the cast once)."""
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
-            return A.to(dtype), B.to(dtype)
-        return self._cast.get([A], [B], dtype)[:2]
 
     def _mixed_forward(self, x: Tensor, ids: Tensor) -> Tensor:
         if self.merged:

@@ -39,7 +39,8 @@ class _FusedForward:
     """The forward that FusedPeftLinear puts in front of PEFT's LoRA Linear."""
 
     fused_backend = "auto"
-    _lk_stack = None
+    _lk_stack = None  # mixed batches: the adapters stacked (and cast), kept in inference
+    _lk_cast = None  # the active adapter cast to x's dtype, kept in inference
 
     def _fused_unsupported(self, x, args, kwargs) -> str | None:
         """Why this call cannot take the fused path (None if it can). Normal states (merged, adapters disabled)
@@ -91,9 +92,11 @@ class _FusedForward:
         if kwargs.get("adapter_names") is not None:
             return self._mixed_forward(x, weight, bias, kwargs["adapter_names"])
         adapter = next(a for a in self.active_adapters if a in self.lora_A)
-        # PEFT may keep adapter weights in fp32 next to a 16-bit base: cast them (differentiably) to x's dtype.
-        a = self.lora_A[adapter].weight.to(x.dtype)
-        b = self.lora_B[adapter].weight.to(x.dtype)
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        if a.dtype != x.dtype:  # PEFT keeps adapters in fp32 next to a 16-bit base (its autocast_adapter_dtype)
+            if self._lk_cast is None:
+                self._lk_cast = AdapterStack()
+            a, b = self._lk_cast.cast(a, b, x.dtype)
         return lora_linear(x, weight, bias, a, b, self.scaling[adapter], self._dropout_p(adapter),
                            backend=self.fused_backend)
 

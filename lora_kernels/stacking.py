@@ -100,6 +100,15 @@ class AdapterStack:
         self._cache = (tuple((weakref.ref(t), _fingerprint(t)) for t in tensors), stacked)
         return stacked
 
+    def cast(self, lora_A: Tensor, lora_B: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """One adapter in `dtype` (kept in another, e.g. fp32 next to a 16-bit base weight): differentiably while
+        grads are needed (they reach the parameters in their own dtype), else a cast copy kept until the adapter
+        changes, so inference pays the cast once."""
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (lora_A.requires_grad or
+                                                                         lora_B.requires_grad)):
+            return lora_A.to(dtype), lora_B.to(dtype)
+        return self.get([lora_A], [lora_B], dtype)[:2]
+
     @staticmethod
     def _stack(lora_As, lora_Bs, dtype, cached_owner: bool):
         if dtype is not None:

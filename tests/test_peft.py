@@ -360,3 +360,24 @@ def test_fused_model_under_autocast():
             with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
                 out = q_proj(h, **kwargs)
             torch.testing.assert_close(out, cast(h.bfloat16(), **kwargs), rtol=0, atol=0)
+
+
+def test_fp32_adapters_on_a_16bit_base_cast_once_in_inference():
+    """PEFT keeps adapters in fp32 next to a bf16 base (autocast_adapter_dtype): the fused layer computes in bf16
+    with the adapters cast, and in inference casts them once, not on every call."""
+    base = _llama().to(torch.bfloat16)
+    pm = _peft_model(base, ["q_proj"])
+    q_proj = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.lora_A["default"].weight.dtype == torch.float32 and q_proj.base_layer.weight.dtype == torch.bfloat16
+    fuse(pm, backend=BACKEND)
+    h = torch.randn(2, 5, q_proj.in_features, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = q_proj(h)
+        with CountOps() as ops:
+            again = q_proj(h)
+        expected = lora_kernels.lora_linear(h, q_proj.base_layer.weight, q_proj.base_layer.bias,
+                                            q_proj.lora_A["default"].weight.bfloat16(),
+                                            q_proj.lora_B["default"].weight.bfloat16(), q_proj.scaling["default"],
+                                            backend=BACKEND)
+    assert "_to_copy" not in ops.counts, ops.counts
+    assert torch.equal(again, first) and torch.equal(first, expected)
