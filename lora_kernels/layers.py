@@ -40,7 +40,7 @@ def _expand_ids(ids: Tensor, lead: torch.Size) -> Tensor:
     if ids.dim() > len(lead) or tuple(ids.shape) != tuple(lead[: ids.dim()]):
         raise ValueError(f"adapter_ids: expected shape {list(lead)} (one id per row) or a prefix of it (one per "
                          f"sequence), got {list(ids.shape)}")
-    return ids.reshape(*ids.shape, *([1] * (len(lead) - ids.dim()))).expand(lead)
+    return ids.reshape(tuple(ids.shape) + (1,) * (len(lead) - ids.dim())).expand(lead)  # (0-d for a 1-D x)
 
 
 def _full(t: Tensor) -> Tensor:

@@ -273,6 +273,12 @@ def _plain(*tensors) -> bool:
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+def _unflatten(y: Tensor, lead) -> Tensor:
+    """y [M, N] as [*lead, N], like nn.Linear's output not marked as a view of another tensor: FSDP2 warns about
+    modules returning views (an in-place op on one would bypass its backward hooks)."""
+    return y if len(lead) == 1 else torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                 scaling: float, dropout_p: float = 0.0, *, backend: str = "auto",
                 seed: Optional[Tensor] = None) -> Tensor:
@@ -301,7 +307,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     else:  # inference: no autograd node at all
         y, _ = backends.BACKENDS[name].forward(x2, weight, bias, lora_A, lora_B, seed, float(scaling),
                                                float(dropout_p), False)
-    return y.reshape(*lead, weight.shape[0])
+    return _unflatten(y, lead)
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,4 +503,4 @@ def mixed_call(x, weight, bias, lora_A, lora_B, rank_owner, flat_ids, scalings, 
     else:  # inference: no autograd node at all
         y, _ = backends.BACKENDS[name].mixed_forward(x2, weight, bias, lora_A, lora_B, flat_ids, rank_owner,
                                                      scalings, dropout_ps, seed, False)
-    return y.reshape(*lead, weight.shape[0])
+    return _unflatten(y, lead)

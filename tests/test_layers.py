@@ -262,3 +262,24 @@ def test_fp16_training_with_grad_scaler():
     scaler.step(opt)
     scaler.update()
     assert not torch.equal(layer.lora_B, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_are_not_views(backend):
+    """Like nn.Linear's, the layer's outputs are not views of another tensor (FSDP2 warns about modules returning
+    views: an in-place op on one would bypass its backward hooks), for any number of leading dims, single
+    adapter or mixed batch, with and without grads; and they keep their values and grads."""
+    layer = FusedLoRALinear(24, 20, r=4, init_lora_weights=False, backend=backend, device=DEVICE)
+    layer.add_adapter("other", r=2, init_lora_weights=False)
+    for shape in [(24,), (5, 24), (2, 3, 24)]:
+        x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+        ids = torch.zeros(shape[:-1] or (), dtype=torch.long, device=DEVICE)
+        for kwargs in ({}, {"adapter_ids": ids}):
+            y = layer(x, **kwargs)
+            assert y.shape == (*shape[:-1], 20) and not y._is_view(), (shape, kwargs)
+            y.square().sum().backward()
+            with torch.no_grad():
+                assert not layer(x, **kwargs)._is_view()
+            expected = lora_linear(x.detach().reshape(-1, 24), layer.weight, layer.bias, layer.lora_A.detach(),
+                                   layer.lora_B.detach(), layer.scaling, backend=backend)
+            torch.testing.assert_close(y.detach().reshape(-1, 20), expected)
