@@ -303,7 +303,7 @@ def plots(rows, out_dir) -> list[str]:
     ax.set_xlabel("M (tokens)")
     ax.set_ylabel("speedup of fused over eager LoRA (fwd+bwd)")
     ax.set_title(f"LoRA layer, {env_dev}" + (" (CPU: interpreter, not a speed figure)" if env_dev == "cpu" else ""))
-    if ax.lines:
+    if ax.get_legend_handles_labels()[0]:  # (the axhline has no label)
         ax.legend(fontsize=7)
     written.append(save(fig, "speedup_vs_M.png"))
 
