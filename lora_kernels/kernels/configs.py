@@ -41,16 +41,18 @@ def _cfg(row, keys=TILE_KEYS):
 # while every variant's register spills stay within aot_check.MAX_LOCAL_BYTES per thread. Past that ptxas
 # often gives up on allocation (32 registers, kilobytes of stack); rows that did so at every rank were
 # dropped (the 2-warp 16 x 32 x 256 decode tile, the widest dX tiles of sm_80 and a 4-warp 128 x 64 x 128
-# dX tile of sm_90), and narrow tiles were added where no row served rank 256 any more.
+# dX tile of sm_90), and narrow tiles were added where no row served rank 256 any more. The decode tiles
+# (BLOCK_M = 16) stream W0 with few rows: a 32-column tile gives twice the programs of a 64-column one for the
+# SMs to share (one row of tiles covers the batch), which the autotuner weighs against longer K steps.
 TABLES = {
     "gemm": {
         90: {2: [(128, 256, 64, 8, 3, 32), (128, 128, 64, 8, 4, 64), (128, 128, 64, 4, 4, 32),
                  (64, 128, 64, 4, 4, 256), (64, 64, 64, 4, 4, 256),
-                 (16, 64, 128, 4, 4, 16)],  # decode (M <= 16): W0 streaming
+                 (16, 64, 128, 4, 4, 16), (16, 64, 64, 4, 4, 64), (16, 32, 64, 4, 4, 64)],  # decode (M <= 16)
              4: [(128, 128, 32, 8, 3, 64), (64, 128, 32, 4, 3, 32), (64, 64, 32, 4, 3, 256)]},
         80: {2: [(128, 256, 32, 8, 3, 32), (128, 128, 32, 4, 4, 32), (128, 64, 32, 4, 4, 32),
                  (64, 128, 32, 4, 4, 256), (64, 64, 32, 4, 3, 256),
-                 (16, 64, 128, 4, 4, 16)],
+                 (16, 64, 128, 4, 4, 16), (16, 64, 64, 4, 4, 64), (16, 32, 64, 4, 4, 64)],
              4: [(128, 128, 32, 8, 3, 32), (64, 128, 32, 4, 3, 32), (64, 64, 32, 4, 3, 256)]},
     },
     "dx": {
