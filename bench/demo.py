@@ -116,9 +116,10 @@ def main():
     for label, fwd, train in rows:
         with torch.no_grad():
             t_fwd = _time(fwd, device, reps)
-        t_train = _time(train, device, reps) if train is not None else float("nan")
+        # the base layer alone has nothing to train (W0 frozen): no forward+backward figure
+        t_train = f"{_time(train, device, reps):9.3f}" if train is not None else "        -"
         base = base or t_fwd
-        print(f"  {label:30s} forward {t_fwd:9.3f} ({t_fwd / base:5.2f}x base)   forward+backward {t_train:9.3f}")
+        print(f"  {label:30s} forward {t_fwd:9.3f} ({t_fwd / base:5.2f}x base)   forward+backward {t_train}")
 
 
 if __name__ == "__main__":
