@@ -177,3 +177,19 @@ def test_decode_bench_records_the_measured_policy(tmp_path):
     assert (entry["device"], entry["max_rows"], entry["speedup"]) == ("NVIDIA Test GPU", 1, {"1": 1.5})
     decode.record_policy([dict(r, cuda_us=40.0) for r in rows], path, "NVIDIA Test GPU", "bench/results/test")
     assert policy.entries(path) == ()
+
+
+def test_demo_runs_and_passes_parity():
+    """The README's first command ends in `python -m bench.demo`: it runs here (the Triton kernels in the
+    interpreter), every usable backend passes the parity rule, and the timing table is printed."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the demo sets it itself without a GPU
+    out = subprocess.run([sys.executable, "-m", "bench.demo"], capture_output=True, text=True, cwd=root, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    passes = [line.split()[0] for line in out.stdout.splitlines() if line.rstrip().endswith("PASS")]
+    assert "FAIL" not in out.stdout and {"torch", "triton"} <= set(passes), out.stdout
+    assert "median time per call" in out.stdout and "fused, backend=triton" in out.stdout, out.stdout
