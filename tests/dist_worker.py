@@ -19,30 +19,38 @@ BATCH = 4  # rows per rank
 D_IN, D_HID = 24, 40
 
 
-def build_model(p: float, backend: str, dtype=torch.float32, device="cpu"):
+def build_model(p: float, backend: str, dtype=torch.float32, device="cpu", bf16_base: bool = False):
+    """bf16_base: the base layers in bf16 and the adapters in fp32 (the layers' default next to a 16-bit W0); dtype
+    then matters only as float64 (the reference run, on the same values)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D_IN, D_HID), nn.GELU(), nn.Linear(D_HID, D_HID), nn.GELU(), nn.Linear(D_HID, D_IN))
+    if bf16_base:
+        model.to(torch.bfloat16)
     lora_kernels.inject(model, ["0", "2", "4"], r=4, lora_alpha=8, lora_dropout=p, init_lora_weights=False,
                         backend=backend)
     lora_kernels.mark_only_lora_as_trainable(model)
+    if bf16_base and dtype != torch.float64:
+        return model.to(device=device)
     return model.to(device=device, dtype=dtype)
 
 
-def data(dtype=torch.float32, device="cpu"):
+def data(dtype=torch.float32, device="cpu", bf16_base: bool = False):
+    """(inputs, targets); with a bf16 base (not the float64 reference) the inputs are bf16, the targets fp32."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(WORLD * BATCH, D_IN, generator=g)
     t = torch.randn(WORLD * BATCH, D_IN, generator=g)
-    return x.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
+    x_dtype = torch.bfloat16 if bf16_base and dtype != torch.float64 else dtype
+    return x.to(device=device, dtype=x_dtype), t.to(device=device, dtype=dtype)
 
 
 def dropout_seed(step: int, rank: int) -> int:
     return 1000 + step * WORLD + rank
 
 
-def single_process(p: float, backend: str, dtype=torch.float64, device="cpu"):
+def single_process(p: float, backend: str, dtype=torch.float64, device="cpu", bf16_base: bool = False):
     """The same steps in one process: each rank's micro-batch with that rank's RNG seed, grads averaged."""
-    model = build_model(p, backend, dtype, device)
-    x, t = data(dtype, device)
+    model = build_model(p, backend, dtype, device, bf16_base)
+    x, t = data(dtype, device, bf16_base)
     opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.5)
     losses = []
     for step in range(STEPS):
@@ -50,7 +58,7 @@ def single_process(p: float, backend: str, dtype=torch.float64, device="cpu"):
         for rank in range(WORLD):
             torch.manual_seed(dropout_seed(step, rank))
             rows = slice(rank * BATCH, (rank + 1) * BATCH)
-            loss = nn.functional.mse_loss(model(x[rows]), t[rows])
+            loss = nn.functional.mse_loss(model(x[rows]).to(t.dtype), t[rows])
             (loss / WORLD).backward()
             total += loss.item() / WORLD
         opt.step()
@@ -72,7 +80,9 @@ def use_gpus() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() >= WORLD
 
 
-def worker(rank: int, port: int, engine: str, p: float, backend: str, out_dir: str, mixed_precision: bool):
+def worker(rank: int, port: int, engine: str, p: float, backend: str, out_dir: str, precision: str):
+    """precision: "fp32"; "bf16_params" (FSDP2's MixedPrecisionPolicy: bf16 compute, fp32 reduction); "bf16_base"
+    (bf16 base layers, fp32 adapters, no policy)."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     device = torch.device("cuda", rank) if use_gpus() else torch.device("cpu")
@@ -82,8 +92,8 @@ def worker(rank: int, port: int, engine: str, p: float, backend: str, out_dir: s
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=90))
     try:
-        model = build_model(p, backend, device=device)
-        x, t = data(device=device)
+        model = build_model(p, backend, device=device, bf16_base=precision == "bf16_base")
+        x, t = data(device=device, bf16_base=precision == "bf16_base")
         rows = slice(rank * BATCH, (rank + 1) * BATCH)
         if engine == "ddp":
             frozen = {n for n, q in model.named_parameters() if not q.requires_grad}
@@ -100,7 +110,7 @@ def worker(rank: int, port: int, engine: str, p: float, backend: str, out_dir: s
             mesh = init_device_mesh(device.type, (WORLD,))
 
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-                if mixed_precision else MixedPrecisionPolicy()
+                if precision == "bf16_params" else MixedPrecisionPolicy()
             for layer in lora_kernels.lora_layers(model).values():
                 fully_shard(layer, mesh=mesh, mp_policy=policy)
             fully_shard(model, mesh=mesh, mp_policy=policy)

@@ -30,14 +30,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(engine, p, tmp_path, mixed_precision=False, limit_s=240.0):
+def _spawn(engine, p, tmp_path, precision="fp32", limit_s=240.0):
     """Run the 2 workers. Rendezvous on a free local port is racy (the port can be taken between picking and
     binding it; once in a dozen CI runs a worker hung or aborted there), so a run that fails or has not
     finished within limit_s is stopped and started once more on a new port; a second failure is the test's."""
     errors = []
     for attempt in range(2):
         ctx = mp.start_processes(dist_worker.worker, nprocs=dist_worker.WORLD, join=False, start_method="spawn",
-                                 args=(_free_port(), engine, p, BACKEND, str(tmp_path), mixed_precision))
+                                 args=(_free_port(), engine, p, BACKEND, str(tmp_path), precision))
         deadline = time.monotonic() + limit_s
         try:
             while not ctx.join(timeout=5):
@@ -81,11 +81,28 @@ def test_two_processes_match_one(engine, p, tmp_path):
 
 def test_fsdp2_mixed_precision_trains(tmp_path):
     """bf16 parameters in forward/backward, fp32 gradient reduction: runs, learns, stays near the fp32 run."""
-    result = _spawn("fsdp2", 0.0, tmp_path, mixed_precision=True)
+    result = _spawn("fsdp2", 0.0, tmp_path, precision="bf16_params")
     _, losses32 = dist_worker.single_process(0.0, BACKEND, torch.float32, "cuda" if dist_worker.use_gpus() else "cpu")
     assert result["losses"][-1] < result["losses"][0]
     # bf16 keeps 8 bits of mantissa: the losses agree with the fp32 run to bf16 precision, no better
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses32), rtol=3e-2, atol=0)
+
+
+def test_fsdp2_bf16_base_with_fp32_adapters(tmp_path):
+    """A bf16 model with the layers' default fp32 adapters under FSDP2 without a precision policy (trainable
+    parameters share one dtype, W0 is frozen): the losses and the fp32 adapters of one process running the same
+    bf16 model, by the parity rule against the fp64 run on the same values."""
+    result = _spawn("fsdp2", 0.2, tmp_path, precision="bf16_base")
+    device = "cuda" if dist_worker.use_gpus() else "cpu"
+    model16, losses16 = dist_worker.single_process(0.2, BACKEND, torch.float32, device, bf16_base=True)
+    model64, losses64 = dist_worker.single_process(0.2, "torch", torch.float64, device, bf16_base=True)
+    assert_parity("losses", torch.tensor(result["losses"]), torch.tensor(losses16),
+                  torch.tensor(losses64, dtype=torch.float64))
+    ref16, ref64 = dist_worker.lora_params(model16), dist_worker.lora_params(model64)
+    assert sorted(result["params"]) == sorted(ref16) and ref16
+    for name in ref16:
+        assert result["params"][name].dtype == ref16[name].dtype == torch.float32, name
+        assert_parity(name, result["params"][name], ref16[name], ref64[name])
 
 
 class _Block(nn.Module):
