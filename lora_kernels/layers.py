@@ -381,4 +381,5 @@ class FusedLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
                 f"scaling={self.scaling:g}, backend={self.backend!r}, merged={self.merged}"
-                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
+                + (f", lora_dtype={self.lora_A.dtype}" if self.lora_A.dtype != self.weight.dtype else ""))

@@ -186,6 +186,8 @@ def test_adapter_dtype_defaults_and_choices():
     kept = FusedLoRALinear.from_linear(_linear(dtype=torch.bfloat16), r=2, lora_dtype=torch.bfloat16)
     assert kept.lora_A.dtype == kept.lora_B.dtype == torch.bfloat16
     assert FusedLoRALinear.from_linear(_linear(dtype=torch.bfloat16), r=2).lora_A.dtype == torch.float32
+    assert "lora_dtype=torch.float32" in repr(FusedLoRALinear(16, 12, r=2, dtype=torch.bfloat16))
+    assert "lora_dtype" not in repr(FusedLoRALinear(16, 12, r=2))  # (the same dtype as W0)
     for bad in ("bf16", torch.int8, 16):
         with pytest.raises(TypeError, match="lora_dtype: expected None"):
             FusedLoRALinear(16, 12, r=2, lora_dtype=bad)
