@@ -15,7 +15,9 @@ py=${PYTHON:-python3}
 # The CUDA C++ extension: a library built elsewhere (stable ABI: any torch >= 2.10 of the same CUDA major) is used
 # as it is; otherwise it is built here when a toolkit is found (about a minute).
 if ! ls lora_kernels/_C*.so >/dev/null 2>&1; then
-  LORA_KERNELS_BUILD_CUDA=1 $py setup.py -q build_ext --inplace > "$out/build_ext.log" 2>&1
+  # only this card's architecture (sm_90a on an H100/H200): the build is part of the timed run
+  archs=${LORA_KERNELS_CUDA_ARCHS:-$($py -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'{a}{b}' + ('a' if a >= 9 else ''))" 2>/dev/null)}
+  LORA_KERNELS_CUDA_ARCHS="${archs:-80;90a}" LORA_KERNELS_BUILD_CUDA=1 $py setup.py -q build_ext --inplace > "$out/build_ext.log" 2>&1
   echo "CUDA extension build: exit $? (log: build_ext.log)"
 fi
 {
