@@ -7,7 +7,9 @@ pipeline down to a cubin: it catches what the CPU interpreter cannot (a tl.dot w
 backend rejects), and the shared memory each specialization needs is checked against the architecture's
 limit. The cubin's registers and local memory (register spills) are read with cuobjdump; a specialization
 spilling more than MAX_LOCAL_BYTES per thread fails (ptxas then often collapses to 32 registers and a stack
-of kilobytes: a kernel that would crawl, whatever the autotuner's other choices). Must run with
+of kilobytes: a kernel that would crawl, whatever the autotuner's other choices). On sm_90, 16-bit
+specializations whose tiles span a warpgroup (BLOCK_M >= 64, warps a multiple of 4) must issue Hopper's
+wgmma: a change (in a kernel or in Triton) that falls back to Ampere's mma.sync there fails too. Must run with
 TRITON_INTERPRET unset (the interpreter replaces the kernels' JIT functions).
 """
 
@@ -168,6 +170,9 @@ def compile_one(arch: int, spec) -> tuple[str, int, tuple | None, float]:
     smem = compiled.metadata.shared
     if smem > SMEM_LIMIT[arch]:
         raise RuntimeError(f"{desc}: needs {smem} bytes of shared memory, sm_{arch} has {SMEM_LIMIT[arch]}")
+    if (arch == 90 and dtype != "fp32" and constexprs.get("BLOCK_M", 0) >= 64 and warps % 4 == 0
+            and "wgmma.mma_async" not in compiled.asm["ptx"]):
+        raise RuntimeError(f"{desc}: no wgmma in the sm_90 code (its dots fell back to mma.sync)")
     res = resources(compiled.asm["cubin"])
     if res is not None and res[1] > MAX_LOCAL_BYTES:
         raise RuntimeError(f"{desc}: spills {res[1]} bytes of local memory per thread ({res[0]} registers); "
