@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .ops import autocast_cast, autocast_dtype, check_args, lora_linear, mixed_call
+from .ops import autocast_inputs, check_args, lora_linear, mixed_call
 from .stacking import AdapterStack, checked_ids
 
 __all__ = ["FusedLoRALinear", "adapter_ids"]
@@ -222,10 +222,8 @@ class FusedLoRALinear(nn.Module):
             return nn.functional.linear(x, self.base_weight(), self.bias)
         A, B, hp = self._adapter(self.active_adapter)
         p = hp["lora_dropout"] if self.training else 0.0
-        weight, bias = self.base_weight(), self.bias
-        dtype = autocast_dtype(x)
-        if dtype is not None:  # as nn.Linear inside torch.autocast (lora_linear would do it too)
-            x, weight, bias = autocast_cast(dtype, x, weight, bias)
+        # as nn.Linear inside torch.autocast (lora_linear would do it too; W0's dtype here decides A's and B's)
+        x, weight, bias = autocast_inputs(x, self.base_weight(), self.bias)
         if A.dtype != weight.dtype:  # adapters kept in another dtype (fp32 next to a 16-bit W0) compute in W0's
             A, B = self._cast.cast(A, B, weight.dtype)
         return lora_linear(x, weight, bias, A, B, hp["scaling"], p, backend=self.backend)
@@ -241,10 +239,7 @@ class FusedLoRALinear(nn.Module):
         hps = self._extra_hparams.values()
         scalings = [self.scaling, *(hp["scaling"] for hp in hps)]
         ps = [self.lora_dropout, *(hp["lora_dropout"] for hp in hps)] if self.training else [0.0] * len(As)
-        weight, bias = self.base_weight(), self.bias
-        dtype = autocast_dtype(x)
-        if dtype is not None:  # as lora_linear does
-            x, weight, bias = autocast_cast(dtype, x, weight, bias)
+        x, weight, bias = autocast_inputs(x, self.base_weight(), self.bias)  # as lora_linear does
         # stacked in W0's dtype; inference reuses a stacked copy; with grads autograd splits the stacked grads
         # back to each adapter (in its own dtype)
         lora_A, lora_B, owner = self._stack.get(As, Bs, weight.dtype)

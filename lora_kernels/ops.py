@@ -35,7 +35,7 @@ from torch import Tensor
 from . import backends
 
 __all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "check_args", "lora_linear_mixed", "stack_adapters",
-           "lora_mixed_fwd", "lora_mixed_bwd", "check_mixed_values", "autocast_dtype", "autocast_cast"]
+           "lora_mixed_fwd", "lora_mixed_bwd", "check_mixed_values", "autocast_dtype", "autocast_inputs"]
 
 
 def _fmt_dtype(dtypes):
@@ -106,7 +106,7 @@ def autocast_dtype(x) -> Optional[torch.dtype]:
     (or x is no tensor: the argument checks then say so).
 
     torch gives custom ops no autocast rule (their inputs arrive as they are), so the public functions apply
-    the rule autocast applies to nn.Linear themselves (``autocast_cast``): inside ``torch.autocast("cuda",
+    the rule autocast applies to nn.Linear themselves (``autocast_inputs``): inside ``torch.autocast("cuda",
     torch.bfloat16)`` a layer with fp32 weights takes bf16 or fp32 activations, computes in bf16 and returns
     bf16, as nn.Linear and PEFT's layers do there. The backends then need no autocast handling of their own:
     their inputs all arrive in autocast's dtype (autocast leaves products of 16-bit tensors as they are) or in
@@ -117,11 +117,15 @@ def autocast_dtype(x) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(kind) if kind != "meta" and torch.is_autocast_enabled(kind) else None
 
 
-def autocast_cast(dtype: torch.dtype, *tensors):
-    """`tensors` cast as autocast casts a linear layer's inputs: floating-point tensors other than fp64 to
-    `dtype` (differentiably: grads reach fp32 parameters in fp32), None and the rest as they are."""
+def autocast_inputs(x, *tensors) -> tuple:
+    """(x, *tensors) as torch.autocast casts a linear layer's inputs when it is on for x's device: floating-point
+    tensors other than fp64 to its dtype (differentiably: grads reach fp32 parameters in fp32), None and the rest
+    as they are. Unchanged when autocast is off there."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return (x, *tensors)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors)
+                 for t in (x, *tensors))
 
 
 def _backend(name: str):
@@ -287,9 +291,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     Dropout (inverted, like torch) applies whenever dropout_p > 0; pass ``seed`` (one-element int64
     tensor) to fix the mask, otherwise one is drawn from torch's generator.
     """
-    dtype = autocast_dtype(x)
-    if dtype is not None:
-        x, weight, bias, lora_A, lora_B = autocast_cast(dtype, x, weight, bias, lora_A, lora_B)
+    x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     name = backends.resolve(backend, x.device, x.dtype)
     seed, save_xa = _seed_and_save(seed, x, dropout_p, (x, weight, bias, lora_A, lora_B))
@@ -477,9 +479,7 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A:
     dropout_ps (default: no dropout) have one entry per adapter. Grads reach each adapter's slice of
     lora_A / lora_B from its own rows only."""
     scalings, dropout_ps = _mixed_hparams(scalings, dropout_ps)
-    dtype = autocast_dtype(x)
-    if dtype is not None:
-        x, weight, bias, lora_A, lora_B = autocast_cast(dtype, x, weight, bias, lora_A, lora_B)
+    x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps)
     check_mixed_values(adapter_ids, rank_owner, len(scalings))
     return mixed_call(x, weight, bias, lora_A, lora_B, rank_owner, adapter_ids.reshape(-1), scalings, dropout_ps,

@@ -20,7 +20,7 @@ from torch import nn
 from . import backends
 from .layers import _expand_ids
 from .models import is_plain_linear
-from .ops import autocast_cast, autocast_dtype, check_mixed_args, lora_linear, mixed_call
+from .ops import autocast_dtype, autocast_inputs, check_mixed_args, lora_linear, mixed_call
 from .stacking import AdapterStack, checked_ids
 
 __all__ = ["fuse", "register", "FusedPeftLinear"]
@@ -85,10 +85,8 @@ class _FusedForward:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
-        bias = base.bias
-        dtype = autocast_dtype(x)
-        if dtype is not None:  # torch.autocast: as PEFT's layers (nn.Linear under autocast) compute
-            x, weight, bias = autocast_cast(dtype, x, weight, bias)
+        # torch.autocast: as PEFT's layers (nn.Linear under autocast) compute
+        x, weight, bias = autocast_inputs(x, weight, base.bias)
         if kwargs.get("adapter_names") is not None:
             return self._mixed_forward(x, weight, bias, kwargs["adapter_names"])
         adapter = next(a for a in self.active_adapters if a in self.lora_A)
