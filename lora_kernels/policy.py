@@ -35,8 +35,12 @@ def entries(path: str = MEASURED_FILE) -> tuple:
 
 
 @functools.lru_cache(maxsize=64)
-def _device_name(index: int) -> str:
+def _device_name_at(index: int) -> str:
     return torch.cuda.get_device_name(index)
+
+
+def _device_name(device: torch.device) -> str:
+    return _device_name_at(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _entry_for(device_name: str, dtype: torch.dtype):
@@ -57,8 +61,7 @@ def choose(device: torch.device, dtype: torch.dtype, M, K: int, N: int, r: int) 
     """'cuda' when the measurements say so for this GPU and shape, else None (keep the default)."""
     if device.type != "cuda" or not entries():
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return "cuda" if prefers_cuda(_device_name(index), dtype, M, K, N, r) else None
+    return "cuda" if prefers_cuda(_device_name(device), dtype, M, K, N, r) else None
 
 
 def derive(rows, device_name: str, dtype: str, measured: str, source: str, margin: float = MARGIN):
@@ -103,7 +106,7 @@ def describe(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
     """One line for `python -m lora_kernels.info`."""
     if device.type != "cuda":
         return "no measured choice (CPU)"
-    name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+    name = _device_name(device)
     e = _entry_for(name, dtype)
     if e is None:
         return f"no measurement for {name} ({str(dtype).replace('torch.', '')}): auto keeps triton"
