@@ -45,28 +45,15 @@ if reason is None:
         check("CUDA tensors" in str(e), f"backend='cuda' on CPU tensors raises: {e}")
 
 
-def _cuobjdump():
-    """Triton's bundled cuobjdump (torch's CUDA builds install Triton), else one on the PATH."""
-    import shutil
-
-    try:
-        import triton
-
-        path = triton.knobs.nvidia.cuobjdump.path
-        if path and os.path.exists(path):
-            return path
-    except Exception:  # no Triton, or one without the knob
-        pass
-    return shutil.which("cuobjdump")
-
-
 MAX_LOCAL_BYTES = 256  # per thread: a few spilled values outside the main loops, not accumulators
 
 if library is not None:
     import re
     import subprocess
 
-    tool = _cuobjdump()
+    from lora_kernels.kernels.aot_check import cuobjdump_path
+
+    tool = cuobjdump_path()
     if tool is None:
         print("skip kernel binaries: no cuobjdump")
     else:

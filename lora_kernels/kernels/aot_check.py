@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -133,16 +134,24 @@ def _signature(jit_fn, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
-def resources(cubin: bytes) -> tuple[int, int] | None:
-    """(registers per thread, local memory bytes per thread) of a cubin's kernel, from cuobjdump (Triton ships
-    one); None if no cuobjdump is found."""
+def cuobjdump_path() -> str | None:
+    """Triton's bundled cuobjdump, else one on the PATH, else None."""
     try:
         import triton
 
         tool = triton.knobs.nvidia.cuobjdump.path
-    except Exception:  # an older Triton without the knob, or no NVIDIA backend
-        return None
-    if not tool or not os.path.exists(tool):
+        if tool and os.path.exists(tool):
+            return tool
+    except Exception:  # no Triton, an older one without the knob, or no NVIDIA backend
+        pass
+    return shutil.which("cuobjdump")
+
+
+def resources(cubin: bytes) -> tuple[int, int] | None:
+    """(registers per thread, local memory bytes per thread) of a cubin's kernel, from cuobjdump; None if no
+    cuobjdump is found."""
+    tool = cuobjdump_path()
+    if tool is None:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
