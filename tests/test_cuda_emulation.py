@@ -147,6 +147,26 @@ def test_decode_grid_sizes(cuda_backend, monkeypatch, sms):
     _check(cuda_backend, 7, 520, 33, 5, torch.bfloat16, 0.1)
 
 
+@pytest.mark.parametrize("M, dtype", [(1, torch.bfloat16), (2, torch.float16), (3, torch.float32), (6, torch.bfloat16),
+                                      (13, torch.float16), (16, torch.float32)])
+def test_decode_unrolled_loop_tails_and_clamped_rows(cuda_backend, M, dtype):
+    """Every decode variant with K long enough for its unrolled 16-byte loop (four chunks of 32 lanes x 16 bytes
+    at M = 1) and a tail after it; N and r not multiples of the rows per item (the last item's rows clamped);
+    r > 32 (B's ranks in two passes of the lanes); dropout applied inside the unrolled loop."""
+    K = 1032 if dtype != torch.float32 else 1028
+    _check(cuda_backend, M, K, 37, 37, dtype, 0.1)
+
+
+def test_decode_forward_is_bitwise_repeatable(cuda_backend, monkeypatch):
+    """Each element of xa and y is summed by one warp in a fixed order (no atomics on values): two runs on 5 emulated
+    SMs, whose threads interleave differently each time, agree bit for bit."""
+    monkeypatch.setattr(EmulatedOps, "sm_count", 5)
+    x, w, b, a, bb = make_inputs(6, 1032, 37, 37, torch.bfloat16, device="cpu")
+    seed = torch.tensor([11], dtype=torch.int64)
+    first, second = (cuda_backend.forward(x, w, b, a, bb, seed, 1.5, 0.1, True) for _ in range(2))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
 def test_lora_only_backward_and_deterministic(cuda_backend):
     _check(cuda_backend, 70, 72, 40, 3, torch.bfloat16, 0.2, need_dx=False)
     torch.manual_seed(1)
