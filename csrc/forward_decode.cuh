@@ -14,12 +14,15 @@
 // results are dropped), and only K's tail and unaligned inputs take the bounds-checked loop. Per-lane partial sums
 // are reduced across the warp once per item, ROWS x MB values with halving exchanges.
 #pragma once
+#include <atomic>
+
 #include "tiles.cuh"
 
 namespace lora_kernels {
 namespace decode {
 
 constexpr int THREADS = 256;
+constexpr int kMaxDevices = 64;
 
 template <typename T> struct Vec {
   static constexpr int N = 16 / sizeof(T);  // elements per 16-byte vector
@@ -274,7 +277,15 @@ const char* launch(const FwdParams& p, cudaStream_t stream) {
   if (auto e = cuda_error(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev))) return e;
   if (auto e = cuda_error(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev))) return e;
   if (!coop) return "this GPU does not support cooperative launches (needed by the decode kernel)";
-  if (auto e = cuda_error(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, 0))) return e;
+  // Blocks per SM depend on the kernel and the device only: asked once per device (a runtime call per decode step
+  // is host time the step does not need).
+  static std::atomic<int> blocks_per_sm[kMaxDevices];
+  if (dev < 0 || dev >= kMaxDevices) return "decode: device index out of range";
+  per_sm = blocks_per_sm[dev].load(std::memory_order_relaxed);
+  if (per_sm == 0) {
+    if (auto e = cuda_error(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, 0))) return e;
+    blocks_per_sm[dev].store(per_sm, std::memory_order_relaxed);
+  }
   const int64_t items = (p.r + ROWS - 1) / ROWS + (p.N + ROWS - 1) / ROWS;
   const int64_t wanted = (items + THREADS / 32 - 1) / (THREADS / 32);
   const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
