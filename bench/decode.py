@@ -7,7 +7,7 @@ Also the mixed-batch decode step: `--adapters` requests (one token each), each o
 by one FusedLoRALinear (`adapter_ids=`) against the base layer alone; the floor is the bytes of W0 plus all the
 adapters' A and B over the bytes of W0 (32 adapters of r = 16 at K = N = 4096: 1.25).
 
-    python -m bench.decode [--M 1,4,16] [--KN 4096x4096,4096x14336,14336x4096] [--r 16] [--adapters 32] [--out DIR]
+    python -m bench.decode [--M 1,2,4,8,16] [--KN 4096x4096,4096x14336,14336x4096] [--r 16] [--adapters 32] [--out DIR]
                            [--policy lora_kernels/measured_policy.json]
 
 --policy records in that file where the CUDA C++ forward beat Triton on this GPU (lora_kernels/policy.py), which is
@@ -128,7 +128,7 @@ def record_policy(rows, path, device_name, source, dtype="bfloat16"):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--M", default="1,4,16")
+    ap.add_argument("--M", default="1,2,4,8,16", help="rows (the default: one per variant of the decode kernel)")
     ap.add_argument("--KN", default="4096x4096,4096x14336,14336x4096")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=32, help="mixed-batch decode: requests = adapters (0: skip)")
