@@ -13,6 +13,9 @@
 // before any arithmetic, without branches between them: rows past the end are clamped to the last row (their
 // results are dropped), and only K's tail and unaligned inputs take the bounds-checked loop. Per-lane partial sums
 // are reduced across the warp once per item, ROWS x MB values with halving exchanges.
+//
+// Two kernels share this scheme: `decode` on CUDA cores (fp32 inputs, and 1..8 rows of fp16/bf16) and `decode_mma`
+// on tensor cores (fp16/bf16 with 9..16 rows, where FMAs would bound the CUDA-core kernel instead of bytes).
 #pragma once
 #include <atomic>
 
@@ -36,7 +39,7 @@ template <> struct Shape<1> { static constexpr int ROWS = 4, U = 4; };
 template <> struct Shape<2> { static constexpr int ROWS = 4, U = 2; };
 template <> struct Shape<4> { static constexpr int ROWS = 4, U = 2; };
 template <> struct Shape<8> { static constexpr int ROWS = 4, U = 2; };
-template <> struct Shape<16> { static constexpr int ROWS = 2, U = 2; };
+template <> struct Shape<16> { static constexpr int ROWS = 2, U = 2; };  // fp32 only: 16-bit takes decode_mma
 
 // out[0..N) = row[c..c+N) as floats, zero past K; one 16-byte load when `vec`.
 template <typename T>
@@ -268,35 +271,219 @@ __global__ void __launch_bounds__(THREADS) lora_forward_decode_kernel(FwdParams 
   }
 }
 
-template <typename T, int MB>
-const char* launch(const FwdParams& p, cudaStream_t stream) {
-  constexpr int ROWS = Shape<MB>::ROWS;
-  auto kernel = lora_forward_decode_kernel<T, MB>;
+// Launch `kernel` (THREADS_ threads per block, one warp per item) over `items` work items as a cooperative
+// persistent grid: at most as many blocks as are resident at once, so a warp waiting for A's items never waits
+// for a block that cannot start.
+template <int THREADS_, typename Kernel>
+const char* launch_items(Kernel kernel, int64_t items, const FwdParams& p, cudaStream_t stream, bool vec_x, bool vec_w,
+                         bool vec_a) {
   int dev = 0, sms = 0, per_sm = 0, coop = 0;
   if (auto e = cuda_error(cudaGetDevice(&dev))) return e;
   if (auto e = cuda_error(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev))) return e;
   if (auto e = cuda_error(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev))) return e;
   if (!coop) return "this GPU does not support cooperative launches (needed by the decode kernel)";
   // Blocks per SM depend on the kernel and the device only: asked once per device (a runtime call per decode step
-  // is host time the step does not need).
+  // is host time the step does not need). One cache per kernel: this function is instantiated per kernel type.
   static std::atomic<int> blocks_per_sm[kMaxDevices];
   if (dev < 0 || dev >= kMaxDevices) return "decode: device index out of range";
   per_sm = blocks_per_sm[dev].load(std::memory_order_relaxed);
   if (per_sm == 0) {
-    if (auto e = cuda_error(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, 0))) return e;
+    if (auto e = cuda_error(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS_, 0))) return e;
     blocks_per_sm[dev].store(per_sm, std::memory_order_relaxed);
   }
-  const int64_t items = (p.r + ROWS - 1) / ROWS + (p.N + ROWS - 1) / ROWS;
-  const int64_t wanted = (items + THREADS / 32 - 1) / (THREADS / 32);
+  const int64_t wanted = (items + THREADS_ / 32 - 1) / (THREADS_ / 32);
   const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
   const unsigned blocks = static_cast<unsigned>(wanted < resident ? wanted : resident);
   // xa and the counter are one buffer: one memset zeroes both (the kernel needs the counter zeroed).
   if (auto e = cuda_error(cudaMemsetAsync(p.xa, 0, sizeof(float) * (p.M * p.r + 1), stream))) return e;
-  return launch_kernel(kernel, dim3(blocks), dim3(THREADS), 0, stream, true, p, vec_ok(p.x, p.K, sizeof(T)),
-                       vec_ok(p.w, p.K, sizeof(T)), vec_ok(p.a, p.K, sizeof(T)));
+  return launch_kernel(kernel, dim3(blocks), dim3(THREADS_), 0, stream, true, p, vec_x, vec_w, vec_a);
+}
+
+template <typename T, int MB>
+const char* launch(const FwdParams& p, cudaStream_t stream) {
+  constexpr int ROWS = Shape<MB>::ROWS;
+  const int64_t items = (p.r + ROWS - 1) / ROWS + (p.N + ROWS - 1) / ROWS;
+  return launch_items<THREADS>(lora_forward_decode_kernel<T, MB>, items, p, stream, vec_ok(p.x, p.K, sizeof(T)),
+                               vec_ok(p.w, p.K, sizeof(T)), vec_ok(p.a, p.K, sizeof(T)));
 }
 
 }  // namespace decode
+
+// ---- Tensor cores for 16-bit inputs at 9..16 rows ----
+// On CUDA cores every W0 element costs M FMAs plus conversions: at M = 16 that is more instructions than an SM
+// issues while its share of W0 streams in. mma.m16n8k16 multiplies 16 rows of x by 8 rows of W0 (or A) over 16
+// of K in one instruction, straight from the 16-byte loads: lane (g, t) = (lane / 4, lane % 4) loads
+// W0[n0 + g, k0 + 8t .. + 8) and x[g], x[g + 8] at the same columns, and two MMAs take those registers as they are.
+// That assigns K's columns to the MMA's k slots in a permuted order (slot 2t + i <- column 8t + i, slot 2t + 8 + i
+// <- 8t + 2 + i, then + 4 for the second MMA), the same for x and W0, so the dot products are unchanged. A work
+// item is 8 rows over all of K per warp; the accumulators come out per lane, no reduction across lanes.
+namespace decode_mma {
+
+constexpr int THREADS = 128;  // 4 warps: 8-row items leave fewer warps than the CUDA-core variant, spread wider
+constexpr int U = 16;         // 32-column steps per iteration: 16 16-byte loads of W0 (or A) per lane in flight
+
+template <typename T>
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(LK_EMULATE)
+  lk_emulation::mma_m16n8k16<T>(c, a, b);
+#else
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+// row[c .. c + 8) as one 16-byte register group, zero past K: one load when `vec` and inside K.
+template <typename T>
+__device__ __forceinline__ uint4 load8(const T* row, int64_t c, int64_t K, bool vec, bool streamed) {
+  if (vec && c + 8 <= K)
+    return streamed ? decode::load_streamed(row + c) : __ldg(reinterpret_cast<const uint4*>(row + c));
+  uint4 u;
+  T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+  for (int v = 0; v < 8; ++v) e[v] = c + v < K ? row[c + v] : from_f32<T>(0.f);
+  return u;
+}
+
+// dropout(x[m, c .. c + 8)), rounded back to T as the same-dtype reference's dropout(x) is (c: a multiple of 4).
+template <typename T>
+__device__ __forceinline__ uint4 drop8(uint4 u, const Dropout& d, uint64_t seed, int m, int64_t c, int64_t K) {
+  T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+  for (int q = 0; q < 8; q += 4) {
+    const uint32_t bits = keep_bits4(seed, m, (c + q) / 4, K, d.threshold);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      e[q + j] = from_f32<T>(((bits >> j) & 1u) ? to_f32(e[q + j]) * d.keep_scale : 0.f);
+  }
+  return u;
+}
+
+// c += x[g | g + 8, 32 columns] . rows[n0 + (0..8), same columns], as two MMAs on the loaded registers.
+template <typename T> __device__ __forceinline__ void step(float (&c)[4], uint4 x0, uint4 x1, uint4 w) {
+  const uint32_t a1[4] = {x0.x, x1.x, x0.y, x1.y}, b1[2] = {w.x, w.y};
+  mma<T>(c, a1, b1);
+  const uint32_t a2[4] = {x0.z, x1.z, x0.w, x1.w}, b2[2] = {w.z, w.w};
+  mma<T>(c, a2, b2);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS) lora_forward_decode_mma_kernel(FwdParams p, bool vec_x, bool vec_w,
+                                                                          bool vec_a) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (THREADS / 32);
+  const int64_t gwarp = static_cast<int64_t>(blockIdx.x) * (THREADS / 32) + threadIdx.x / 32;
+  const int64_t a_items = (p.r + 7) / 8, w_items = (p.N + 7) / 8, K = p.K;
+  const int M = static_cast<int>(p.M);
+  const T* b = static_cast<const T*>(p.b);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  // x rows g and g + 8 (rows past M clamped to the last; their outputs are not written)
+  const T* x0 = static_cast<const T*>(p.x) + static_cast<int64_t>(g < M ? g : M - 1) * K;
+  const T* x1 = static_cast<const T*>(p.x) + static_cast<int64_t>(g + 8 < M ? g + 8 : M - 1) * K;
+  const bool dropout = p.dropout.seed != nullptr;
+  const uint64_t seed = dropout ? static_cast<uint64_t>(*p.dropout.seed) : 0;
+  bool xa_ready = false;
+
+  for (int64_t item = gwarp; item < a_items + w_items; item += warps) {
+    const bool is_a = item < a_items;
+    const int64_t n0 = (is_a ? item : item - a_items) * 8, n_rows = is_a ? p.r : p.N;
+    const T* rp = static_cast<const T*>(is_a ? p.a : p.w) + (n0 + g < n_rows ? n0 + g : n_rows - 1) * K;
+    const bool vec = vec_x && (is_a ? vec_a : vec_w), drop = is_a && dropout;
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    // Warp-uniform bounds (mma.sync needs all 32 lanes): whole U-step blocks, then single steps bounds-checked.
+    int64_t k0 = 0;
+    if (vec) {
+      for (; k0 + U * 32 <= K; k0 += U * 32) {
+        uint4 wv[U], xv0[U], xv1[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) wv[u] = decode::load_streamed(rp + k0 + 32 * u + 8 * t);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          xv0[u] = __ldg(reinterpret_cast<const uint4*>(x0 + k0 + 32 * u + 8 * t));
+          xv1[u] = __ldg(reinterpret_cast<const uint4*>(x1 + k0 + 32 * u + 8 * t));
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          if (drop) {
+            xv0[u] = drop8<T>(xv0[u], p.dropout, seed, g, k0 + 32 * u + 8 * t, K);
+            xv1[u] = drop8<T>(xv1[u], p.dropout, seed, g + 8, k0 + 32 * u + 8 * t, K);
+          }
+          step<T>(c, xv0[u], xv1[u], wv[u]);
+        }
+      }
+    }
+    for (; k0 < K; k0 += 32) {
+      const int64_t col = k0 + 8 * t;
+      uint4 xv0 = load8(x0, col, K, vec, false), xv1 = load8(x1, col, K, vec, false);
+      if (drop) {
+        xv0 = drop8<T>(xv0, p.dropout, seed, g, col, K);
+        xv1 = drop8<T>(xv1, p.dropout, seed, g + 8, col, K);
+      }
+      step<T>(c, xv0, xv1, load8(rp, col, K, vec, true));
+    }
+    // c[i]: input row m = g + 8 (i / 2), item row n0 + 2t + i % 2.
+    if (is_a) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = g + 8 * (i / 2);
+        const int64_t rr = n0 + 2 * t + i % 2;
+        if (m < M && rr < p.r) p.xa[m * p.r + rr] = c[i];
+      }
+      __threadfence();
+      __syncwarp();
+      if (lane == 0) atomicAdd(p.counter, 1u);
+      continue;
+    }
+    if (!xa_ready) {
+      if (lane == 0)
+        while (decode::load_acquire(p.counter) < static_cast<unsigned int>(a_items)) __nanosleep(64);
+      __syncwarp();
+      xa_ready = true;
+    }
+    // + scaling * xa[m, :] . B[n, :] for the lane's two input rows and two output columns; xa from L2 (written by
+    // other SMs during this launch).
+    const int m0 = g < M ? g : M - 1, m1 = g + 8 < M ? g + 8 : M - 1;
+    const int64_t nA = n0 + 2 * t < p.N ? n0 + 2 * t : p.N - 1, nB = n0 + 2 * t + 1 < p.N ? n0 + 2 * t + 1 : p.N - 1;
+    float lora[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+    for (int rr = 0; rr < p.r; ++rr) {
+      const float xa0 = __ldcg(p.xa + m0 * p.r + rr), xa1 = __ldcg(p.xa + m1 * p.r + rr);
+      const float bA = to_f32(b[nA * p.r + rr]), bB = to_f32(b[nB * p.r + rr]);
+      lora[0] = fmaf(xa0, bA, lora[0]);
+      lora[1] = fmaf(xa0, bB, lora[1]);
+      lora[2] = fmaf(xa1, bA, lora[2]);
+      lora[3] = fmaf(xa1, bB, lora[3]);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = g + 8 * (i / 2);
+      const int64_t n = n0 + 2 * t + i % 2;
+      if (m < M && n < p.N) {
+        float v = c[i] + p.scaling * lora[i];
+        if (bias) v += to_f32(bias[n]);
+        y[m * p.N + n] = from_f32<T>(v);
+      }
+    }
+  }
+}
+
+template <typename T> const char* launch(const FwdParams& p, cudaStream_t stream) {
+  const int64_t items = (p.r + 7) / 8 + (p.N + 7) / 8;
+  return decode::launch_items<THREADS>(lora_forward_decode_mma_kernel<T>, items, p, stream,
+                                       vec_ok(p.x, p.K, sizeof(T)), vec_ok(p.w, p.K, sizeof(T)),
+                                       vec_ok(p.a, p.K, sizeof(T)));
+}
+
+}  // namespace decode_mma
 
 template <typename T> const char* forward_decode_impl(const FwdParams& p, void* stream_ptr) {
   if (p.M < 1 || p.M > kDecodeMaxM) return "the decode kernel takes 1 to 16 rows";
@@ -308,7 +495,8 @@ template <typename T> const char* forward_decode_impl(const FwdParams& p, void* 
   if (p.M <= 2) return decode::launch<T, 2>(p, stream);
   if (p.M <= 4) return decode::launch<T, 4>(p, stream);
   if (p.M <= 8) return decode::launch<T, 8>(p, stream);
-  return decode::launch<T, 16>(p, stream);
+  if constexpr (std::is_same<T, float>::value) return decode::launch<T, 16>(p, stream);
+  else return decode_mma::launch<T>(p, stream);
 }
 
 }  // namespace lora_kernels

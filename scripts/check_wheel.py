@@ -46,7 +46,7 @@ if reason is None:
 
 
 MAX_LOCAL_BYTES = 256  # per thread: a few spilled values outside the main loops, not accumulators
-MIN_STREAMED_LOADS = 4  # per warp and decode-kernel iteration: rows x unrolled chunks (csrc/forward_decode.cuh)
+MIN_STREAMED_LOADS = 4  # per warp and decode-kernel iteration: rows x unrolled steps (csrc/forward_decode.cuh)
 
 if library is not None:
     import re
@@ -81,29 +81,29 @@ if library is not None:
               f"kernel resources: {len(usage)} kernels, at most {max((u[2] for u in usage), default=0)} registers "
               f"and {max((u[3] for u in usage), default=0)} bytes of local memory per thread (limit "
               f"{MAX_LOCAL_BYTES})" + (f"; over: {over[:3]}" if over else ""))
-        # the decode kernel streams W0: each warp must have several 16-byte loads of it in flight at once (bytes in
+        # the decode kernels stream W0: each warp must have several 16-byte loads of it in flight at once (bytes in
         # flight = bandwidth x latency). Streamed loads (ld.global.nc.L1::no_allocate, SASS LDG.E.NA.128) issued back
-        # to back, before the FMAs that use them; a loop that loads a row and then multiplies it has one.
+        # to back, before the FMAs or MMAs that use them; a loop that loads a row and then multiplies it has one.
         sass = subprocess.run([tool, "-sass", library], capture_output=True, text=True).stdout
         in_flight = {}
         for arch_part in re.split(r"\n\s*arch = ", sass)[1:]:
             arch_name = arch_part.split()[0]
             for fn in re.split(r"\n\s*Function : ", arch_part)[1:]:
                 name = fn.split(None, 1)[0]
-                if "lora_forward_decode_kernel" not in name:
+                if "lora_forward_decode" not in name:  # both decode kernels (CUDA cores, tensor cores)
                     continue
                 best = run = 0
                 for op in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]*)", fn):
                     if op.startswith("LDG.E.NA.128"):
                         run += 1
                         best = max(best, run)
-                    elif op.startswith(("FFMA", "FMUL", "FADD")):
+                    elif op.startswith(("FFMA", "FMUL", "FADD", "HMMA")):
                         run = 0
                 in_flight[arch_name, name] = best
         low = {k: v for k, v in in_flight.items() if v < MIN_STREAMED_LOADS}
         check(bool(in_flight) and not low,
-              f"decode kernels: {len(in_flight)}, 16-byte W0 loads in flight per warp {min(in_flight.values(), default=0)}"
-              f"-{max(in_flight.values(), default=0)} (at least {MIN_STREAMED_LOADS})"
+              f"decode kernels: {len(in_flight)}, 16-byte W0 loads in flight per warp "
+              f"{min(in_flight.values(), default=0)}-{max(in_flight.values(), default=0)} (at least {MIN_STREAMED_LOADS})"
               + (f"; too few: {sorted(low.items())[:3]}" if low else ""))
 if torch.cuda.is_available() and reason is None:
     torch.manual_seed(0)

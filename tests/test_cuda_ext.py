@@ -285,7 +285,7 @@ def test_llm_shapes(M):
 
 @gpu
 @pytest.mark.parametrize("M, dtype", [(1, torch.bfloat16), (2, torch.float16), (3, torch.float32), (6, torch.bfloat16),
-                                      (13, torch.float16), (16, torch.float32)])
+                                      (13, torch.float16), (16, torch.bfloat16), (16, torch.float32)])
 def test_decode_unrolled_loop_tails_and_clamped_rows(M, dtype):
     """Every decode variant: K with its unrolled loop and a tail, N and r not multiples of the rows per item, r > 32;
     and the forward repeats bit for bit (no atomics on values)."""

@@ -41,6 +41,7 @@ struct BlockContext {
   std::unique_ptr<std::barrier<>> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   float exchange[kMaxWarps][32];
+  uint32_t mma_a[kMaxWarps][32][4], mma_b[kMaxWarps][32][2];  // mma.sync operands, as each lane holds them
 };
 inline thread_local BlockContext* tl_block = nullptr;
 inline int g_sm_count = 2;  // multiprocessors the emulated device reports (cooperative grids are capped by it)
@@ -75,6 +76,40 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 template <typename T> inline T __ldg(const T* p) { return *p; }
 inline float __ldcg(const float* p) { return std::atomic_ref<float>(*const_cast<float*>(p)).load(); }
+
+// ---- mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16} ----
+// The PTX ISA's fragment layout, lane = 4 * groupID + threadID_in_group (g, t): register i of A holds the two
+// elements (row g + 8 * (i % 2), columns 2t + 8 * (i / 2) + {0, 1}); register i of B holds (rows 2t + 8i + {0, 1},
+// column g); C/D element i is (row g + 8 * (i / 2), column 2t + i % 2). Low half of a register = the lower column
+// (A) or row (B). Every lane posts its registers, then computes its own four outputs in fp32, in k order.
+namespace lk_emulation {
+template <typename T> inline float half_of(uint32_t reg, int hi) {
+  const uint16_t bits = static_cast<uint16_t>(hi ? reg >> 16 : reg);
+  T v;
+  std::memcpy(&v, &bits, 2);
+  return static_cast<float>(v);
+}
+template <typename T> inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const int warp = ::threadIdx.x / 32, lane = ::threadIdx.x % 32;
+  std::memcpy(tl_block->mma_a[warp][lane], a, sizeof(a));
+  std::memcpy(tl_block->mma_b[warp][lane], b, sizeof(b));
+  warp_barrier();
+  const auto& A = tl_block->mma_a[warp];
+  const auto& B = tl_block->mma_b[warp];
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    float s = c[i];
+    for (int k = 0; k < 16; ++k) {
+      const float av = half_of<T>(A[(row % 8) * 4 + (k % 8) / 2][(row / 8) + 2 * (k / 8)], k % 2);
+      const float bv = half_of<T>(B[col * 4 + (k % 8) / 2][k / 8], k % 2);
+      s += av * bv;
+    }
+    c[i] = s;
+  }
+  warp_barrier();
+}
+}  // namespace lk_emulation
 
 // ---- WMMA ----
 namespace nvcuda {
