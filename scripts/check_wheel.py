@@ -103,7 +103,8 @@ if library is not None:
         low = {k: v for k, v in in_flight.items() if v < MIN_STREAMED_LOADS}
         check(bool(in_flight) and not low,
               f"decode kernels: {len(in_flight)}, 16-byte W0 loads in flight per warp "
-              f"{min(in_flight.values(), default=0)}-{max(in_flight.values(), default=0)} (at least {MIN_STREAMED_LOADS})"
+              f"{min(in_flight.values(), default=0)}-{max(in_flight.values(), default=0)} "
+              f"(at least {MIN_STREAMED_LOADS})"
               + (f"; too few: {sorted(low.items())[:3]}" if low else ""))
 if torch.cuda.is_available() and reason is None:
     torch.manual_seed(0)

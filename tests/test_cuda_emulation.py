@@ -151,8 +151,9 @@ def test_decode_grid_sizes(cuda_backend, monkeypatch, sms):
                                       (13, torch.float16), (16, torch.bfloat16), (16, torch.float32)])
 def test_decode_unrolled_loop_tails_and_clamped_rows(cuda_backend, M, dtype):
     """Every decode variant (CUDA cores up to 8 rows and for fp32, tensor cores for 16-bit 9..16) with K long enough
-    for its unrolled 16-byte loop (four chunks of 32 lanes x 16 bytes at M = 1) and a tail after it; N and r not multiples of the rows per item (the last item's rows clamped);
-    r > 32 (B's ranks in two passes of the lanes); dropout applied inside the unrolled loop."""
+    for its unrolled 16-byte loop (four chunks of 32 lanes x 16 bytes at M = 1) and a tail after it; N and r not
+    multiples of the rows per item (the last item's rows clamped); r > 32 (B's ranks in two passes of the lanes);
+    dropout applied inside the unrolled loop."""
     K = 1032 if dtype != torch.float32 else 1028
     _check(cuda_backend, M, K, 37, 37, dtype, 0.1)
 
