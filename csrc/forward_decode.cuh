@@ -273,17 +273,17 @@ __global__ void __launch_bounds__(THREADS) lora_forward_decode_kernel(FwdParams 
 
 // Launch `kernel` (THREADS_ threads per block, one warp per item) over `items` work items as a cooperative
 // persistent grid: at most as many blocks as are resident at once, so a warp waiting for A's items never waits
-// for a block that cannot start.
-template <int THREADS_, typename Kernel>
-const char* launch_items(Kernel kernel, int64_t items, const FwdParams& p, cudaStream_t stream, bool vec_x, bool vec_w,
-                         bool vec_a) {
+// for a block that cannot start. The kernel is a template argument, not a parameter: the decode kernels share one
+// function type, and the occupancy cache below must be one per kernel.
+template <typename T, auto kernel, int THREADS_>
+const char* launch_items(int64_t items, const FwdParams& p, cudaStream_t stream) {
   int dev = 0, sms = 0, per_sm = 0, coop = 0;
   if (auto e = cuda_error(cudaGetDevice(&dev))) return e;
   if (auto e = cuda_error(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev))) return e;
   if (auto e = cuda_error(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev))) return e;
   if (!coop) return "this GPU does not support cooperative launches (needed by the decode kernel)";
   // Blocks per SM depend on the kernel and the device only: asked once per device (a runtime call per decode step
-  // is host time the step does not need). One cache per kernel: this function is instantiated per kernel type.
+  // is host time the step does not need).
   static std::atomic<int> blocks_per_sm[kMaxDevices];
   if (dev < 0 || dev >= kMaxDevices) return "decode: device index out of range";
   per_sm = blocks_per_sm[dev].load(std::memory_order_relaxed);
@@ -296,15 +296,15 @@ const char* launch_items(Kernel kernel, int64_t items, const FwdParams& p, cudaS
   const unsigned blocks = static_cast<unsigned>(wanted < resident ? wanted : resident);
   // xa and the counter are one buffer: one memset zeroes both (the kernel needs the counter zeroed).
   if (auto e = cuda_error(cudaMemsetAsync(p.xa, 0, sizeof(float) * (p.M * p.r + 1), stream))) return e;
-  return launch_kernel(kernel, dim3(blocks), dim3(THREADS_), 0, stream, true, p, vec_x, vec_w, vec_a);
+  return launch_kernel(kernel, dim3(blocks), dim3(THREADS_), 0, stream, true, p, vec_ok(p.x, p.K, sizeof(T)),
+                       vec_ok(p.w, p.K, sizeof(T)), vec_ok(p.a, p.K, sizeof(T)));
 }
 
 template <typename T, int MB>
 const char* launch(const FwdParams& p, cudaStream_t stream) {
   constexpr int ROWS = Shape<MB>::ROWS;
   const int64_t items = (p.r + ROWS - 1) / ROWS + (p.N + ROWS - 1) / ROWS;
-  return launch_items<THREADS>(lora_forward_decode_kernel<T, MB>, items, p, stream, vec_ok(p.x, p.K, sizeof(T)),
-                               vec_ok(p.w, p.K, sizeof(T)), vec_ok(p.a, p.K, sizeof(T)));
+  return launch_items<T, lora_forward_decode_kernel<T, MB>, THREADS>(items, p, stream);
 }
 
 }  // namespace decode
@@ -478,9 +478,7 @@ __global__ void __launch_bounds__(THREADS) lora_forward_decode_mma_kernel(FwdPar
 
 template <typename T> const char* launch(const FwdParams& p, cudaStream_t stream) {
   const int64_t items = (p.r + 7) / 8 + (p.N + 7) / 8;
-  return decode::launch_items<THREADS>(lora_forward_decode_mma_kernel<T>, items, p, stream,
-                                       vec_ok(p.x, p.K, sizeof(T)), vec_ok(p.w, p.K, sizeof(T)),
-                                       vec_ok(p.a, p.K, sizeof(T)));
+  return decode::launch_items<T, lora_forward_decode_mma_kernel<T>, THREADS>(items, p, stream);
 }
 
 }  // namespace decode_mma

@@ -40,16 +40,21 @@ def _build(tmp_dir):
     return lib
 
 
-@pytest.fixture(scope="module")
-def emulated_ops(tmp_path_factory):
-    lib = ctypes.CDLL(_build(str(tmp_path_factory.mktemp("emulation"))))
+def _load(path):
+    lib = ctypes.CDLL(path)
     P, L, I, F = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
     lib.lk_emu_forward.restype = ctypes.c_char_p
     lib.lk_emu_forward.argtypes = [I, I, P, P, P, P, P, P, P, L, L, L, I, F, I, P, ctypes.c_uint, F, I]
     lib.lk_emu_backward.restype = ctypes.c_char_p
     lib.lk_emu_backward.argtypes = [I, P, P, P, P, P, P, P, P, P, L, L, L, I, F, I, P, ctypes.c_uint, F]
     lib.lk_emu_set_shared_memory_limit.argtypes = [ctypes.c_ulonglong]
-    return EmulatedOps(lib)
+    lib.lk_emu_set_decode_blocks_per_sm.argtypes = [I, I, I]
+    return EmulatedOps(lib, path)
+
+
+@pytest.fixture(scope="module")
+def emulated_ops(tmp_path_factory):
+    return _load(_build(str(tmp_path_factory.mktemp("emulation"))))
 
 
 def _ptr(t):
@@ -61,8 +66,8 @@ class EmulatedOps:
 
     sm_count = 2
 
-    def __init__(self, lib):
-        self.lib = lib
+    def __init__(self, lib, path):
+        self.lib, self.path = lib, path
 
     @staticmethod
     def _dropout(seed, p):
@@ -166,6 +171,22 @@ def test_decode_forward_is_bitwise_repeatable(cuda_backend, monkeypatch):
     seed = torch.tensor([11], dtype=torch.int64)
     first, second = (cuda_backend.forward(x, w, b, a, bb, seed, 1.5, 0.1, True) for _ in range(2))
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_decode_occupancy_is_asked_per_kernel(emulated_ops, monkeypatch, tmp_path):
+    """The launcher asks the runtime once per device how many blocks of a decode kernel fit on an SM, and keeps the
+    answer; the kernels differ (registers), so each needs its own. Here M = 2's kernel fits 3 blocks per SM and
+    M = 8's one: after M = 2 (a grid of 6 blocks on the 2 emulated SMs), M = 8 must get at most 2, or the emulated
+    runtime refuses the cooperative launch as a GPU's does. A fresh copy of the library: its caches start empty."""
+    copy = str(tmp_path / os.path.basename(emulated_ops.path))
+    shutil.copy(emulated_ops.path, copy)
+    fresh = _load(copy)
+    monkeypatch.setattr(torch.ops, "lora_kernels_cuda", fresh, raising=False)
+    code = DTYPE_CODE[torch.bfloat16]
+    fresh.lib.lk_emu_set_decode_blocks_per_sm(code, 2, 3)
+    fresh.lib.lk_emu_set_decode_blocks_per_sm(code, 8, 1)
+    for M in (2, 8):  # 200 rows of W0 in items of 4 rows: 7 blocks of 8 warps wanted
+        _check(backends.CudaBackend, M, 32, 200, 4, torch.bfloat16, 0.0)
 
 
 def test_lora_only_backward_and_deterministic(cuda_backend):

@@ -56,3 +56,25 @@ extern "C" const char* lk_emu_backward(int dtype, const void* grad_y, const void
 extern "C" void lk_emu_set_shared_memory_limit(unsigned long long bytes) {
   lk_emulation::g_smem_optin = bytes ? bytes : kEmulatedSmemBytes;
 }
+
+// Blocks per multiprocessor the emulated device reports for the decode kernel serving `M` rows of `dtype`
+// (0: back to the default, 1).
+extern "C" void lk_emu_set_decode_blocks_per_sm(int dtype, int M, int blocks) {
+  const void* kernel = nullptr;
+  auto pick = [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same<T, float>::value)
+      if (M > 8) return reinterpret_cast<const void*>(&decode_mma::lora_forward_decode_mma_kernel<T>);
+    const int mb = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16;
+    switch (mb) {
+      case 1: return reinterpret_cast<const void*>(&decode::lora_forward_decode_kernel<T, 1>);
+      case 2: return reinterpret_cast<const void*>(&decode::lora_forward_decode_kernel<T, 2>);
+      case 4: return reinterpret_cast<const void*>(&decode::lora_forward_decode_kernel<T, 4>);
+      case 8: return reinterpret_cast<const void*>(&decode::lora_forward_decode_kernel<T, 8>);
+      default: return reinterpret_cast<const void*>(&decode::lora_forward_decode_kernel<T, 16>);
+    }
+  };
+  kernel = dtype == 0 ? pick(float{}) : dtype == 1 ? pick(__half{}) : pick(__nv_bfloat16{});
+  if (blocks) lk_emulation::g_blocks_per_sm[kernel] = blocks;
+  else lk_emulation::g_blocks_per_sm.erase(kernel);
+}

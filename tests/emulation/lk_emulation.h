@@ -11,6 +11,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <thread>
 #include <tuple>
@@ -45,6 +46,14 @@ struct BlockContext {
 };
 inline thread_local BlockContext* tl_block = nullptr;
 inline int g_sm_count = 2;  // multiprocessors the emulated device reports (cooperative grids are capped by it)
+// Resident blocks per multiprocessor the emulated device reports per kernel (1 unless a test sets one: on a GPU it
+// follows each kernel's registers); a cooperative launch of more than g_sm_count times that many blocks fails, as
+// the runtime's does (cudaErrorCooperativeLaunchTooLarge).
+inline std::map<const void*, int> g_blocks_per_sm;
+inline int blocks_per_sm(const void* kernel) {
+  const auto it = g_blocks_per_sm.find(kernel);
+  return it == g_blocks_per_sm.end() ? 1 : it->second;
+}
 
 inline unsigned load_acquire(const unsigned* p) {
   return std::atomic_ref<unsigned>(*const_cast<unsigned*>(p)).load(std::memory_order_acquire);
@@ -175,8 +184,9 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   return cudaSuccess;
 }
 template <typename... P> inline cudaError_t cudaFuncSetAttribute(void (*)(P...), cudaFuncAttribute, int) { return cudaSuccess; }
-template <typename... P> inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void (*)(P...), int, size_t) {
-  *n = 1;
+template <typename... P>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void (*kernel)(P...), int, size_t) {
+  *n = lk_emulation::blocks_per_sm(reinterpret_cast<const void*>(kernel));
   return cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
@@ -192,6 +202,9 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(Par
     return cudaErrorInvalidValue;
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
   const bool cooperative = cfg->numAttrs && cfg->attrs[0].id == cudaLaunchAttributeCooperative && cfg->attrs[0].val.cooperative;
+  if (cooperative && cfg->gridDim.x * cfg->gridDim.y >
+                         static_cast<unsigned>(g_sm_count * blocks_per_sm(reinterpret_cast<const void*>(kernel))))
+    return cudaErrorCooperativeLaunchTooLarge;
   ::gridDim = cfg->gridDim;
   ::blockDim = cfg->blockDim;
   std::vector<dim3> blocks;
