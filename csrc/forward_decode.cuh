@@ -271,12 +271,12 @@ __global__ void __launch_bounds__(THREADS) lora_forward_decode_kernel(FwdParams 
   }
 }
 
-// Launch `kernel` (THREADS_ threads per block, one warp per item) over `items` work items as a cooperative
-// persistent grid: at most as many blocks as are resident at once, so a warp waiting for A's items never waits
+// Launch `kernel` (THREADS_ threads per block, one warp per item of ROWS rows of A, then of W0) over its items as a
+// cooperative persistent grid: at most as many blocks as are resident at once, so a warp waiting for A's items never waits
 // for a block that cannot start. The kernel is a template argument, not a parameter: the decode kernels share one
 // function type, and the occupancy cache below must be one per kernel.
-template <typename T, auto kernel, int THREADS_>
-const char* launch_items(int64_t items, const FwdParams& p, cudaStream_t stream) {
+template <typename T, auto kernel, int THREADS_, int ROWS>
+const char* launch_items(const FwdParams& p, cudaStream_t stream) {
   int dev = 0, sms = 0, per_sm = 0, coop = 0;
   if (auto e = cuda_error(cudaGetDevice(&dev))) return e;
   if (auto e = cuda_error(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev))) return e;
@@ -291,6 +291,7 @@ const char* launch_items(int64_t items, const FwdParams& p, cudaStream_t stream)
     if (auto e = cuda_error(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS_, 0))) return e;
     blocks_per_sm[dev].store(per_sm, std::memory_order_relaxed);
   }
+  const int64_t items = (p.r + ROWS - 1) / ROWS + (p.N + ROWS - 1) / ROWS;
   const int64_t wanted = (items + THREADS_ / 32 - 1) / (THREADS_ / 32);
   const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
   const unsigned blocks = static_cast<unsigned>(wanted < resident ? wanted : resident);
@@ -302,9 +303,7 @@ const char* launch_items(int64_t items, const FwdParams& p, cudaStream_t stream)
 
 template <typename T, int MB>
 const char* launch(const FwdParams& p, cudaStream_t stream) {
-  constexpr int ROWS = Shape<MB>::ROWS;
-  const int64_t items = (p.r + ROWS - 1) / ROWS + (p.N + ROWS - 1) / ROWS;
-  return launch_items<T, lora_forward_decode_kernel<T, MB>, THREADS>(items, p, stream);
+  return launch_items<T, lora_forward_decode_kernel<T, MB>, THREADS, Shape<MB>::ROWS>(p, stream);
 }
 
 }  // namespace decode
@@ -353,17 +352,16 @@ __device__ __forceinline__ uint4 load8(const T* row, int64_t c, int64_t K, bool 
   return u;
 }
 
-// dropout(x[m, c .. c + 8)), rounded back to T as the same-dtype reference's dropout(x) is (c: a multiple of 4).
+// dropout(x[m, c .. c + 8)) (decode::drop's mask and scale), rounded back to T as the same-dtype reference's
+// dropout(x) is (c: a multiple of 4).
 template <typename T>
 __device__ __forceinline__ uint4 drop8(uint4 u, const Dropout& d, uint64_t seed, int m, int64_t c, int64_t K) {
+  float f[8];
+  decode::unpack<T>(f, u);
+  decode::drop<8>(f, d, seed, m, c, K);
   T* e = reinterpret_cast<T*>(&u);
 #pragma unroll
-  for (int q = 0; q < 8; q += 4) {
-    const uint32_t bits = keep_bits4(seed, m, (c + q) / 4, K, d.threshold);
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      e[q + j] = from_f32<T>(((bits >> j) & 1u) ? to_f32(e[q + j]) * d.keep_scale : 0.f);
-  }
+  for (int v = 0; v < 8; ++v) e[v] = from_f32<T>(f[v]);
   return u;
 }
 
@@ -477,8 +475,7 @@ __global__ void __launch_bounds__(THREADS) lora_forward_decode_mma_kernel(FwdPar
 }
 
 template <typename T> const char* launch(const FwdParams& p, cudaStream_t stream) {
-  const int64_t items = (p.r + 7) / 8 + (p.N + 7) / 8;
-  return decode::launch_items<T, lora_forward_decode_mma_kernel<T>, THREADS>(items, p, stream);
+  return decode::launch_items<T, lora_forward_decode_mma_kernel<T>, THREADS, 8>(p, stream);
 }
 
 }  // namespace decode_mma
