@@ -16,7 +16,7 @@ Two named ops live in the ``lora_kernels`` namespace; every backend (see ``backe
 Dropout is inverted dropout with the counter-based mask of ``reference.dropout_keep_mask``: a pure
 function of (seed, row, column), so the backward regenerates it instead of storing it.
 
-``lora_linear`` (the public function) applies torch.autocast's rule for linear layers (``autocast_dtype``; torch
+``lora_linear`` (the public function) applies torch.autocast's rule for linear layers (``autocast_inputs``; torch
 gives custom ops none), flattens leading dims, checks arguments, draws the seed, picks the
 backend and calls the forward op; autograd is registered on the forward op, so torch.compile traces it
 without a graph break. Outside torch.compile, on plain tensors, it calls the same backend functions through

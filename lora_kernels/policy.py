@@ -43,9 +43,13 @@ def _device_name(device: torch.device) -> str:
     return _device_name_at(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The entries' spelling of a dtype: "bfloat16", not "torch.bfloat16"."""
+    return str(dtype).replace("torch.", "")
+
+
 def _entry_for(device_name: str, dtype: torch.dtype):
-    dtype_name = str(dtype).replace("torch.", "")
-    return next((e for e in entries() if e["device"] == device_name and e["dtype"] == dtype_name), None)
+    return next((e for e in entries() if e["device"] == device_name and e["dtype"] == _dtype_name(dtype)), None)
 
 
 def prefers_cuda(device_name: str, dtype: torch.dtype, M, K: int, N: int, r: int) -> bool:
@@ -109,6 +113,6 @@ def describe(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
     name = _device_name(device)
     e = _entry_for(name, dtype)
     if e is None:
-        return f"no measurement for {name} ({str(dtype).replace('torch.', '')}): auto keeps triton"
+        return f"no measurement for {name} ({_dtype_name(dtype)}): auto keeps triton"
     return (f"cuda for inference up to {e['max_rows']} rows, r <= {e['max_rank']}, K >= {e['min_K']}, "
             f"N >= {e['min_N']} (measured {e['measured']}, {e['source']}; Triton/CUDA time {e['speedup']})")

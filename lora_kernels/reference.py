@@ -84,6 +84,7 @@ def dropout_keep_mask(seed: int, m: int, k: int, p: float, device=None) -> torch
     k4 = (k + 3) // 4
     seed = int(seed)
     keep = torch.empty((m, k), dtype=torch.bool, device=device)
+    threshold = dropout_threshold(p)
     cols = torch.arange(k4, device=device, dtype=torch.int64)[None, :]
     # Blocks of rows with about 2**16 counters each: the ~120 passes of the rounds then run over data in cache (on a
     # CPU several times faster than one pass over a large mask; the bits are the same either way).
@@ -93,7 +94,7 @@ def dropout_keep_mask(seed: int, m: int, k: int, p: float, device=None) -> torch
         counter = rows * k4 + cols
         words = philox4x32(counter & _M32, counter >> 32, 0, 0, seed & _M32, (seed >> 32) & _M32)
         bits = torch.stack(words, dim=-1).reshape(rows.shape[0], 4 * k4)[:, :k]
-        keep[r0:r0 + rows.shape[0]] = (bits >> 1) >= dropout_threshold(p)
+        keep[r0:r0 + rows.shape[0]] = (bits >> 1) >= threshold
     return keep
 
 
