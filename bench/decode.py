@@ -8,25 +8,23 @@ by one FusedLoRALinear (`adapter_ids=`) against the base layer alone; the floor 
 adapters' A and B over the bytes of W0 (32 adapters of r = 16 at K = N = 4096: 1.25).
 
     python -m bench.decode [--M 1,2,4,8,16] [--KN 4096x4096,4096x14336,14336x4096] [--r 16] [--adapters 32] [--out DIR]
-                           [--policy lora_kernels/measured_policy.json]
 
---policy records in that file where the CUDA C++ forward beat Triton on this GPU (lora_kernels/policy.py), which is
-where backend="auto" then runs it; an entry of this GPU that the new figures no longer support is removed.
+Providers: base / merged GEMV, eager, and this package's plans: "auto" (what the planner picks on this GPU), and each
+decode-sized forward variant forced (triton_fused, triton_xa_first, aten, cuda_decode where the extension is built).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import os
 
 import torch
 from torch import nn
 
-from lora_kernels import FusedLoRALinear, backends, lora_linear, policy
+from lora_kernels import FusedLoRALinear, backends, lora_linear, plan
 
-from .mixed import mixed_variant
+from .mixed import SORTED
 
 CALLS = 50  # calls per graph replay
 
@@ -69,19 +67,25 @@ def graph_time_us(fn, x_ring) -> float:
     return sorted(times)[len(times) // 2]
 
 
+FORWARDS = ("triton_fused", "triton_xa_first", "aten", "cuda_decode")  # the decode-sized forwards timed one by one
+
+
 def providers(w, a, b, scaling):
     merged = (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
     out = {
         "base": lambda x: nn.functional.linear(x, w),
         "merged": lambda x: nn.functional.linear(x, merged),
         "eager": lambda x: nn.functional.linear(x, w) + nn.functional.linear(nn.functional.linear(x, a), b) * scaling,
+        "auto": lambda x: lora_linear(x, w, None, a, b, scaling),
     }
-    for name in ("triton", "cuda"):
-        reason = backends.BACKENDS[name].unavailable_reason(w.device, w.dtype)
+    for name in FORWARDS:
+        family = plan._family_of(name)
+        reason = plan.family_unavailable(family, w.device, w.dtype)
         if reason:
             print(f"{name}: unavailable ({reason})")
             continue
-        out[name] = (lambda be: lambda x: lora_linear(x, w, None, a, b, scaling, backend=be))(name)
+        spec = f"{name}+{plan.FAMILIES[family][1][0]}"
+        out[name] = (lambda spec: lambda x: lora_linear(x, w, None, a, b, scaling, backend=spec))(spec)
     return out
 
 
@@ -96,9 +100,12 @@ def mixed_decode_row(w, r, adapters, ring, timer=graph_time_us):
         layer.add_adapter(f"a{i}", r=r, lora_alpha=2 * r, init_lora_weights=False)
     ids = torch.arange(adapters, device=w.device)
 
-    def sorted_call(x):
-        with mixed_variant("sorted"):
+    def sorted_call(x):  # the same layer and adapters, the sorted plan forced
+        layer.backend = SORTED
+        try:
             return layer(x, adapter_ids=ids)
+        finally:
+            layer.backend = "auto"
 
     t = {"base": timer(lambda x: nn.functional.linear(x, w), ring),
          "mixed": timer(lambda x: layer(x, adapter_ids=ids), ring), "mixed_sorted": timer(sorted_call, ring)}
@@ -117,15 +124,6 @@ def mixed_decode_row(w, r, adapters, ring, timer=graph_time_us):
             "bytes_floor": round(floor, 3)}
 
 
-def record_policy(rows, path, device_name, source, dtype="bfloat16"):
-    """Write (or remove) this GPU's entry of the measured policy from the decode rows."""
-    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    entry = policy.derive(rows, device_name, dtype, today, source)
-    policy.write(entry, path, device_name, dtype)
-    print(f"policy ({path}): " + (f"auto runs cuda up to {entry['max_rows']} rows on {device_name}" if entry
-                                  else f"no advantage measured for cuda on {device_name}: auto keeps triton"))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--M", default="1,2,4,8,16", help="rows (the default: one per variant of the decode kernel)")
@@ -133,9 +131,6 @@ def main(argv=None) -> int:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=32, help="mixed-batch decode: requests = adapters (0: skip)")
     ap.add_argument("--out", default=None, help="folder for decode.csv (and decode_mixed.csv)")
-    ap.add_argument("--policy", default=None, help="measured-policy file to update with where CUDA beat Triton")
-    ap.add_argument("--source", default="python -m bench.decode",
-                    help="where the figures behind the policy entry are kept (recorded in the entry)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.decode needs a GPU")
@@ -163,15 +158,13 @@ def main(argv=None) -> int:
                         print(f"  {name} M={M} K={K} N={N}: {type(e).__name__}: {str(e)[:200]}")
                 w_bytes = w.numel() * w.element_size()
                 line = {"M": M, "K": K, "N": N, "r": args.r, **{f"{k}_us": round(v, 2) for k, v in t.items()}}
-                for name in ("cuda", "triton"):
+                for name in ("auto",) + FORWARDS:
                     if name in t:
                         line[f"{name}_vs_merged"] = round(t[name] / t["merged"], 3)
                         line[f"{name}_W0_bw_frac"] = round(w_bytes / (t[name] * 1e-6) / bw, 3)
                 line["merged_W0_bw_frac"] = round(w_bytes / (t["merged"] * 1e-6) / bw, 3)
                 rows.append(line)
                 print("  " + "  ".join(f"{k}={v}" for k, v in line.items()))
-    if args.policy:
-        record_policy(rows, args.policy, torch.cuda.get_device_name(), args.source)
     mixed_rows = []
     if args.adapters and backends.BACKENDS["triton"].unavailable_reason(dev, dt) is None:
         print(f"mixed-batch decode: {args.adapters} one-token requests on {args.adapters} adapters of r={args.r}")

@@ -4,10 +4,10 @@ Providers, per case (M tokens, K, N, n adapters of rank r, bf16):
   "base"    cuBLAS x @ W0^T alone (the floor; what a merged single adapter costs),
   "single"  this package's single-adapter layer with one adapter for every row (the issue's reference point),
   "mixed"   a FusedLoRALinear holding the n adapters, called with adapter_ids= (every row with its own adapter, one
-            launch for the low-rank part): what a server or trainer calls, host-side caching included (inference
-            stacks the adapters once; training re-stacks each step, for autograd),
-  "sorted"  the same layer with LORA_KERNELS_MIXED=sorted: rows taken in adapter order, each tile computing only
-            its own adapters' ranks (the alternative to measure against "mixed"),
+            launch for the low-rank part) as `auto` plans it: what a server or trainer calls, host-side caching
+            included (inference stacks the adapters once; training re-stacks each step, for autograd),
+  "sorted"  the same layer with the plan "triton_sorted+triton_split": rows taken in adapter order, each tile
+            computing only its own adapters' ranks (gated with dropout: the sorted variant runs without),
   "loop"    the algorithm of PEFT's mixed-batch path (forward with adapter_names=): the base GEMM, then a Python
             loop over the adapters present, each on its rows (index, lora_A, lora_B, scale, index_add).
 Modes: "fwd" (inference, no grad) and "fwd+bwd" (grads of x and of every adapter).
@@ -15,9 +15,7 @@ Modes: "fwd" (inference, no grad) and "fwd+bwd" (grads of x and of every adapter
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 
 import torch
 
@@ -47,21 +45,7 @@ def cases(quick: bool = False):
     return [MixedCase(4096, 4096, 4096, 16, 8), MixedCase(32, 4096, 4096, 16, 32), MixedCase(1024, 4096, 4096, 16, 8)]
 
 
-@contextlib.contextmanager
-def mixed_variant(provider: str):
-    """LORA_KERNELS_MIXED set for the "sorted" provider (and left alone for "mixed") within the block."""
-    if provider != "sorted":
-        yield
-        return
-    saved = os.environ.get("LORA_KERNELS_MIXED")
-    os.environ["LORA_KERNELS_MIXED"] = "sorted"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["LORA_KERNELS_MIXED"]
-        else:
-            os.environ["LORA_KERNELS_MIXED"] = saved
+SORTED = "triton_sorted+triton_split"  # the plan of the "sorted" provider
 
 
 def build(provider: str, case: MixedCase, device):
@@ -91,7 +75,7 @@ def build(provider: str, case: MixedCase, device):
     elif provider in ("mixed", "sorted"):
         # adapters in W0's dtype, as the "single" provider's (fp32 ones would add a cast per adapter in training)
         layer = FusedLoRALinear(case.K, case.N, r=case.r, lora_alpha=2.0 * case.r, bias=False, _weight=w,
-                                lora_dtype=w.dtype)
+                                lora_dtype=w.dtype, backend=SORTED if provider == "sorted" else "auto")
         for i in range(1, case.adapters):
             layer.add_adapter(f"a{i}", r=case.r, lora_alpha=2.0 * case.r)
         with torch.no_grad():
@@ -102,8 +86,7 @@ def build(provider: str, case: MixedCase, device):
         params = [x, *adapter_As, *adapter_Bs]
 
         def fwd():
-            with mixed_variant(provider):
-                return layer(x, adapter_ids=ids)
+            return layer(x, adapter_ids=ids)
     elif provider == "loop":
         def fwd():
             y = x @ w.t()

@@ -8,7 +8,8 @@ Inputs rotate among several buffers so repeated calls do not measure a warm cach
 
 Providers: "cublas" (the floor: x @ W0^T forward, dY @ W0 backward), "merged" (inference with W0 + s B A,
 forward only), "eager" (the layer written as HF PEFT writes it: base(x) + lora_B(lora_A(dropout(x))) * s),
-"peft" (PEFT's own LoRA Linear, when peft is installed), "torch" / "triton" / "cuda" (this package's backends).
+"peft" (PEFT's own LoRA Linear, when peft is installed), "torch" / "aten" / "triton" / "cuda" (this package's backend
+families, the planner choosing within each), "auto" (what users get: the planner's choice among all of them).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import itertools
 import torch
 from torch import nn
 
-from lora_kernels import backends, lora_linear
+from lora_kernels import backends, lora_linear, plan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -127,15 +128,29 @@ def forward_fn(provider: str, layer: Layer, case: Case):
         except ImportError:
             return None
         return module
-    if provider in ("torch", "triton", "cuda"):
-        if backends.BACKENDS[provider].unavailable_reason(layer.weight.device, layer.weight.dtype):
+    if provider in ("torch", "aten", "triton", "cuda", "auto"):
+        if provider != "auto" and backends.BACKENDS[provider].unavailable_reason(layer.weight.device,
+                                                                                 layer.weight.dtype):
             return None
         return lambda x: lora_linear(x, layer.weight, None, layer.lora_A, layer.lora_B, layer.scaling, p,
                                      backend=provider)
     raise ValueError(f"unknown provider {provider!r}")
 
 
-TRAINABLE = {"eager", "peft", "torch", "triton", "cuda"}  # providers with a LoRA backward
+TRAINABLE = {"eager", "peft", "torch", "aten", "triton", "cuda", "auto"}  # providers with a LoRA backward
+
+
+def plan_of(provider: str, case: Case, device) -> str:
+    """The plan a provider of this package ran for the case's training call ("" for the others): the planner's
+    memory after the timing runs."""
+    if provider not in ("torch", "aten", "triton", "cuda", "auto"):
+        return ""
+    call = plan.Call(torch.device(device), DTYPES[case.dtype], case.M, case.K, case.N, case.r, case.dropout > 0, 2,
+                     torch.are_deterministic_algorithms_enabled())
+    try:
+        return plan.choose(call, provider, measure=False).spec
+    except Exception:  # a backend that cannot run here has no plan
+        return ""
 
 
 def build(provider: str, case: Case, device: torch.device):

@@ -31,8 +31,8 @@ from . import mixed, providers, table1  # noqa: E402
 from .providers import MODES, Case  # noqa: E402
 
 CSV_COLUMNS = ["timestamp", "op", "provider", "mode", "metric", "unit", "M", "K", "N", "r", "dropout", "dtype",
-               "p50", "p20", "p80", "device", "torch", "triton", "cuda", "lora_kernels", "commit"]
-ALL_PROVIDERS = ("cublas", "merged", "eager", "peft", "torch", "triton", "cuda")
+               "p50", "p20", "p80", "plan", "device", "torch", "triton", "cuda", "lora_kernels", "commit"]
+ALL_PROVIDERS = ("cublas", "merged", "eager", "peft", "torch", "aten", "triton", "cuda", "auto")
 
 
 def full_cases():
@@ -136,7 +136,8 @@ def run_layer(cases, provider_names, modes, device, env, quick=False, progress=N
                 if name == "cublas":
                     floor[mode] = p50
                 common = dict(timestamp=stamp, op="lora_linear", provider=name, mode=mode, M=case.M, K=case.K,
-                              N=case.N, r=case.r, dropout=case.dropout, dtype=case.dtype, **env)
+                              N=case.N, r=case.r, dropout=case.dropout, dtype=case.dtype,
+                              plan=providers.plan_of(name, case, device), **env)
                 rows.append(dict(common, metric="time", unit="ms", p50=p50, p20=p20, p80=p80))
                 if mode in floor:
                     rows.append(dict(common, metric="ratio_to_cublas", unit="x", p50=p50 / floor[mode], p20="", p80=""))
@@ -237,9 +238,11 @@ def summary_markdown(rows, env) -> str:
                     continue
                 ratio = [r for r in rows if r["metric"] == "ratio_to_cublas" and r["provider"] == prov and
                          (r["mode"], r["M"], r["K"], r["N"], r["r"], r["dropout"], r["dtype"]) == key]
-                cells.append(f"{hit[0]['p50']:.3f}" + (f" ({ratio[0]['p50']:.2f}x)" if ratio else ""))
+                cells.append(f"{hit[0]['p50']:.3f}" + (f" ({ratio[0]['p50']:.2f}x)" if ratio else "")
+                             + (f" `{hit[0]['plan']}`" if hit[0].get("plan") else ""))
             lines.append(f"| {mode} | M={M} K={K} N={N} r={rank} p={p} {dt} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", "`auto`: what users get (the planner's choice, measured on this GPU on its first call; its plan "
+                  "in each cell).", ""]
     t1 = [r for r in rows if r["op"].startswith("gpt2_medium")]
     if t1:
         lines += [f"## Table 1: {t1[0]['op']} ({t1[0]['dtype']}), median ms (overhead over no adapter)", "",
@@ -293,7 +296,7 @@ def plots(rows, out_dir) -> list[str]:
         for r in layer:
             if (r["K"], r["N"], r["r"], r["dropout"], r["dtype"]) == g:
                 pts.setdefault(r["M"], {})[r["provider"]] = r["p50"]
-        fused = next((p for p in ("cuda", "triton") if all(p in v for v in pts.values())), None)
+        fused = next((p for p in ("auto", "cuda", "triton") if all(p in v for v in pts.values())), None)
         ms = sorted(m for m, v in pts.items() if fused in v and "eager" in v)
         if fused and ms:
             ax.plot(ms, [pts[m]["eager"] / pts[m][fused] for m in ms], marker="o",
@@ -377,8 +380,18 @@ def main(argv=None) -> int:
     summary = summary_markdown(rows, env)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary)
-    written = plots(rows, args.out)
+    written = plots_if_possible(rows, args.out)
     print(summary)
-    print(f"\nwrote {os.path.join(args.out, 'results.csv')} (appended), summary.md, "
-          + ", ".join(os.path.basename(p) for p in written))
+    print(f"\nwrote {os.path.join(args.out, 'results.csv')} (appended), summary.md"
+          + "".join(", " + os.path.basename(p) for p in written))
     return 0
+
+
+def plots_if_possible(rows, out_dir, draw=None) -> list:
+    """The plots, or none (said once) when matplotlib is missing: the CSV and the summary do not need it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: plots skipped (pip install 'lora-kernels[bench]' brings it)")
+        return []
+    return (draw or plots)(rows, out_dir)

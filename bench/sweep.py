@@ -2,12 +2,12 @@
 
     python -m bench.sweep [--configs] [--out DIR]
 
-By default it times each forward variant (fused, xa_first, cublas) and backward variant (split with atomics or
-partial buffers for dA, cublas) of the Triton backend, through their launchers (autotuned), at a few LLM shapes, next to cuBLAS: the figures
-behind forward_variant / backward_variant. With --configs, for each shape it times each candidate tile config of the forward (fused one-launch, xa-first GEMM
-part, and the same kernel with r = 0, i.e. a plain GEMM) and of the dX backward, next to cuBLAS and the
-composite "cuBLAS GEMM + thin Triton LoRA kernels" path, and prints one table per shape. The numbers feed
-the config tables in lora_kernels/kernels/configs.py and the per-shape choices of the forward/backward.
+By default it times every forward and backward variant the planner weighs (lora_kernels/plan.py: the Triton ones, the
+ATen composition, the CUDA C++ ones where built), as the planner times them, at a few LLM shapes, next to cuBLAS.
+With --configs, for each shape it times each candidate tile config of the forward (fused one-launch, xa-first GEMM
+part, and the same kernel with r = 0, i.e. a plain GEMM) and of the dX backward, next to cuBLAS and the composite
+"cuBLAS GEMM + thin Triton LoRA kernels" path, and prints one table per shape. The numbers feed the config tables
+in lora_kernels/kernels/configs.py and the planner's static defaults.
 """
 
 import argparse
@@ -88,8 +88,12 @@ def _inputs(M, K, N, r, dev="cuda", dt=torch.bfloat16):
 
 
 def variants(ms_list=(1, 16, 128, 512, 1024, 2048, 4096, 8192)):
-    """Each forward and backward variant through its launcher, bf16, p = 0 and 0.1, vs cuBLAS."""
+    """Every forward and backward variant the planner weighs, bf16, p = 0 and 0.1, timed as the planner times them
+    (lora_kernels.plan.tune: back-to-back calls between CUDA events, host launch cost included), next to cuBLAS."""
+    from lora_kernels import plan
+
     rows = []
+    dev = torch.device("cuda", torch.cuda.current_device())
     for M in ms_list:
         for K, N, r in ((4096, 4096, 16), (4096, 14336, 16), (4096, 4096, 64)):
             if r == 64 and M not in (1, 1024, 8192):
@@ -97,28 +101,17 @@ def variants(ms_list=(1, 16, 128, 512, 1024, 2048, 4096, 8192)):
             x, W, A, B, dy, seed = _inputs(M, K, N, r)
             res = {"cublas_fwd": ms(lambda: torch.mm(x, W.t())), "cublas_dx": ms(lambda: torch.mm(dy, W))}
             for p in (0.0, 0.1):
-                sd = seed if p > 0 else None
-                for v in ("fused", "xa_first", "cublas"):
-                    if v == "fused" and p > 0:
-                        continue
-                    res[f"fwd_{v}_p{p}"] = ms(lambda: fwd.lora_forward(x, W, None, A, B, sd, 2.0, p, True, variant=v))
-                xa = fwd.lora_forward(x, W, None, A, B, sd, 2.0, p, True, variant="cublas")[1]
-                # cublas: every product by cuBLAS (fp32's path; eager-like). The one-launch "fused" backward lost to
-                # split at every size on the H100 (--configs times its tile configs); left out to keep the sweep short
-                for v in ("split", "cublas"):
-                    res[f"bwd_{v}_p{p}"] = ms(lambda: bwd.lora_backward(dy, x, W, A, B, xa, sd, 2.0, p, True, False,
-                                                                        variant=v))
-                # the split backward with dA summed from per-row-block partial buffers instead of fp32 atomics
-                # (the deterministic path): with its cuBLAS parts below, where the split backward's time goes
-                res[f"bwd_split_partials_p{p}"] = ms(lambda: bwd.lora_backward(dy, x, W, A, B, xa, sd, 2.0, p, True,
-                                                                               True, variant="split"))
-            dx_buf = torch.empty_like(x)
-            xs = (2.0 * xa).to(dy.dtype)
-            res["bwd_part_cublas_addmm_dx"] = ms(lambda: dx_buf.addmm_(dy, W))
-            res["bwd_part_cublas_dB"] = ms(lambda: torch.mm(dy.t(), xs))
-            line = " ".join(f"{k}={v * 1e3:.1f}" for k, v in res.items())
+                chosen, us = plan.tune(plan.Call(dev, torch.bfloat16, M, K, N, r, p > 0, 2, False))
+                for label, t in us.items():
+                    if isinstance(t, float):
+                        kind, name = label.split(":")
+                        res[f"{'fwd' if kind == 'forward' else 'bwd'}_{name}_p{p}"] = t / 1e3
+                res[f"plan_p{p}"] = chosen.spec
+            line = " ".join(f"{k}={v * 1e3:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
             print(f"M={M} K={K} N={N} r={r} (us): {line}", flush=True)
             for k, v in res.items():
+                if not isinstance(v, float):
+                    continue
                 base = res["cublas_dx"] if k.startswith(("bwd", "cublas_dx")) else res["cublas_fwd"]
                 rows.append(dict(M=M, K=K, N=N, r=r, what=k, us=round(v * 1e3, 2), ratio=round(v / base, 4)))
     return rows

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from . import backends, policy
+from . import backends, plan
 
 
 def _version(module: str) -> str:
@@ -16,36 +16,31 @@ def _version(module: str) -> str:
         return f"not available ({type(e).__name__})"
 
 
-def _triton_settings() -> dict:
-    """How the Triton backend picks its kernels (see docs/design.md), with the environment knobs."""
-    if backends._triton_import_error() is not None:
-        return {}
-    from .kernels import backward, configs, forward
-
+def _planner() -> dict:
+    """How the planner chooses (lora_kernels/plan.py): its knobs and the Triton autotuner's state."""
     try:
-        bwd = f"{backward.backward_variant()} for 16-bit, {backward.backward_variant(torch.float32)} for fp32"
+        settings = plan.settings()
     except ValueError as e:  # a wrong knob: say so here rather than fail the report
-        bwd = f"error: {e}"
-    try:
-        mixed = {"gated": "gated (every stacked rank, rows as they come)",
-                 "sorted": "sorted (rows in adapter order; gated with dropout)"}[forward.mixed_variant(False)]
-    except ValueError as e:
-        mixed = f"error: {e}"
-    return {
-        "triton forward": f"one launch below {forward.CUBLAS_MIN_M} rows (16-bit, no dropout, r <= 64), else "
-                          "thin kernel + GEMM; cuBLAS GEMM from that size and for fp32",
-        "triton backward (LORA_KERNELS_BACKWARD)": bwd,
-        "triton mixed batches (LORA_KERNELS_MIXED)": mixed,
-        "triton autotuning (LORA_KERNELS_AUTOTUNE)": (
-            ("on, timings kept in Triton's disk cache" if configs.AUTOTUNE_KWARGS.get("cache_results") else "on")
-            if configs.AUTOTUNE else "off: first config of each table"),
+        return {"planner": f"error: {e}"}
+    out = {
+        "planner (LORA_KERNELS_TUNE)": {"on": "measure each new call shape on CUDA, keep the fastest (cached)",
+                                         "cached": "use measured plans from the cache, never measure",
+                                         "off": "static defaults only, Triton's first config per kernel"}[settings.tune],
+        "forced backend (LORA_KERNELS_BACKEND)": settings.forced or "none (auto)",
+        "plan cache (LORA_KERNELS_CACHE_DIR)": settings.cache_dir,
     }
+    if backends._triton_import_error() is None:
+        from .kernels import configs
+
+        out["triton autotuning"] = (("on, timings kept in Triton's disk cache" if configs.AUTOTUNE_KWARGS else "on")
+                                    if configs.AUTOTUNE else "off: first config of each table")
+    return out
 
 
 def _cuda_extension() -> str:
     from . import cuda_ext
 
-    return cuda_ext.describe() + "; backend='auto' picks it only where measured faster (see 'measured choice' below)"
+    return cuda_ext.describe() + "; backend='auto' measures it against the other variants where it is built"
 
 
 def info(as_dict: bool = False):
@@ -62,18 +57,20 @@ def info(as_dict: bool = False):
         "torch CUDA": torch.version.cuda or "none (CPU build)",
         "triton": _version("triton"),
         "triton interpreter (TRITON_INTERPRET=1)": backends.triton_interpreting(),
-        **_triton_settings(),
+        **_planner(),
         "CUDA C++ extension": _cuda_extension(),
         "devices": {},
     }
     for dev in devices:
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
         st = backends.status(dev)
-        auto = backends.resolve("auto", dev, torch.bfloat16) if dev.type == "cuda" else "torch"
+        try:
+            plans = plan.describe(dev)
+        except Exception as e:  # a bad knob or a forced backend that cannot run here
+            plans = {"error": f"{type(e).__name__}: {e}"}
         report["devices"][str(dev)] = {
             "name": name,
-            "auto backend (bf16)": auto,
-            "auto, measured choice (bf16 inference)": policy.describe(dev),
+            "planner": plans,
             "backends": {k: ("available" if v is None else f"unavailable: {v}") for k, v in st.items()},
         }
     if as_dict:
@@ -82,9 +79,15 @@ def info(as_dict: bool = False):
         if key != "devices":
             print(f"{key:42s} {value}")
     for dev, d in report["devices"].items():
-        print(f"\n[{dev}] {d['name']}  (auto -> {d['auto backend (bf16)']})")
-        print(f"  measured choice: {d['auto, measured choice (bf16 inference)']}")
+        print(f"\n[{dev}] {d['name']}")
         for k, v in d["backends"].items():
             print(f"  {k:8s} {v}")
+        for k, v in d["planner"].items():
+            if isinstance(v, dict):
+                print(f"  {k}:")
+                for shape, chosen in v.items():
+                    print(f"    {shape:40s} {chosen}")
+            else:
+                print(f"  {k}: {v}")
     return None
 

@@ -1,41 +1,60 @@
-"""The implementations of the op contract, which of them can run here, and why not.
+"""The implementations of the op contract, one per variant, and which backend families can run here (and why not).
 
-Every backend provides the same two functions on 2-D inputs (see ``lora_kernels.ops`` for the contract):
+Which variant runs a call is the planner's decision (``lora_kernels.plan``); everything here runs what it is told.
+Every single-adapter variant has the same signature on 2-D inputs (see ``lora_kernels.ops`` for the contract):
 
-    forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa) -> (y, xa)
-    backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic)
+    FORWARD[v](x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits) -> (y, xa)
+    BACKWARD[v](grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic)
         -> (dx or empty, dA, dB)
 
-``seed`` is a one-element int64 tensor on the inputs' device (None when dropout_p == 0); ``xa`` is the
-fp32 (fp64 for fp64 inputs) product dropout(x) A^T that the forward saves for the backward.
+and mixed batches ``MIXED_FORWARD`` / ``MIXED_BACKWARD`` likewise. ``seed`` is a one-element int64 tensor on the
+inputs' device (None when dropout_p == 0); ``xa`` is the fp32 (fp64 for fp64 inputs) product dropout(x) A^T that
+every forward saves the same way, so any backward can follow any forward.
+
+Families: ``torch`` (the reference formulas), ``aten`` (every product by ATen, as PEFT's eager layer computes them,
+with the package's dropout mask), ``triton`` (kernels/), ``cuda`` (csrc/).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
 
 from . import reference
 
-NAMES = ("auto", "torch", "triton", "cuda")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ALL_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run these tensors here; the message says why."""
+    """The requested backend or plan cannot run these tensors here; the message says why."""
+
+
+def _xa_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _seed_int(seed):
+    return None if seed is None else int(seed.reshape(()).item())
+
+
+def _empty_like_none(x):
+    return x.new_empty((0,))
+
+
+def _like_x(x, lora_A, lora_B):
+    """Adapters in x's dtype: fp32 master adapters next to a 16-bit x are rounded to it (what the kernels do as they
+    load them)."""
+    if lora_A.dtype == x.dtype:
+        return lora_A, lora_B
+    return lora_A.to(x.dtype), lora_B.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # torch: the reference formulas, in the inputs' dtype.
 # --------------------------------------------------------------------------------------------
-def _xa_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class TorchBackend:
     name = "torch"
 
@@ -44,44 +63,82 @@ class TorchBackend:
         return None
 
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa):
-        y, xa = reference.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_int(seed))
+    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0):
+        y, xa = reference.lora_forward(x, weight, bias, *_like_x(x, lora_A, lora_B), scaling, dropout_p,
+                                       _seed_int(seed))
         xa = xa.to(_xa_dtype(x.dtype)) if save_xa else x.new_empty((0,), dtype=_xa_dtype(x.dtype))
         return y, xa
 
     @staticmethod
     def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
-        dx, da, db = reference.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p,
+        dx, da, db = reference.lora_backward(grad_y, x, weight, *_like_x(x, lora_A, lora_B), xa, scaling, dropout_p,
                                              _seed_int(seed), need_dx)
-        return (dx if need_dx else x.new_empty((0,))), da, db
+        return (dx if need_dx else _empty_like_none(x)), da.to(lora_A.dtype), db.to(lora_B.dtype)
 
     @staticmethod
-    def mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save):
-        y, xs = reference.lora_mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings,
-                                             dropout_ps, _seed_int(seed))
+    def mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save,
+                      xa_splits=0):
+        y, xs = reference.lora_mixed_forward(x, weight, bias, *_like_x(x, lora_A, lora_B), adapter_ids, rank_owner,
+                                             scalings, dropout_ps, _seed_int(seed))
         xs = xs.to(_xa_dtype(x.dtype)) if save else x.new_empty((0,), dtype=_xa_dtype(x.dtype))
         return y, xs
 
     @staticmethod
     def mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, scalings, dropout_ps, seed,
                        need_dx, deterministic):
-        dx, da, db = reference.lora_mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner,
-                                                   scalings, dropout_ps, _seed_int(seed), need_dx)
-        return (dx if need_dx else x.new_empty((0,))), da, db
+        dx, da, db = reference.lora_mixed_backward(grad_y, x, weight, *_like_x(x, lora_A, lora_B), xs, adapter_ids,
+                                                   rank_owner, scalings, dropout_ps, _seed_int(seed), need_dx)
+        return (dx if need_dx else _empty_like_none(x)), da.to(lora_A.dtype), db.to(lora_B.dtype)
 
 
-@functools.lru_cache(maxsize=64)
-def _per_adapter_tensors(scalings: tuple, dropout_ps: tuple, device: torch.device):
-    """(scalings fp32, dropout thresholds int32, 1 / (1 - p) fp32) on `device`, one entry per adapter."""
-    from .kernels.dropout import dropout_args
+# --------------------------------------------------------------------------------------------
+# aten: every product by ATen (cuBLAS on a GPU), as PEFT's eager layer computes them, with the package's mask.
+# --------------------------------------------------------------------------------------------
+def dropped(t, seed, p: float, in_place: bool = False):
+    """Inverted dropout of a 2-D t [M, K] with the package's mask (t * keep / (1 - p), in t's dtype): by the Triton
+    kernel where it runs (CUDA, or CPU tensors under the interpreter), else the reference's bit-identical mask.
+    in_place: t is a temporary the result may overwrite."""
+    if p == 0.0:
+        return t
+    if _triton_import_error() is None and (t.is_cuda or triton_interpreting()) and t.dtype in KERNEL_DTYPES:
+        from .kernels.dropout import dropout_apply
 
-    return (torch.tensor(scalings, dtype=torch.float32, device=device),
-            torch.tensor([dropout_args(p)[0] for p in dropout_ps], dtype=torch.int32, device=device),
-            torch.tensor([dropout_args(p)[1] for p in dropout_ps], dtype=torch.float32, device=device))
+        return dropout_apply(t, seed, p, out=t if in_place and t.is_contiguous() else None)
+    keep = reference.dropout_keep_mask(_seed_int(seed), t.shape[0], t.shape[1], p, device=t.device)
+    return torch.where(keep, t * (1.0 / (1.0 - p)), 0.0).to(t.dtype)
 
 
-def _seed_int(seed):
-    return None if seed is None else int(seed.reshape(()).item())
+class AtenBackend:
+    """y = bias + (s xa) B^T, then x W0^T added in place (beta = 1: read in the GEMM's epilogue); the backward's
+    products likewise. The dropout mask is regenerated in the backward (applied to x for dA and to G A for dX), so
+    no dropped copy of x is kept between forward and backward."""
+
+    name = "aten"
+
+    @staticmethod
+    def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+        return None
+
+    @staticmethod
+    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0):
+        lora_A, lora_B = _like_x(x, lora_A, lora_B)
+        xa = torch.mm(dropped(x, seed, dropout_p), lora_A.t())
+        xs = xa * scaling
+        lora_b_t = lora_B.t()
+        y = torch.addmm(bias, xs, lora_b_t) if bias is not None else torch.mm(xs, lora_b_t)
+        y.addmm_(x, weight.t())
+        return y, (xa.to(_xa_dtype(x.dtype)) if save_xa else x.new_empty((0,), dtype=_xa_dtype(x.dtype)))
+
+    @staticmethod
+    def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
+        a, b = _like_x(x, lora_A, lora_B)
+        g = torch.mm(grad_y, b).mul_(scaling)
+        grad_A = torch.mm(g.t(), dropped(x, seed, dropout_p))
+        dx = _empty_like_none(x)
+        if need_dx:
+            dx = dropped(torch.mm(g, a), seed, dropout_p, in_place=True).addmm_(grad_y, weight)
+        grad_B = torch.mm(grad_y.t(), (xa * scaling).to(grad_y.dtype))
+        return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,6 +154,9 @@ def _triton_import_error() -> str | None:
         from . import kernels  # noqa: F401
     except Exception as e:
         return f"the Triton kernels failed to load ({type(e).__name__}: {e})"
+    from . import plan
+
+    plan.apply_autotune_setting()
     return None
 
 
@@ -107,6 +167,16 @@ def triton_interpreting() -> bool:
     from .kernels.configs import INTERPRET
 
     return INTERPRET
+
+
+@functools.lru_cache(maxsize=64)
+def _per_adapter_tensors(scalings: tuple, dropout_ps: tuple, device: torch.device):
+    """(scalings fp32, dropout thresholds int32, 1 / (1 - p) fp32) on `device`, one entry per adapter."""
+    from .kernels.dropout import dropout_args
+
+    return (torch.tensor(scalings, dtype=torch.float32, device=device),
+            torch.tensor([dropout_args(p)[0] for p in dropout_ps], dtype=torch.int32, device=device),
+            torch.tensor([dropout_args(p)[1] for p in dropout_ps], dtype=torch.float32, device=device))
 
 
 class TritonBackend:
@@ -132,16 +202,21 @@ class TritonBackend:
         return None
 
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa):
-        from .kernels.forward import lora_forward
+    def forward_as(variant):
+        def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0):
+            from .kernels.forward import lora_forward
 
-        return lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa)
+            return lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, variant, xa_splits)
+        return forward
 
     @staticmethod
-    def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
-        from .kernels.backward import lora_backward
+    def backward_as(variant):
+        def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
+            from .kernels.backward import lora_backward
 
-        return lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic)
+            return lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx,
+                                 deterministic, variant)
+        return backward
 
     @staticmethod
     def _gating(x, adapter_ids, rank_owner, scalings, dropout_ps):
@@ -152,11 +227,15 @@ class TritonBackend:
                 thresholds, keep_scales)
 
     @staticmethod
-    def mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save):
-        from .kernels.forward import lora_mixed_forward
+    def mixed_forward_as(variant):
+        def mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save,
+                          xa_splits=0):
+            from .kernels.forward import lora_mixed_forward
 
-        gating = TritonBackend._gating(x, adapter_ids, rank_owner, scalings, dropout_ps)
-        return lora_mixed_forward(x, weight, bias, lora_A, lora_B, seed, any(p > 0 for p in dropout_ps), gating, save)
+            gating = TritonBackend._gating(x, adapter_ids, rank_owner, scalings, dropout_ps)
+            return lora_mixed_forward(x, weight, bias, lora_A, lora_B, seed, any(p > 0 for p in dropout_ps), gating,
+                                      save, variant, xa_splits)
+        return mixed_forward
 
     @staticmethod
     def mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, scalings, dropout_ps, seed,
@@ -174,12 +253,10 @@ class TritonBackend:
 class CudaBackend:
     """The csrc/ kernels: a tiled tensor-core forward (one launch), a cooperative one-pass decode forward for
     M <= 16, and a one-launch backward. Allocation and the grads' final casts happen here; the binding checks and
-    launches. Mixed-adapter batches have no CUDA C++ kernels: they run the Triton kernels (warned once)."""
+    launches."""
 
     name = "cuda"
-    DECODE_MAX_M = 16  # csrc/lora_launch.h kDecodeMaxM
     BWD_BLOCK_M = 64  # kBwdBlockM: one dA/dB partial per 64 rows in deterministic mode
-    MAX_RANK = 256
 
     @staticmethod
     def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -198,36 +275,32 @@ class CudaBackend:
         return None
 
     @staticmethod
-    def _check_rank(lora_A):
-        if lora_A.shape[0] > CudaBackend.MAX_RANK:
-            raise BackendUnavailableError(f"backend 'cuda': rank r = {lora_A.shape[0]} is above the CUDA kernels' "
-                                          f"limit {CudaBackend.MAX_RANK}; use backend='triton'")
-
-    @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa):
+    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0, *, decode: bool):
+        """decode: the one-pass decode kernel (M <= 16; the planner's cuda_decode) instead of the tiled one."""
         from .kernels.memory import empty  # NaN-filled when the tests poison outputs
 
-        CudaBackend._check_rank(lora_A)
         M, r = x.shape[0], lora_A.shape[0]
+        lora_A, lora_B = _like_x(x, lora_A, lora_B)  # the CUDA C++ kernels take one dtype
         x, weight, lora_A, lora_B = (t.contiguous() for t in (x, weight, lora_A, lora_B))
         bias = None if bias is None else bias.contiguous()
         y = empty((M, weight.shape[0]), x.device, x.dtype)
-        decode = 1 <= M <= CudaBackend.DECODE_MAX_M
         if decode:  # xa, then the kernel's completion counter, in one buffer (one memset)
             buffer = empty((M * r + 1,), x.device, torch.float32)  # the kernel zeroes it
             xa = buffer[:M * r].view(M, r)
         else:
             buffer = xa = empty((M, r) if save_xa else (0,), x.device, torch.float32)
-        torch.ops.lora_kernels_cuda.forward(x, weight, bias, lora_A, lora_B, seed if dropout_p > 0 else None, y,
-                                            buffer, float(scaling), float(dropout_p), bool(save_xa), decode)
+        if M:
+            torch.ops.lora_kernels_cuda.forward(x, weight, bias, lora_A, lora_B, seed if dropout_p > 0 else None, y,
+                                                buffer, float(scaling), float(dropout_p), bool(save_xa), decode)
         return y, (xa if save_xa else x.new_empty((0,), dtype=torch.float32))
 
     @staticmethod
     def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
         from .kernels.memory import empty
 
-        CudaBackend._check_rank(lora_A)
         (M, K), N, r = x.shape, weight.shape[0], lora_A.shape[0]
+        grad_dtype = lora_A.dtype
+        lora_A, lora_B = _like_x(x, lora_A, lora_B)  # the CUDA C++ kernels take one dtype
         grad_y, x, weight, lora_A, lora_B = (t.contiguous() for t in (grad_y, x, weight, lora_A, lora_B))
         f32 = dict(dtype=torch.float32, device=x.device)
         if deterministic:  # one partial per row tile, summed in a fixed order: bitwise repeatable
@@ -241,24 +314,38 @@ class CudaBackend:
                                              float(dropout_p), bool(deterministic))
         if deterministic:
             da, db = da.sum(0), db.sum(0)
-        return (dx if need_dx else x.new_empty((0,))), da.to(x.dtype), db.to(x.dtype)
-
-    @staticmethod
-    def mixed_forward(*args):
-        warn_once("cuda-mixed", "lora_kernels: the CUDA C++ backend has no mixed-adapter kernels; mixed batches run "
-                                "the Triton kernels")
-        return TritonBackend.mixed_forward(*args)
-
-    @staticmethod
-    def mixed_backward(*args):
-        return TritonBackend.mixed_backward(*args)
+        return (dx if need_dx else x.new_empty((0,))), da.to(grad_dtype), db.to(grad_dtype)
 
 
-BACKENDS = {b.name: b for b in (TorchBackend, TritonBackend, CudaBackend)}
+BACKENDS = {b.name: b for b in (TorchBackend, AtenBackend, TritonBackend, CudaBackend)}
+
+FORWARD = {
+    "torch": TorchBackend.forward,
+    "aten": AtenBackend.forward,
+    "triton_fused": TritonBackend.forward_as("fused"),
+    "triton_xa_first": TritonBackend.forward_as("xa_first"),
+    "triton_cublas": TritonBackend.forward_as("cublas"),
+    "cuda_tiled": functools.partial(CudaBackend.forward, decode=False),
+    "cuda_decode": functools.partial(CudaBackend.forward, decode=True),
+}
+BACKWARD = {
+    "torch": TorchBackend.backward,
+    "aten": AtenBackend.backward,
+    "triton_split": TritonBackend.backward_as("split"),
+    "triton_fused": TritonBackend.backward_as("fused"),
+    "cuda": CudaBackend.backward,
+}
+MIXED_FORWARD = {
+    "torch": TorchBackend.mixed_forward,
+    "triton_gated": TritonBackend.mixed_forward_as("gated"),
+    "triton_gated_cublas": TritonBackend.mixed_forward_as("gated_cublas"),
+    "triton_sorted": TritonBackend.mixed_forward_as("sorted"),
+}
+MIXED_BACKWARD = {"torch": TorchBackend.mixed_backward, "triton_split": TritonBackend.mixed_backward}
 
 
 # --------------------------------------------------------------------------------------------
-# Choice
+# Availability
 # --------------------------------------------------------------------------------------------
 _warned: set[str] = set()
 
@@ -269,49 +356,6 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def check_name(name: str) -> str:
-    """Raise a ValueError unless `name` is one of NAMES; returns it."""
-    if name not in NAMES:
-        raise ValueError(f"backend: unknown name {name!r}; expected one of {', '.join(map(repr, NAMES))}")
-    return name
-
-
-@torch.compiler.assume_constant_result  # evaluated once while tracing, not traced into
-def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend to run for tensors on `device` of `dtype`; raises if `name` cannot run them."""
-    check_name(name)
-    if name != "auto":
-        reason = BACKENDS[name].unavailable_reason(device, dtype)
-        if reason:
-            raise BackendUnavailableError(f"backend {name!r} is unavailable for {dtype} tensors on {device}: {reason}")
-        return name
-    forced = os.environ.get("LORA_KERNELS_BACKEND")
-    if forced:
-        return resolve(forced, device, dtype)
-    if device.type != "cuda" or dtype == torch.float64:
-        return "torch"  # the fastest choice on CPU: the interpreter is a correctness tool, not a fast path
-    reason = TritonBackend.unavailable_reason(device, dtype)
-    if reason is None:
-        return "triton"
-    warn_once(f"auto-fallback-{device}-{dtype}",
-              f"lora_kernels: falling back to the unfused torch backend on {device} ({dtype}): {reason}. "
-              "`python -m lora_kernels.info` shows the backends and why they are unavailable.")
-    return "torch"
-
-
-def measured_choice(default: str, device: torch.device, dtype: torch.dtype, M, K: int, N: int, r: int) -> str:
-    """For an inference call without dropout that `auto` resolved to `default`: "cuda" where the measurements
-    (lora_kernels/policy.py) favour the CUDA C++ forward for this GPU and shape and the extension can run it, else
-    `default`. Not applied under torch.compile (pass backend="cuda" there) or with LORA_KERNELS_BACKEND set."""
-    if default != "triton" or torch.compiler.is_compiling() or os.environ.get("LORA_KERNELS_BACKEND"):
-        return default
-    from . import policy
-
-    if policy.choose(device, dtype, M, K, N, r) != "cuda" or CudaBackend.unavailable_reason(device, dtype):
-        return default
-    return "cuda"
-
-
 def status(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, str | None]:
-    """{backend name: None if usable, else the reason} for tensors on `device` of `dtype`."""
+    """{backend family: None if usable, else the reason} for tensors on `device` of `dtype`."""
     return {name: b.unavailable_reason(device, dtype) for name, b in BACKENDS.items()}

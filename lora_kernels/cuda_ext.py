@@ -6,7 +6,8 @@ Nothing here raises: ``load()`` returns None when the ops ``torch.ops.lora_kerne
 the reason, which ``python -m lora_kernels.info`` prints and ``backend="cuda"`` raises. A library that exists but
 cannot be loaded, or a just-in-time build that fails, warns once.
 
-Environment: LORA_KERNELS_CUDA_EXT=0 disables the extension; LORA_KERNELS_JIT=0 disables the just-in-time build.
+Environment (an installation setting, not a dispatch knob): LORA_KERNELS_CUDA_EXT=0 ignores the extension;
+LORA_KERNELS_CUDA_EXT=prebuilt uses a prebuilt library only (no just-in-time build).
 """
 
 from __future__ import annotations
@@ -71,32 +72,61 @@ def _jit_build() -> None:
         is_python_module=False, verbose=False)
 
 
+def _mode() -> str:
+    mode = os.environ.get("LORA_KERNELS_CUDA_EXT", "") or "auto"
+    if mode not in ("auto", "0", "prebuilt"):
+        raise ValueError(f"LORA_KERNELS_CUDA_EXT: expected 0 (ignore the extension), prebuilt (no just-in-time build) "
+                         f"or unset, got {mode!r}")
+    return mode
+
+
+def built() -> bool:
+    """Whether the extension is usable without building it now: its ops registered, or a prebuilt library that
+    loads (the planner's `auto` considers the CUDA C++ kernels only then)."""
+    if _registered():
+        return True
+    if _mode() == "0" or not torch.version.cuda:
+        return False
+    return _load_prebuilt() is None
+
+
+@functools.lru_cache(maxsize=None)
+def _load_prebuilt() -> str | None:
+    """Loads the prebuilt library: None when its ops are registered, else why not (no library, or it failed)."""
+    global _loaded_from
+    library = prebuilt_library()
+    if not library:
+        return "no prebuilt library"
+    try:
+        torch.ops.load_library(library)
+        _loaded_from = os.path.basename(library)
+        return None
+    except Exception as e:  # a mismatched or broken build
+        error = f"{os.path.basename(library)} could not be loaded ({type(e).__name__}: {e})"
+        _warn(error)
+        return error
+
+
 @functools.lru_cache(maxsize=None)
 def load() -> str | None:
     """None once the extension's ops are registered, else why they are not."""
     global _loaded_from
-    if os.environ.get("LORA_KERNELS_CUDA_EXT") == "0":
+    if _mode() == "0":
         return "disabled by LORA_KERNELS_CUDA_EXT=0"
     if _registered():
-        _loaded_from = "registered before lora_kernels looked"
+        _loaded_from = _loaded_from or "registered before lora_kernels looked"
         return None
     if not torch.version.cuda:
         return (f"torch {torch.__version__} is a CPU build; the CUDA C++ extension needs a CUDA build of torch "
                 "(>= 2.10)")
-    library = prebuilt_library()
-    load_error = None
-    if library:
-        try:
-            torch.ops.load_library(library)
-            _loaded_from = os.path.basename(library)
-            return None
-        except Exception as e:  # a mismatched or broken build
-            load_error = f"{os.path.basename(library)} could not be loaded ({type(e).__name__}: {e})"
-            _warn(load_error)
+    prebuilt_error = _load_prebuilt()
+    if prebuilt_error is None:
+        return None
+    load_error = None if prebuilt_error == "no prebuilt library" else prebuilt_error
     if has_sources() and not torch.cuda.is_available():
         return (f"{load_error + '; ' if load_error else ''}not built; a source checkout builds it just in time on "
                 "first use on a machine with a GPU (or run scripts/build_wheel.sh)")
-    if has_sources() and os.environ.get("LORA_KERNELS_JIT") != "0":
+    if has_sources() and _mode() != "prebuilt":
         try:
             _jit_build()
             _loaded_from = "just-in-time build"

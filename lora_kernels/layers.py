@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, plan
 from .ops import autocast_inputs, check_args, lora_linear, mixed_call
 from .stacking import AdapterStack, checked_ids
 
@@ -118,8 +118,8 @@ class FusedLoRALinear(nn.Module):
 
     ``lora_dtype``: the adapters' parameter dtype. By default fp32 next to a 16-bit W0 (as PEFT keeps them, for
     stable training: 16-bit parameters lose small optimizer updates) and W0's dtype otherwise. The forward
-    computes in W0's dtype (autocast's inside a region): adapters kept in another dtype are cast, differentiably
-    (their grads arrive in their own dtype), and in inference the cast copy is kept until they change.
+    computes in W0's dtype (autocast's inside a region): the kernels round fp32 adapters to it as they load them
+    and return their grads in fp32; adapters of another dtype are cast, differentiably.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
@@ -129,9 +129,8 @@ class FusedLoRALinear(nn.Module):
                  _weight: Tensor | None = None, _bias: Tensor | None = None):
         super().__init__()
         self._stack = AdapterStack()  # mixed batches: the adapters stacked (and cast), kept in inference
-        self._cast = AdapterStack()  # the active adapter cast to W0's dtype, kept in inference
         _check_hparams(r, lora_alpha, lora_dropout, in_features, out_features)
-        backends.check_name(backend)
+        plan.check_name(backend)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.set_lora_hparams(lora_alpha, use_rslora, lora_dropout)
@@ -222,11 +221,9 @@ class FusedLoRALinear(nn.Module):
             return nn.functional.linear(x, self.base_weight(), self.bias)
         A, B, hp = self._adapter(self.active_adapter)
         p = hp["lora_dropout"] if self.training else 0.0
-        # as nn.Linear inside torch.autocast (lora_linear would do it too; W0's dtype here decides A's and B's)
-        x, weight, bias = autocast_inputs(x, self.base_weight(), self.bias)
-        if A.dtype != weight.dtype:  # adapters kept in another dtype (fp32 next to a 16-bit W0) compute in W0's
-            A, B = self._cast.cast(A, B, weight.dtype)
-        return lora_linear(x, weight, bias, A, B, hp["scaling"], p, backend=self.backend)
+        # fp32 adapters next to a 16-bit W0 go to the ops as they are (the kernels round them as they load them and
+        # return fp32 grads: no cast ops per step, no cast copies kept)
+        return lora_linear(x, self.base_weight(), self.bias, A, B, hp["scaling"], p, backend=self.backend)
 
     def _mixed_forward(self, x: Tensor, ids: Tensor) -> Tensor:
         if self.merged:
@@ -334,7 +331,6 @@ class FusedLoRALinear(nn.Module):
         super().train(mode)
         if mode:  # the copies kept for inference: training casts and stacks each step
             self._stack.clear()
-            self._cast.clear()
         if self.merge_on_eval:
             self.unmerge() if mode else self.merge()
         return self

@@ -1,27 +1,30 @@
 """The op contract of lora-kernels: schemas, argument checks, fake (meta) implementations, autograd.
 
-Two named ops live in the ``lora_kernels`` namespace; every backend (see ``backends.py``) implements both:
+Two named ops live in the ``lora_kernels`` namespace (and two for mixed batches, below):
 
-``lora_kernels::lora_linear_fwd(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, backend)
+``lora_kernels::lora_linear_fwd(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, plan)
     -> (y, xa)``
     x [M, K]; weight W0 [N, K]; bias [N] or None; lora_A [r, K]; lora_B [N, r]; seed: one-element int64
     tensor on x's device (None when dropout_p == 0).
     y [M, N] = x W0^T + bias + scaling * (dropout(x) A^T) B^T, in x's dtype;
     xa [M, r] = dropout(x) A^T in fp32 (fp64 for fp64 inputs) if save_xa, else an empty tensor.
 ``lora_kernels::lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx,
-                                deterministic, backend) -> (dx, dA, dB)``
+                                deterministic, plan) -> (dx, dA, dB)``
     dx [M, K] (an empty tensor when need_dx is False), dA [r, K], dB [N, r]; deterministic asks for bitwise
     repeatable results (no float atomics).
 
-Dropout is inverted dropout with the counter-based mask of ``reference.dropout_keep_mask``: a pure
+``plan`` is "auto", a backend family, or a plan spec ("triton_fused+aten", see ``lora_kernels.plan``); the op
+resolves it for its concrete shapes when it runs, from the plan cache or the static defaults, never timing anything
+(this is what graphs traced by torch.compile hold: shapes and dropout probabilities may be symbolic while tracing). Dropout is inverted dropout with the counter-based mask of ``reference.dropout_keep_mask``: a pure
 function of (seed, row, column), so the backward regenerates it instead of storing it.
 
 ``lora_linear`` (the public function) applies torch.autocast's rule for linear layers (``autocast_inputs``; torch
-gives custom ops none), flattens leading dims, checks arguments, draws the seed, picks the
-backend and calls the forward op; autograd is registered on the forward op, so torch.compile traces it
-without a graph break. Outside torch.compile, on plain tensors, it calls the same backend functions through
-a plain autograd.Function instead (``_EagerLoRALinear``): same checks, same results, less host time. Grads of weight and bias, if they require grad, are computed too (plain GEMM and
-sum in the backward).
+gives custom ops none), flattens leading dims, checks arguments, draws the seed, asks the planner for the plan
+(once per call; the backward runs the plan saved on the autograd context) and calls the forward op; autograd is
+registered on the forward op, so torch.compile traces it without a graph break. Outside torch.compile, on plain
+tensors, it calls the same variant functions through a plain autograd.Function instead (``_EagerLoRALinear``): same
+checks, same results, less host time. Grads of weight and bias, if they require grad, are computed too (plain GEMM
+and sum in the backward).
 """
 
 from __future__ import annotations
@@ -33,9 +36,20 @@ import torch
 from torch import Tensor
 
 from . import backends
+from . import plan as planner
+from .plan import Call
 
 __all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "check_args", "lora_linear_mixed", "stack_adapters",
            "lora_mixed_fwd", "lora_mixed_bwd", "check_mixed_values", "autocast_dtype", "autocast_inputs"]
+
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def master_adapters(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
+    """Adapters kept in fp32 next to a 16-bit x (as PEFT keeps them): the ops take them as they are, compute as if
+    they were rounded to x's dtype first, and return their grads in fp32 (no cast ops, no cast copies)."""
+    return adapter_dtype == torch.float32 and x_dtype in _SIXTEEN_BIT
 
 
 def _fmt_dtype(dtypes):
@@ -70,10 +84,14 @@ def check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is None:
             continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}; cast one of them")
+        if t.dtype != x.dtype and not (name.startswith("lora") and master_adapters(x.dtype, t.dtype)):
+            raise TypeError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}"
+                            + (" (adapters may also be float32)" if x.dtype in _SIXTEEN_BIT else "")
+                            + "; cast one of them")
         if t.device != x.device:
             raise ValueError(f"{name}: on device {t.device}, expected x's device {x.device}")
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B: dtype {lora_B.dtype} does not match lora_A's dtype {lora_A.dtype}")
     _check_scaling("scaling", scaling)
     _check_probability("dropout_p", dropout_p)
 
@@ -128,29 +146,39 @@ def autocast_inputs(x, *tensors) -> tuple:
                  for t in (x, *tensors))
 
 
-def _backend(name: str):
-    impl = backends.BACKENDS.get(name)
-    if impl is None or name == "auto":
-        raise ValueError(f"backend: the ops take a resolved backend name, one of 'torch', 'triton', 'cuda'; got {name!r}")
-    return impl
+def adapters_for(x, lora_A, lora_B) -> tuple:
+    """The adapters as the ops take them next to x (after autocast): as they are when of x's dtype
+    or fp32 master adapters of a 16-bit x; else cast to x's dtype, differentiably (fp16 adapters in a bf16 autocast
+    region, say). Any other mismatch is left for the argument checks to name."""
+    if not isinstance(x, Tensor) or not isinstance(lora_A, Tensor) or not isinstance(lora_B, Tensor):
+        return lora_A, lora_B
+    if lora_A.dtype == x.dtype or master_adapters(x.dtype, lora_A.dtype) or x.dtype == torch.float64 or \
+            not lora_A.is_floating_point() or autocast_dtype(lora_A) is None:
+        return lora_A, lora_B
+    return lora_A.to(x.dtype), lora_B.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # Forward op
 # --------------------------------------------------------------------------------------------
+def _call(x, weight, lora_A, dropout_p, grads, adapters=0) -> Call:
+    return Call(x.device, x.dtype, x.shape[0], weight.shape[1], weight.shape[0], lora_A.shape[0], dropout_p > 0.0,
+                grads, torch.are_deterministic_algorithms_enabled(), adapters)
+
+
 @torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                     seed: Optional[Tensor], scaling: float, dropout_p: float, save_xa: bool,
-                    backend: str) -> tuple[Tensor, Tensor]:
+                    plan: str) -> tuple[Tensor, Tensor]:
     check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     _check_seed(seed, x.device, dropout_p)
-    impl = _backend(backend)
-    backends.resolve(backend, x.device, x.dtype)  # raises with the reason if it cannot run here
-    return impl.forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa)
+    chosen = planner.resolve_spec(plan, _call(x, weight, lora_A, dropout_p, 2 if save_xa else 0))
+    return backends.FORWARD[chosen.forward](x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa,
+                                            chosen.xa_splits)
 
 
 @lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, backend):
+def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, plan):
     check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     xa_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.new_empty((x.shape[0], weight.shape[0]))
@@ -164,7 +192,7 @@ def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, backen
 @torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
                     seed: Optional[Tensor], scaling: float, dropout_p: float, need_dx: bool,
-                    deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                    deterministic: bool, plan: str) -> tuple[Tensor, Tensor, Tensor]:
     M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
     if tuple(grad_y.shape) != (M, N):
         raise ValueError(f"grad_y: expected shape [{M}, {N}], got {tuple(grad_y.shape)}")
@@ -172,12 +200,13 @@ def lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, l
         raise ValueError(f"xa: expected the saved [{M}, {r}] product of the forward (save_xa=True), "
                          f"got shape {tuple(xa.shape)}")
     _check_seed(seed, x.device, dropout_p)
-    impl = _backend(backend)
-    return impl.backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic)
+    chosen = planner.resolve_spec(plan, _call(x, weight, lora_A, dropout_p, 2 if need_dx else 1))
+    return backends.BACKWARD[chosen.backward](grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p,
+                                              need_dx, deterministic)
 
 
 @lora_linear_bwd.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic, backend):
+def _(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic, plan):
     dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
@@ -186,10 +215,10 @@ def _(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, 
 # Autograd of the forward op
 # --------------------------------------------------------------------------------------------
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, backend = inputs
+    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, plan = inputs
     _, xa = output
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    ctx.scaling, ctx.dropout_p, ctx.plan = scaling, dropout_p, plan
     ctx.has_bias = bias is not None
 
 
@@ -211,7 +240,7 @@ def _grads(ctx, grad_y, x, run_bwd):
 def _single_grads(ctx, grad_y, call_bwd):
     x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
     return _grads(ctx, grad_y, x, lambda need_x, det: call_bwd(grad_y, x, weight, lora_A, lora_B, xa, seed,
-                                                               ctx.scaling, ctx.dropout_p, need_x, det, ctx.backend))
+                                                               ctx.scaling, ctx.dropout_p, need_x, det, ctx.plan))
 
 
 def _backward(ctx, grad_y, grad_xa):
@@ -229,45 +258,32 @@ def draw_seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
-def _seed_and_save(seed, x, dropout_p, params):
-    """(the dropout seed: the caller's, checked, or one drawn; None without dropout) and whether the forward must
-    save its product for a backward (grad mode on and some input requiring a grad)."""
-    if dropout_p == 0.0:
-        seed = None
-    elif seed is None:
-        seed = draw_seed(x.device)
-    else:
-        _check_seed(seed, x.device, dropout_p)
-    return seed, torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
-
-
 class _EagerLoRALinear(torch.autograd.Function):
-    """The same forward/backward as the ops, called without the custom-op dispatcher.
+    """The same forward/backward as the ops, called without the custom-op dispatcher, running a Plan.
 
     Outside torch.compile, on plain tensors, the dispatcher's Python layers (schema defaults, autograd
     wrapper, redispatch) cost more host time than a small layer's kernels take on a GPU; this path runs the
-    same backend functions behind the same checks. Under torch.compile, and for tensor subclasses (DTensor,
+    same variant functions behind the same checks. Under torch.compile, and for tensor subclasses (DTensor,
     FakeTensor), the ops are used, so graphs still see lora_kernels::lora_linear_fwd / _bwd.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, backend):
-        y, xa = backends.BACKENDS[backend].forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p,
-                                                   save_xa)
-        if save_xa:
-            ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    def forward(ctx, x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, plan):
+        y, xa = backends.FORWARD[plan.forward](x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, True,
+                                               plan.xa_splits)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+        ctx.scaling, ctx.dropout_p, ctx.plan = scaling, dropout_p, plan
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        return *_single_grads(ctx, grad_y, _eager_bwd), None, None, None, None, None
+        return *_single_grads(ctx, grad_y, _eager_bwd), None, None, None, None
 
 
-def _eager_bwd(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic, backend):
-    return backends.BACKENDS[backend].backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p,
-                                               need_dx, deterministic)
+def _eager_bwd(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic, plan):
+    return backends.BACKWARD[plan.backward](grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p,
+                                            need_dx, deterministic)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -289,27 +305,49 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     """y = x W0^T + bias + scaling * (dropout(x) A^T) B^T, fused; x may have any leading dims.
 
     Dropout (inverted, like torch) applies whenever dropout_p > 0; pass ``seed`` (one-element int64
-    tensor) to fix the mask, otherwise one is drawn from torch's generator.
+    tensor) to fix the mask, otherwise one is drawn from torch's generator. ``backend``: "auto" (the planner's
+    choice, measured on CUDA), a family ("torch", "aten", "triton", "cuda"), or a plan spec ("triton_fused+aten").
     """
-    x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    lora_A, lora_B = adapters_for(x, lora_A, lora_B)
     check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    name = backends.resolve(backend, x.device, x.dtype)
-    seed, save_xa = _seed_and_save(seed, x, dropout_p, (x, weight, bias, lora_A, lora_B))
+    planner.check_name(backend)
+    return linear_call(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), backend, seed)
+
+
+def linear_call(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, backend: str, seed):
+    """lora_linear after its checks (the layers call this with arguments they have checked): the seed, the plan,
+    then the op, or outside torch.compile on plain tensors the plan's variant functions without the dispatcher."""
+    grad = torch.is_grad_enabled()
+    need_x = grad and x.requires_grad
+    save = need_x or (grad and (lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad or
+                                (bias is not None and bias.requires_grad)))
+    seed = _seed(seed, x, dropout_p)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if backend == "auto" and not save_xa and dropout_p == 0.0:
-        name = backends.measured_choice(name, x.device, x.dtype, x2.shape[0], weight.shape[1], weight.shape[0],
-                                        lora_A.shape[0])
+    grads = 2 if need_x else (1 if save else 0)
     if torch.compiler.is_compiling() or not _plain(x, weight, bias, lora_A, lora_B):
-        y, _ = torch.ops.lora_kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, seed, float(scaling),
-                                                      float(dropout_p), save_xa, name)
-    elif save_xa:
-        y = _EagerLoRALinear.apply(x2, weight, bias, lora_A, lora_B, seed, float(scaling), float(dropout_p),
-                                   True, name)
+        # the op looks the plan up (cached or static, never timed) for its concrete shapes when it runs
+        y, _ = torch.ops.lora_kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, seed, scaling, dropout_p,
+                                                      save, backend)
+        return _unflatten(y, lead)
+    plan = planner.choose(_call(x2, weight, lora_A, dropout_p, grads), backend)
+    if save:
+        y = _EagerLoRALinear.apply(x2, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, plan)
     else:  # inference: no autograd node at all
-        y, _ = backends.BACKENDS[name].forward(x2, weight, bias, lora_A, lora_B, seed, float(scaling),
-                                               float(dropout_p), False)
+        y, _ = backends.FORWARD[plan.forward](x2, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, False,
+                                              plan.xa_splits)
     return _unflatten(y, lead)
+
+
+def _seed(seed, x, dropout_p):
+    """The dropout seed: the caller's, checked, or one drawn; None without dropout."""
+    if dropout_p == 0.0:
+        return None
+    if seed is None:
+        return draw_seed(x.device)
+    _check_seed(seed, x.device, dropout_p)
+    return seed
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,20 +423,23 @@ def check_mixed_values(adapter_ids, rank_owner, n) -> None:
         raise ValueError(f"rank_owner: values must be adapter indices in [0, {n})")
 
 
+def _mixed_call(x, weight, lora_A, dropout_ps, grads, n) -> Call:
+    return _call(x, weight, lora_A, max(dropout_ps), grads, n)
+
+
 @torch.library.custom_op("lora_kernels::lora_mixed_fwd", mutates_args=())
 def lora_mixed_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                    adapter_ids: Tensor, rank_owner: Tensor, scalings: list[float], dropout_ps: list[float],
-                   seed: Optional[Tensor], save: bool, backend: str) -> tuple[Tensor, Tensor]:
+                   seed: Optional[Tensor], save: bool, plan: str) -> tuple[Tensor, Tensor]:
     check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps)
     _check_seed(seed, x.device, max(dropout_ps))
-    impl = _backend(backend)
-    backends.resolve(backend, x.device, x.dtype)
-    return impl.mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, list(scalings),
-                              list(dropout_ps), seed, save)
+    chosen = planner.resolve_spec(plan, _mixed_call(x, weight, lora_A, dropout_ps, 2 if save else 0, len(scalings)))
+    return backends.MIXED_FORWARD[chosen.forward](x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner,
+                                                  list(scalings), list(dropout_ps), seed, save, chosen.xa_splits)
 
 
 @lora_mixed_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save, backend):
+def _(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save, plan):
     check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps)
     xs_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (x.new_empty((x.shape[0], weight.shape[0])),
@@ -409,28 +450,29 @@ def _(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropou
 def lora_mixed_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xs: Tensor,
                    adapter_ids: Tensor, rank_owner: Tensor, scalings: list[float], dropout_ps: list[float],
                    seed: Optional[Tensor], need_dx: bool, deterministic: bool,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                   plan: str) -> tuple[Tensor, Tensor, Tensor]:
     M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
     if tuple(grad_y.shape) != (M, N):
         raise ValueError(f"grad_y: expected shape [{M}, {N}], got {tuple(grad_y.shape)}")
     if tuple(xs.shape) != (M, R):
         raise ValueError(f"xs: expected the saved [{M}, {R}] product of the forward, got shape {tuple(xs.shape)}")
-    impl = _backend(backend)
-    return impl.mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, list(scalings),
-                               list(dropout_ps), seed, need_dx, deterministic)
+    chosen = planner.resolve_spec(plan, _mixed_call(x, weight, lora_A, dropout_ps, 2 if need_dx else 1,
+                                                    len(scalings)))
+    return backends.MIXED_BACKWARD[chosen.backward](grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner,
+                                                    list(scalings), list(dropout_ps), seed, need_dx, deterministic)
 
 
 @lora_mixed_bwd.register_fake
 def _(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, scalings, dropout_ps, seed, need_dx,
-      deterministic, backend):
+      deterministic, plan):
     dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
 def _mixed_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save, backend = inputs
+    x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save, plan = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], adapter_ids, rank_owner, seed)
-    ctx.scalings, ctx.dropout_ps, ctx.backend, ctx.has_bias = scalings, dropout_ps, backend, bias is not None
+    ctx.scalings, ctx.dropout_ps, ctx.plan, ctx.has_bias = scalings, dropout_ps, plan, bias is not None
 
 
 def _mixed_backward(ctx, grad_y, grad_xs, call_bwd=None):
@@ -438,7 +480,7 @@ def _mixed_backward(ctx, grad_y, grad_xs, call_bwd=None):
     call_bwd = call_bwd or torch.ops.lora_kernels.lora_mixed_bwd
     grads = _grads(ctx, grad_y, x, lambda need_x, det: call_bwd(
         grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, ctx.scalings, ctx.dropout_ps, seed,
-        need_x, det, ctx.backend))
+        need_x, det, ctx.plan))
     return *grads, None, None, None, None, None, None, None
 
 
@@ -450,11 +492,11 @@ class _EagerLoRAMixed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save,
-                backend):
-        y, xs = backends.BACKENDS[backend].mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner,
-                                                         scalings, dropout_ps, seed, True)
+                plan):
+        y, xs = backends.MIXED_FORWARD[plan.forward](x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner,
+                                                     scalings, dropout_ps, seed, True, plan.xa_splits)
         _mixed_setup_context(ctx, (x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps,
-                                   seed, save, backend), (y, xs))
+                                   seed, save, plan), (y, xs))
         return y
 
     @staticmethod
@@ -463,7 +505,7 @@ class _EagerLoRAMixed(torch.autograd.Function):
 
 
 def _eager_mixed_bwd(*args):
-    return backends.BACKENDS[args[-1]].mixed_backward(*args[:-1])
+    return backends.MIXED_BACKWARD[args[-1].backward](*args[:-1])
 
 
 def _mixed_hparams(scalings, dropout_ps):
@@ -479,6 +521,7 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A:
     dropout_ps (default: no dropout) have one entry per adapter. Grads reach each adapter's slice of
     lora_A / lora_B from its own rows only."""
     scalings, dropout_ps = _mixed_hparams(scalings, dropout_ps)
+    planner.check_name(backend)
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     check_mixed_args(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps)
     check_mixed_values(adapter_ids, rank_owner, len(scalings))
@@ -488,19 +531,26 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A:
 
 def mixed_call(x, weight, bias, lora_A, lora_B, rank_owner, flat_ids, scalings, dropout_ps, backend, seed):
     """lora_linear_mixed after its checks (callers that checked the ids and built rank_owner themselves, like
-    FusedLoRALinear, call this with flat_ids [rows of x]): backend, seed, then the op, or outside torch.compile
-    on plain tensors the same backend functions without the dispatcher."""
-    name = backends.resolve(backend, x.device, x.dtype)
-    seed, save = _seed_and_save(seed, x, max(dropout_ps), (x, weight, bias, lora_A, lora_B))
+    FusedLoRALinear, call this with flat_ids [rows of x]): seed, plan, then the op, or outside torch.compile
+    on plain tensors the plan's variant functions without the dispatcher."""
+    p = max(dropout_ps)
+    grad = torch.is_grad_enabled()
+    need_x = grad and x.requires_grad
+    save = need_x or (grad and (lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad or
+                                (bias is not None and bias.requires_grad)))
+    seed = _seed(seed, x, p)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    grads, n = 2 if need_x else (1 if save else 0), len(scalings)
     if torch.compiler.is_compiling() or not _plain(x, weight, bias, lora_A, lora_B, flat_ids, rank_owner):
         y, _ = torch.ops.lora_kernels.lora_mixed_fwd(x2, weight, bias, lora_A, lora_B, flat_ids, rank_owner,
-                                                     scalings, dropout_ps, seed, save, name)
-    elif save:
+                                                     scalings, dropout_ps, seed, save, backend)
+        return _unflatten(y, lead)
+    plan = planner.choose(_mixed_call(x2, weight, lora_A, dropout_ps, grads, n), backend)
+    if save:
         y = _EagerLoRAMixed.apply(x2, weight, bias, lora_A, lora_B, flat_ids, rank_owner, scalings, dropout_ps,
-                                  seed, True, name)
+                                  seed, True, plan)
     else:  # inference: no autograd node at all
-        y, _ = backends.BACKENDS[name].mixed_forward(x2, weight, bias, lora_A, lora_B, flat_ids, rank_owner,
-                                                     scalings, dropout_ps, seed, False)
+        y, _ = backends.MIXED_FORWARD[plan.forward](x2, weight, bias, lora_A, lora_B, flat_ids, rank_owner, scalings,
+                                                    dropout_ps, seed, False, plan.xa_splits)
     return _unflatten(y, lead)

@@ -17,7 +17,7 @@ import functools
 import torch
 from torch import nn
 
-from . import backends
+from . import backends, plan
 from .layers import _expand_ids
 from .models import is_plain_linear
 from .ops import autocast_dtype, autocast_inputs, check_mixed_args, lora_linear, mixed_call
@@ -40,7 +40,6 @@ class _FusedForward:
 
     fused_backend = "auto"
     _lk_stack = None  # mixed batches: the adapters stacked (and cast), kept in inference
-    _lk_cast = None  # the active adapter cast to x's dtype, kept in inference
 
     def _fused_unsupported(self, x, args, kwargs) -> str | None:
         """Why this call cannot take the fused path (None if it can). Normal states (merged, adapters disabled)
@@ -90,11 +89,8 @@ class _FusedForward:
         if kwargs.get("adapter_names") is not None:
             return self._mixed_forward(x, weight, bias, kwargs["adapter_names"])
         adapter = next(a for a in self.active_adapters if a in self.lora_A)
+        # PEFT keeps adapters in fp32 next to a 16-bit base (its autocast_adapter_dtype): the ops take them as they are
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        if a.dtype != x.dtype:  # PEFT keeps adapters in fp32 next to a 16-bit base (its autocast_adapter_dtype)
-            if self._lk_cast is None:
-                self._lk_cast = AdapterStack()
-            a, b = self._lk_cast.cast(a, b, x.dtype)
         return lora_linear(x, weight, bias, a, b, self.scaling[adapter], self._dropout_p(adapter),
                            backend=self.fused_backend)
 
@@ -162,7 +158,7 @@ def register(config, backend: str = "auto"):
     """Register the fused layer on a LoraConfig through PEFT's custom-module hook, so that ``get_peft_model`` /
     ``PeftModel.from_pretrained(..., config=config)`` / ``add_adapter`` build fused layers directly (for plain
     nn.Linear and Conv1D bases only). Returns the config."""
-    backends.check_name(backend)
+    plan.check_name(backend)
 
     def dispatch(target, adapter_name, config, **kwargs):
         module = _dispatch(target, adapter_name, config, **kwargs)
@@ -185,7 +181,7 @@ def fuse(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
     Existing layers become FusedPeftLinear (a subclass of PEFT's LoRA Linear: same parameters, state dict,
     saving, merge_and_unload). Layers that adapters create later are PEFT's own unless their config went
     through ``register``; calling ``fuse`` again converts them."""
-    backends.check_name(backend)
+    plan.check_name(backend)
     linear_cls, fused = _peft_linear_cls(), _fused_cls()
     count = 0
     for module in peft_model.modules():

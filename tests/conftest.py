@@ -11,6 +11,11 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Plans measured or written by the tests stay out of the user's cache (and a user's cache out of the tests).
+if "LORA_KERNELS_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["LORA_KERNELS_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora-kernels-test-plans-")
 
 import pytest  # noqa: E402
 

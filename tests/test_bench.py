@@ -17,7 +17,7 @@ from bench.providers import Case, Layer, build, forward_fn  # noqa: E402
 CASE = Case(M=24, K=40, N=36, r=4, dropout=0.0, dtype="fp32")
 
 
-@pytest.mark.parametrize("provider", ["merged", "eager", "peft", "torch", "triton"])
+@pytest.mark.parametrize("provider", ["merged", "eager", "peft", "torch", "aten", "triton", "auto"])
 def test_provider_forward_and_grads_match_reference(provider):
     if provider == "peft":
         pytest.importorskip("peft")
@@ -81,18 +81,20 @@ def test_table1_models_run_and_adapters_are_inserted():
 
 
 def test_quick_run_writes_csv_summary_and_plots(tmp_path):
-    assert run.main(["--quick", "--out", str(tmp_path), "--providers", "cublas,eager,triton",
+    assert run.main(["--quick", "--out", str(tmp_path), "--providers", "cublas,eager,triton,auto",
                      "--no-table1"]) == 0
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and list(rows[0]) == run.CSV_COLUMNS
     layer_rows = [r for r in rows if r["op"] == "lora_linear"]
-    assert {r["provider"] for r in layer_rows} == {"cublas", "eager", "triton"}
+    assert {r["provider"] for r in layer_rows} == {"cublas", "eager", "triton", "auto"}
+    assert {r["plan"] for r in layer_rows if r["provider"] in ("cublas", "eager")} == {""}
+    assert all("+" in r["plan"] for r in layer_rows if r["provider"] in ("triton", "auto"))
     assert {r["provider"] for r in rows if r["op"].startswith("lora_mixed")} == set(mixed.PROVIDERS)
     assert {r["metric"] for r in rows} >= {"time", "ratio_to_cublas", "tflops", "bandwidth", "peak_memory"}
     assert all(float(r["p50"]) > 0 for r in rows if r["metric"] == "time")
     summary = (tmp_path / "summary.md").read_text()
-    assert "| fwd+bwd |" in summary and "## Mixed batches" in summary
+    assert "| fwd+bwd |" in summary and "## Mixed batches" in summary and "`auto`: what users get" in summary
     assert ("CPU-only run" in summary) == (torch.device(DEVICE).type == "cpu")  # the CPU caveat, and only on CPU
     assert os.path.getsize(tmp_path / "speedup_vs_M.png") > 1000
     # appending: a second run adds rows under the same header
@@ -151,32 +153,52 @@ def test_decode_bench_mixed_step_checks_its_rows():
 
 
 def test_host_bench_counts_the_ops_of_a_layer_call():
-    """bench.host: kernels stubbed out (restored afterwards); a warm mixed-batch call dispatches as few ATen ops
-    whatever the number of adapters (no per-adapter stacking or id checks)."""
+    """bench.host: Triton launches stubbed (restored afterwards) and counted; a warm mixed-batch call dispatches as few
+    ATen ops whatever the number of adapters (no per-adapter stacking or id checks)."""
+    from triton.runtime import autotuner
+
     from bench import host
-    from lora_kernels import backends
 
-    forward = backends.BACKENDS["torch"].forward
+    run = autotuner.Autotuner.run
     rows = host.rows([1, 5], calls=3, K=32, M=8)
-    assert backends.BACKENDS["torch"].forward is forward
+    assert autotuner.Autotuner.run is run
     ops = {(r["call"], r["adapters"]): r["aten_ops"] for r in rows}
-    assert ops[("mixed batch", 5)] == ops[("mixed batch", 1)] <= 8, ops
-    assert all(r["host_us"] > 0 for r in rows)
+    assert ops[("mixed batch", 5)] == ops[("mixed batch", 1)] <= 10, ops
+    assert all(r["host_us"] > 0 and r["launches"] >= 1 for r in rows)
 
 
-def test_decode_bench_records_the_measured_policy(tmp_path):
-    """bench.decode --policy: an entry where CUDA beat Triton, removed again when a later run shows no advantage."""
-    from bench import decode
-    from lora_kernels import policy
+def test_host_bench_training_step_side_by_side():
+    """bench.host --train: PEFT's layer, the eager composition and every plan that fits, each with its ATen ops and
+    Triton launches counted; the static default on a GPU is labelled. No timing is asserted here."""
+    from bench import host
 
-    path = str(tmp_path / "policy.json")
-    rows = [{"M": M, "K": 4096, "N": 4096, "r": 16, "triton_us": 30.0, "cuda_us": 20.0 if M == 1 else 31.0}
-            for M in (1, 4, 16)]
-    decode.record_policy(rows, path, "NVIDIA Test GPU", "bench/results/test")
-    (entry,) = policy.entries(path)
-    assert (entry["device"], entry["max_rows"], entry["speedup"]) == ("NVIDIA Test GPU", 1, {"1": 1.5})
-    decode.record_policy([dict(r, cuda_us=40.0) for r in rows], path, "NVIDIA Test GPU", "bench/results/test")
-    assert policy.entries(path) == ()
+    rows = host.train_rows(calls=2, dropouts=(0.0,), plans=["triton_fused+triton_fused", "aten+aten"])
+    by = {r["label"]: r for r in rows}
+    assert by["lora_kernels aten+aten"]["launches"] == 0
+    fused = next(r for label, r in by.items() if label.startswith("lora_kernels triton_fused+triton_fused"))
+    assert fused["launches"] == 2 and fused["aten_ops"] < by["PEFT LoRA Linear (fp32 adapters)"]["aten_ops"]
+    assert host.gpu_default_spec(16, 64, 48, 8, False) == "triton_fused+triton_fused"
+
+
+def test_bench_without_matplotlib_writes_csv_and_summary(tmp_path, monkeypatch, capsys):
+    """A new user without the [bench] extra: the CSV and the summary are written, the plots are skipped with a line
+    that names the extra."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert run.main(["--quick", "--out", str(tmp_path), "--providers", "cublas", "--no-table1", "--no-mixed",
+                     "--modes", "fwd"]) == 0
+    out = capsys.readouterr().out
+    assert "plots skipped (pip install 'lora-kernels[bench]' brings it)" in out
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "summary.md").exists()
+    assert not (tmp_path / "speedup_vs_M.png").exists()
 
 
 def test_demo_runs_and_passes_parity():

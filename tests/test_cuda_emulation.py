@@ -97,7 +97,7 @@ def cuda_backend(emulated_ops, monkeypatch):
 def _check(cb, M, K, N, r, dtype, p, need_dx=True, deterministic=False, bias=True, scaling=1.5):
     x, w, b, a, bb = make_inputs(M, K, N, r, dtype, device="cpu", bias=bias)
     seed = torch.tensor([2**40 + 7], dtype=torch.int64) if p else None
-    y, xa = cb.forward(x, w, b, a, bb, seed, scaling, p, True)
+    y, xa = cb.forward(x, w, b, a, bb, seed, scaling, p, True, decode=1 <= M <= 16)
     gy = torch.randn(M, N, dtype=dtype)
     dx, da, db = cb.backward(gy, x, w, a, bb, xa, seed, scaling, p, need_dx, deterministic)
     refs = []
@@ -169,7 +169,7 @@ def test_decode_forward_is_bitwise_repeatable(cuda_backend, monkeypatch):
     monkeypatch.setattr(EmulatedOps, "sm_count", 5)
     x, w, b, a, bb = make_inputs(6, 1032, 37, 37, torch.bfloat16, device="cpu")
     seed = torch.tensor([11], dtype=torch.int64)
-    first, second = (cuda_backend.forward(x, w, b, a, bb, seed, 1.5, 0.1, True) for _ in range(2))
+    first, second = (cuda_backend.forward(x, w, b, a, bb, seed, 1.5, 0.1, True, decode=True) for _ in range(2))
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
@@ -201,7 +201,7 @@ def test_lora_only_backward_and_deterministic(cuda_backend):
 
 def test_empty_batch(cuda_backend):
     x, w, b, a, bb = make_inputs(0, 32, 16, 2, torch.bfloat16, device="cpu")
-    y, xa = cuda_backend.forward(x, w, b, a, bb, None, 1.0, 0.0, True)
+    y, xa = cuda_backend.forward(x, w, b, a, bb, None, 1.0, 0.0, True, decode=False)
     assert y.shape == (0, 16) and xa.shape == (0, 2)
     dx, da, db = cuda_backend.backward(torch.zeros(0, 16, dtype=torch.bfloat16), x, w, a, bb, xa, None, 1.0, 0.0,
                                        True, False)
@@ -215,7 +215,7 @@ def test_dropout_mask_is_the_reference_mask(cuda_backend):
     for M in (3, 16, 37):
         x = torch.ones(M, K, dtype=torch.float16)
         y, _ = cuda_backend.forward(x, torch.zeros_like(eye), None, eye, eye, torch.tensor([99], dtype=torch.int64),
-                                    1.0, 0.25, False)
+                                    1.0, 0.25, False, decode=M <= 16)
         keep = reference.dropout_keep_mask(99, M, K, 0.25)
         assert torch.equal(y != 0, keep), M
 
@@ -258,7 +258,7 @@ def test_rank_over_the_shared_memory_limit_says_so(cuda_backend, emulated_ops):
     emulated_ops.lib.lk_emu_set_shared_memory_limit(163 * 1024)
     try:
         x, w, b, a, bb = make_inputs(20, 64, 40, 256, torch.bfloat16, device="cpu")
-        y, xa = cuda_backend.forward(x, w, b, a, bb, None, 1.0, 0.0, True)
+        y, xa = cuda_backend.forward(x, w, b, a, bb, None, 1.0, 0.0, True, decode=False)
         assert torch.isfinite(y).all()
         with pytest.raises(AssertionError, match="more shared memory per block than this GPU has"):
             cuda_backend.backward(torch.randn_like(y), x, w, a, bb, xa, None, 1.0, 0.0, True, False)

@@ -131,19 +131,25 @@ def test_unavailable_reasons_and_errors(monkeypatch):
     reason = backends.CudaBackend.unavailable_reason(torch.device("cpu"), torch.float32)
     assert "CUDA tensors" in reason
     x, w, b, a, bb = make_inputs(4, 8, 6, 2, torch.float32, device="cpu")
-    with pytest.raises(backends.BackendUnavailableError, match="backend 'cuda' is unavailable.*CUDA tensors"):
+    with pytest.raises(backends.BackendUnavailableError, match="backend 'cuda' cannot run .*CUDA tensors"):
         lora_linear(x, w, b, a, bb, 1.0, backend="cuda")
     monkeypatch.setenv("LORA_KERNELS_CUDA_EXT", "0")
     cuda_ext.load.cache_clear()
     try:
         assert "LORA_KERNELS_CUDA_EXT=0" in cuda_ext.load()
-        assert cuda_ext.describe().startswith("unavailable")
+        assert cuda_ext.describe().startswith("unavailable") and not cuda_ext.built()
+        monkeypatch.setenv("LORA_KERNELS_CUDA_EXT", "sometimes")
+        cuda_ext.load.cache_clear()
+        with pytest.raises(ValueError, match="LORA_KERNELS_CUDA_EXT: expected 0 .*got 'sometimes'"):
+            cuda_ext.load()
     finally:
         monkeypatch.delenv("LORA_KERNELS_CUDA_EXT")
         cuda_ext.load.cache_clear()
     if not torch.version.cuda:
         assert "CPU build" in cuda_ext.load()
-    assert backends.resolve("auto", torch.device("cpu"), torch.float32) == "torch"
+    from lora_kernels import plan
+
+    assert plan.choose(plan.Call(torch.device("cpu"), torch.float32, 4, 8, 6, 2, False, 0, False)).forward == "torch"
 
 
 def test_setup_installs_pure_python_without_a_toolkit_or_torch():
@@ -203,12 +209,12 @@ def test_backend_glue_with_reference_ops(monkeypatch, dtype, M, deterministic, n
     x, w, b, a, bb = make_inputs(M, 40, 24, 3, dtype, device="cpu")
     seed = torch.tensor([77], dtype=torch.int64) if p else None
     cb = backends.CudaBackend
-    y, xa = cb.forward(x, w, b, a, bb, seed, 1.5, p, True)
+    y, xa = cb.forward(x, w, b, a, bb, seed, 1.5, p, True, decode=1 <= M <= 16)
     ry, rxa = reference.lora_forward(x, w, b, a, bb, 1.5, p, 77)
     assert y.dtype == dtype and xa.dtype == torch.float32 and xa.shape == (M, 3)
     torch.testing.assert_close(y, ry)
     torch.testing.assert_close(xa, rxa.float())
-    _, empty_xa = cb.forward(x, w, b, a, bb, seed, 1.5, p, False)
+    _, empty_xa = cb.forward(x, w, b, a, bb, seed, 1.5, p, False, decode=1 <= M <= 16)
     assert empty_xa.numel() == 0
     gy = torch.randn(M, 24, dtype=dtype)
     dx, da, db = cb.backward(gy, x, w, a, bb, xa, seed, 1.5, p, need_dx, deterministic)
@@ -415,6 +421,7 @@ def test_broken_library_warns_once_and_says_why(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("LORA_KERNELS_CUDA_EXT", raising=False)
     cuda_ext.load.cache_clear()
+    cuda_ext._load_prebuilt.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="_C.abi3.so could not be loaded") as record:
             first = cuda_ext.load()
@@ -423,7 +430,9 @@ def test_broken_library_warns_once_and_says_why(tmp_path, monkeypatch):
         assert sum("could not be loaded" in str(w.message) for w in record) == 1
         monkeypatch.setattr(cuda_ext, "has_sources", lambda: False)
         cuda_ext.load.cache_clear()
+        cuda_ext._load_prebuilt.cache_clear()
         with pytest.warns(RuntimeWarning, match="could not be loaded"):
             assert "could not be loaded" in cuda_ext.load()
     finally:
         cuda_ext.load.cache_clear()
+        cuda_ext._load_prebuilt.cache_clear()

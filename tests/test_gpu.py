@@ -1,4 +1,5 @@
-"""Checks that only mean something on a GPU: real autotuning over every config, production shapes, TF32.
+"""Checks that only mean something on a GPU: the planner measuring, real autotuning over every config, production
+shapes, TF32.
 
 Skipped with a visible reason on machines without CUDA (the parity tests of the other files then run the
 kernels in Triton's interpreter instead).
@@ -8,18 +9,18 @@ import pytest
 import torch
 
 from conftest import HAS_GPU, assert_parity, make_inputs, seed_tensor
-from lora_kernels import lora_linear, reference
+from lora_kernels import lora_linear, plan, reference
 
 pytestmark = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none on this machine); "
                                 "the same kernels are checked in the Triton interpreter by the other tests")
 
 
-def _check(M, K, N, r, dtype, p, need_dx=True):
+def _check(M, K, N, r, dtype, p, need_dx=True, backend="triton"):
     x, w, b, a, bb = make_inputs(M, K, N, r, dtype)
     x.requires_grad_(need_dx)
     a.requires_grad_(True)
     bb.requires_grad_(True)
-    y = lora_linear(x, w, b, a, bb, 2.0, p, backend="triton", seed=seed_tensor(9))
+    y = lora_linear(x, w, b, a, bb, 2.0, p, backend=backend, seed=seed_tensor(9))
     gy = torch.randn_like(y)
     y.backward(gy)
     refs = []
@@ -69,11 +70,35 @@ def test_fp32_true_fp32_and_tf32():
 
 
 def test_inductor_compile_on_gpu():
+    """The compiled layer runs the plan the eager call measured and cached (nothing is timed in the graph)."""
     from lora_kernels import FusedLoRALinear
 
     layer = FusedLoRALinear(1024, 1024, r=16, init_lora_weights=False, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(8, 128, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    eager = layer(x)
     compiled = torch.compile(layer, fullgraph=True)
     y = compiled(x)
     y.float().square().mean().backward()
-    torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+    torch.testing.assert_close(y, eager, rtol=2**-7, atol=2**-7)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_planner_measures_on_the_gpu(dropout, tmp_path, monkeypatch):
+    """A new key is timed on this GPU: the fastest forward and backward win, the ATen composition (PEFT's products)
+    is always among the candidates, so auto is never slower than it in the same measurement; the call then meets
+    the parity rule with the chosen plan."""
+    monkeypatch.setenv("LORA_KERNELS_CACHE_DIR", str(tmp_path))
+    plan.reset()
+    try:
+        call = plan.Call(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, 2048, 1024, 1024, 16,
+                         dropout, 2, False)
+        chosen, us = plan.tune(call)
+        for kind, name in (("forward", chosen.forward), ("backward", chosen.backward)):
+            times = {k.split(":")[1]: v for k, v in us.items() if k.startswith(kind) and isinstance(v, float)}
+            assert "aten" in times and name == min(times, key=times.get)
+            assert times[name] <= times["aten"]
+        assert plan.choose(call) == chosen
+        _check(2048, 1024, 1024, 16, torch.bfloat16, 0.1 if dropout else 0.0, backend="auto")
+    finally:
+        monkeypatch.undo()
+        plan.reset()

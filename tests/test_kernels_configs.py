@@ -1,5 +1,6 @@
 """Autotuning setup of the Triton kernels (lora_kernels/kernels/configs.py), as a GPU process sees it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,23 +9,26 @@ import pytest
 
 PROBE = """
 import json
-from lora_kernels.kernels import backward, forward
+from lora_kernels import plan, backends
+from lora_kernels.kernels import backward, configs, forward
+backends._triton_import_error()
 kernels = (forward.lora_fwd_kernel, forward.lora_xa_kernel, backward.lora_bwd_dx_kernel,
            backward.lora_bwd_lowrank_kernel)
-print(json.dumps([k.cache_results for k in kernels]))
+print(json.dumps([[k.cache_results for k in kernels], configs.AUTOTUNE]))
 """
 
 
-@pytest.mark.parametrize("knob, expected", [(None, True), ("0", False)])
-def test_autotune_results_are_cached_on_disk_unless_turned_off(knob, expected):
+@pytest.mark.parametrize("tune, autotune", [(None, True), ("cached", True), ("off", False)])
+def test_autotune_is_cached_on_disk_and_off_with_the_planner(tune, autotune):
     """Outside the interpreter every autotuned kernel keeps its timings in Triton's disk cache (a restarted process
-    does not time every config again); LORA_KERNELS_AUTOTUNE_CACHE=0 turns that off."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORA_KERNELS_AUTOTUNE_CACHE")}
-    if knob is not None:
-        env["LORA_KERNELS_AUTOTUNE_CACHE"] = knob
+    does not time every config again); LORA_KERNELS_TUNE=off also turns Triton's autotuning off (first config)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORA_KERNELS_TUNE")}
+    if tune is not None:
+        env["LORA_KERNELS_TUNE"] = tune
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == str([expected] * 4).replace("True", "true").replace("False", "false")
+    cached, on = json.loads(out.stdout.strip().splitlines()[-1])
+    assert cached == [True] * 4 and on is autotune
 
 
 def test_every_padded_rank_has_a_row():

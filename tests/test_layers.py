@@ -197,7 +197,7 @@ def test_adapter_dtype_defaults_and_choices():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fp32_adapters_compute_in_w0_dtype(backend, dtype):
     """The forward is the 16-bit computation with the adapters cast (bit for bit, same dropout seed); the grads
-    reach the fp32 adapters in fp32, equal to the 16-bit grads."""
+    reach the fp32 adapters in fp32: the 16-bit grads before their rounding (equal to them once rounded)."""
     layer = FusedLoRALinear(40, 36, r=5, lora_alpha=10, lora_dropout=0.2, init_lora_weights=False, backend=backend,
                             device=DEVICE, dtype=dtype).train()
     assert layer.lora_A.dtype == torch.float32
@@ -213,15 +213,41 @@ def test_fp32_adapters_compute_in_w0_dtype(backend, dtype):
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     for param, grad16 in ((layer.lora_A, a16.grad), (layer.lora_B, b16.grad)):
         assert param.grad.dtype == torch.float32
-        torch.testing.assert_close(param.grad, grad16.float(), rtol=0, atol=0)
+        torch.testing.assert_close(param.grad.to(dtype), grad16, rtol=0, atol=0)
 
 
-def test_fp32_adapters_cast_once_in_inference():
-    """Inference keeps the cast copy: a second call casts nothing; a changed adapter is cast again."""
+@pytest.mark.parametrize("backward", ["triton_split", "triton_fused"])
+def test_fp32_adapters_grads_from_the_fp32_accumulators(backward):
+    """Kernels that accumulate dA (and dB) in fp32 hand those sums to fp32 adapters without rounding them to W0's
+    dtype: the parity rule against fp64 (the rounded 16-bit grads are the same-dtype reference)."""
+    dtype = torch.bfloat16
+    layer = FusedLoRALinear(40, 36, r=5, lora_alpha=10, lora_dropout=0.2, init_lora_weights=False,
+                            backend=f"triton_xa_first+{backward}", device=DEVICE, dtype=dtype).train()
+    x = torch.randn(2, 19, 40, device=DEVICE, dtype=dtype, requires_grad=True)
+    torch.manual_seed(3)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    refs = []
+    for dt in (dtype, torch.float64):
+        args = [t.detach().to(dt) for t in (x.reshape(-1, 40), layer.weight, layer.bias, layer.lora_A, layer.lora_B)]
+        _, xa = reference.lora_forward(*args, layer.scaling, 0.2, seed)
+        refs.append(reference.lora_backward(gy.reshape(-1, 36).to(dt), args[0], args[1], args[3], args[4], xa,
+                                            layer.scaling, 0.2, seed)[1:])
+    for name, param, same, r64 in zip(("lora_A", "lora_B"), (layer.lora_A, layer.lora_B), refs[0], refs[1]):
+        assert param.grad.dtype == torch.float32
+        assert_parity(f"grad {name}", param.grad, same.float(), r64)
+
+
+def test_fp32_adapters_are_not_cast_per_call():
+    """The kernels round fp32 adapters to W0's dtype as they load them: no cast op per call (the reference backend
+    casts inside), and an in-place change to an adapter shows in the next call."""
     from conftest import CountOps
 
-    layer = FusedLoRALinear(24, 20, r=4, init_lora_weights=False, backend="torch", device=DEVICE,
-                            dtype=torch.bfloat16).eval()
+    layer = FusedLoRALinear(24, 20, r=4, init_lora_weights=False, backend="triton_xa_first+triton_split",
+                            device=DEVICE, dtype=torch.bfloat16).eval()
     x = torch.randn(5, 24, device=DEVICE, dtype=torch.bfloat16)
     with torch.no_grad():
         first = layer(x)
@@ -232,7 +258,7 @@ def test_fp32_adapters_cast_once_in_inference():
         layer.lora_B.mul_(2.0)  # an in-place update (an optimizer step, load_state_dict)
         changed = layer(x)
     expected = lora_linear(x, layer.weight, layer.bias, layer.lora_A.bfloat16(), layer.lora_B.bfloat16(),
-                           layer.scaling, backend="torch")
+                           layer.scaling, backend="triton_xa_first+triton_split")
     assert torch.equal(changed, expected) and not torch.equal(changed, first)
 
 

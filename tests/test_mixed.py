@@ -45,21 +45,21 @@ def _ids(M, n, seed=0):
     return torch.randint(-1, n, (M,), generator=g).tolist()
 
 
-@pytest.mark.parametrize("path", ["triton_gemm", "cublas", "split_k", "sorted", "sorted_split_k"])
+@pytest.mark.parametrize("path", ["triton_gated", "triton_gated_cublas", "triton_gated@64", "triton_sorted",
+                                  "triton_sorted@64"])
 @pytest.mark.parametrize("ps", [(0.0, 0.0, 0.0), (0.1, 0.0, 0.3)], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mixed_batch_parity(dtype, ps, path, monkeypatch):
     """Three adapters of ranks 3, 16 and 1 (one of them with no rows), rows of the base layer alone (-1); the
-    gated xa kernel also with K split over programs (as for decode-sized batches on a GPU)."""
-    if path == "cublas":
-        monkeypatch.setattr(triton_forward, "CUBLAS_MIN_M", 0)
-    if path.endswith("split_k"):
-        monkeypatch.setattr(triton_forward, "XA_SPLIT_PROGRAMS_INTERPRETED", 64)
+    gated xa kernel also with K split over programs (@64: as for decode-sized batches on a GPU)."""
+    if path.endswith("@64"):
         monkeypatch.setattr(triton_forward, "XA_SPLIT_MIN_STEPS", 1)
-    if path.startswith("sorted"):  # rows in adapter order (without dropout; with dropout the gated variant runs)
-        monkeypatch.setenv("LORA_KERNELS_MIXED", "sorted")
+    forward, _, splits = path.partition("@")
+    if forward == "triton_sorted" and any(ps):  # rows in adapter order run without dropout
+        forward = "triton_gated"
     ids = [i if i != 1 else 2 for i in _ids(37, 3)]  # adapter 1 gets no rows
-    da, db, owner, _ = _run(37, 45, 70, [3, 16, 1], [0.5, 2.0, 1.5], list(ps), ids, dtype, "triton")
+    plan = f"{forward}+triton_split" + (f"@{splits}" if splits else "")
+    da, db, owner, _ = _run(37, 45, 70, [3, 16, 1], [0.5, 2.0, 1.5], list(ps), ids, dtype, plan)
     assert not da[owner == 1].any() and not db[:, owner == 1].any()  # an adapter without rows gets no grad
 
 
@@ -262,23 +262,23 @@ def test_compile_mixed_layers_with_different_hyperparameters():
 
 
 def test_sorted_variant_takes_rows_in_adapter_order(monkeypatch):
-    """LORA_KERNELS_MIXED=sorted: the kernels get the rows' order and each adapter's first rank, and the result
+    """The sorted variant: the kernels get the rows' order and each adapter's first rank, and the result
     is the per-adapter reference's; 70 rows over 3 interpreter tiles, several adapters per tile, base-only rows,
     an adapter without rows, ranks 5, 2, 17."""
-    monkeypatch.setenv("LORA_KERNELS_MIXED", "sorted")
     seen = []
     real = triton_forward._launch_gemm
     monkeypatch.setattr(triton_forward, "_launch_gemm",
                         lambda *a, **k: seen.append(k.get("sorted_rows")) or real(*a, **k))
     ids = [i if i != 1 else -1 for i in _ids(70, 3, seed=5)]  # adapter 1: no rows
-    _run(70, 40, 36, [5, 2, 17], [1.5, 0.5, 2.0], [0.0] * 3, ids, torch.bfloat16, "triton")
+    _run(70, 40, 36, [5, 2, 17], [1.5, 0.5, 2.0], [0.0] * 3, ids, torch.bfloat16, "triton_sorted+triton_split")
     order, sorted_ids, starts = seen[0]
     assert starts.tolist() == [0, 5, 7, 24]
     assert torch.equal(sorted_ids[order.long()], torch.sort(torch.tensor(ids, dtype=torch.int32)).values)
 
 
-def test_sorted_variant_refuses_a_shuffled_rank_owner_and_unknown_names(monkeypatch):
-    from lora_kernels.kernels.forward import mixed_variant, rank_starts
+def test_sorted_variant_refuses_a_shuffled_rank_owner_and_dropout():
+    from lora_kernels import BackendUnavailableError
+    from lora_kernels.kernels.forward import rank_starts
 
     with pytest.raises(ValueError, match="rank_owner: the sorted mixed-batch variant needs each adapter's ranks"):
         rank_starts(torch.tensor([0, 1, 0], dtype=torch.int32, device=DEVICE), 2)
@@ -288,11 +288,9 @@ def test_sorted_variant_refuses_a_shuffled_rank_owner_and_unknown_names(monkeypa
     with pytest.raises(ValueError, match="the sorted mixed-batch variant runs without dropout"):
         triton_forward._launch_xa(x, a, xa, None, None, 1.0, 0.0, gating=None, any_dropout=True,
                                   sort=(torch.arange(4, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)))
-    monkeypatch.setenv("LORA_KERNELS_MIXED", "sorted")
-    assert mixed_variant(any_dropout=False) == "sorted" and mixed_variant(any_dropout=True) == "gated"
-    monkeypatch.setenv("LORA_KERNELS_MIXED", "segmented")
-    with pytest.raises(ValueError, match="LORA_KERNELS_MIXED: expected one of gated, sorted, got 'segmented'"):
-        mixed_variant(any_dropout=False)
-    from lora_kernels import info
-
-    assert info(as_dict=True)["triton mixed batches (LORA_KERNELS_MIXED)"].startswith("error: LORA_KERNELS_MIXED")
+    w = torch.randn(6, 8, device=DEVICE)
+    a, bb, owner = _adapters(8, 6, [2, 3], torch.float32)
+    with pytest.raises(BackendUnavailableError, match="forward 'triton_sorted' cannot run this call: it runs without "
+                                                      "dropout"):
+        lora_linear_mixed(x, w, None, a, bb, owner, torch.tensor([0, 1, -1, 0], device=DEVICE), [1.0, 1.0],
+                          [0.1, 0.0], backend="triton_sorted+triton_split")

@@ -102,55 +102,65 @@ def test_dropout_seed_from_torch_generator():
 
 
 def test_env_override_of_auto(monkeypatch):
+    from lora_kernels import plan
+
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
-    assert backends.resolve("auto", DEVICE, torch.float16) == "triton"
-    monkeypatch.setenv("LORA_KERNELS_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="backend: unknown name 'bogus'"):
-        backends.resolve("auto", DEVICE, torch.float16)
+    plan.reset()
+    call = plan.Call(DEVICE, torch.float16, 8, 32, 16, 4, False, 2, False)
+    try:
+        assert plan.choose(call).forward.startswith("triton_")
+        monkeypatch.setenv("LORA_KERNELS_BACKEND", "aten")
+        plan.reset()
+        assert plan.choose(call) == plan.Plan("aten", "aten")
+        monkeypatch.setenv("LORA_KERNELS_BACKEND", "bogus")
+        with pytest.raises(ValueError, match="LORA_KERNELS_BACKEND: backend: unknown name 'bogus'"):
+            plan.reset()
+    finally:
+        monkeypatch.delenv("LORA_KERNELS_BACKEND")
+        plan.reset()
 
 
 def test_auto_fallback_warns_once(monkeypatch):
+    """On a GPU where the Triton kernels cannot run, `auto` serves the ATen composition and says so once."""
+    from lora_kernels import plan
+
     monkeypatch.setattr(backends.TritonBackend, "unavailable_reason", staticmethod(lambda d, t: "no triton here"))
-    monkeypatch.setattr(backends, "_warned", set())
-    cuda = torch.device("cuda", 0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert backends.resolve("auto", cuda, torch.bfloat16) == "torch"
-        assert backends.resolve("auto", cuda, torch.bfloat16) == "torch"
-    msgs = [str(w.message) for w in caught if "falling back" in str(w.message)]
-    assert len(msgs) == 1 and "no triton here" in msgs[0] and "lora_kernels.info" in msgs[0]
+    monkeypatch.setattr(plan, "_cuda_unavailable_without_build", lambda d, t: "not built")
+    monkeypatch.setenv("LORA_KERNELS_TUNE", "off")
+    plan.reset()
+    call = plan.Call(torch.device("cuda", 0), torch.bfloat16, 64, 32, 16, 4, False, 2, False)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert plan.choose(call) == plan.Plan("aten", "aten")
+            assert plan.choose(call._replace(M=2048)) == plan.Plan("aten", "aten")
+        msgs = [str(w.message) for w in caught if "cannot run" in str(w.message)]
+        assert len(msgs) == 1 and "no triton here" in msgs[0] and "lora_kernels.info" in msgs[0]
+    finally:
+        monkeypatch.delenv("LORA_KERNELS_TUNE")
+        plan.reset()
 
 
-def test_info_reports_backends():
+def test_info_reports_backends_and_the_planner():
     from lora_kernels import info
 
     report = info(as_dict=True)
     cpu = report["devices"]["cpu"]["backends"]
-    assert cpu["torch"] == "available"
+    assert cpu["torch"] == "available" and cpu["aten"] == "available"
     assert cpu["cuda"].startswith("unavailable: ")
-    assert report["triton backward (LORA_KERNELS_BACKWARD)"] == "split for 16-bit, cublas for fp32"
-    env = dict(os.environ, LORA_KERNELS_AUTOTUNE="0", LORA_KERNELS_BACKWARD="fused")
+    assert report["planner (LORA_KERNELS_TUNE)"].startswith("measure each new call shape on CUDA")
+    assert "cache" in report["devices"]["cpu"]["planner"]
+    env = dict(os.environ, LORA_KERNELS_TUNE="off", LORA_KERNELS_BACKEND="aten")
     out = subprocess.run([sys.executable, "-m", "lora_kernels.info"], capture_output=True, text=True, timeout=120,
                          env=env)
-    assert "first config of each table" in out.stdout and "fused for 16-bit, fused for fp32" in out.stdout
     assert out.returncode == 0, out.stderr
-    assert "triton" in out.stdout and "torch" in out.stdout
+    assert "first config of each table" in out.stdout and "static defaults only" in out.stdout, out.stdout
+    assert "M=8192 K=4096 N=4096 r=16 train p>0" in out.stdout and "aten+aten" in out.stdout, out.stdout
     assert "RuntimeWarning" not in out.stderr
-    env["LORA_KERNELS_BACKWARD"] = "cublas"
+    env["LORA_KERNELS_TUNE"] = "sometimes"
     out = subprocess.run([sys.executable, "-m", "lora_kernels.info"], capture_output=True, text=True, timeout=120,
                          env=env)
-    assert "cublas for 16-bit, cublas for fp32" in out.stdout, out.stdout
-
-
-def test_backward_variant_knob_rejects_unknown_names(monkeypatch):
-    from lora_kernels.kernels import backward
-
-    monkeypatch.setenv("LORA_KERNELS_BACKWARD", "fast")
-    with pytest.raises(ValueError, match="LORA_KERNELS_BACKWARD: expected one of split, fused, cublas, got 'fast'"):
-        backward.backward_variant()
-    from lora_kernels import info
-
-    assert info(as_dict=True)["triton backward (LORA_KERNELS_BACKWARD)"].startswith("error: LORA_KERNELS_BACKWARD")
+    assert out.returncode == 0 and "LORA_KERNELS_TUNE: expected one of on, cached, off, got 'sometimes'" in out.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -192,7 +202,8 @@ def test_bad_input_raises_before_launch(kind, backend, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a kernel ran before the arguments were checked")
 
-    monkeypatch.setattr(backends.BACKENDS[backend], "forward", staticmethod(must_not_run))
+    for name in backends.FORWARD:
+        monkeypatch.setitem(backends.FORWARD, name, must_not_run)
     args = _good()
     mutate, exc, pattern = BAD[kind]
     mutate(args)
@@ -201,13 +212,13 @@ def test_bad_input_raises_before_launch(kind, backend, monkeypatch):
 
 
 def test_unknown_backend_name():
-    with pytest.raises(ValueError, match=r"backend: unknown name 'fast'; expected one of 'auto', 'torch'"):
+    with pytest.raises(ValueError, match=r"backend: unknown name 'fast'; expected 'auto', a backend \('torch', 'aten'"):
         lora_linear(backend="fast", **_good())
 
 
 def test_unavailable_backend_says_why():
     on_cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
-    with pytest.raises(BackendUnavailableError, match=r"backend 'cuda' is unavailable .*needs? CUDA tensors"):
+    with pytest.raises(BackendUnavailableError, match=r"backend 'cuda' cannot run .* on cpu .*needs? CUDA tensors"):
         lora_linear(backend="cuda", **on_cpu)
 
 
@@ -215,6 +226,9 @@ def test_triton_rejects_float64():
     args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
     with pytest.raises(BackendUnavailableError, match="float16, bfloat16 and float32, not torch.float64"):
         lora_linear(backend="triton", **args)
+    with pytest.raises(BackendUnavailableError, match="forward 'triton_xa_first' cannot run this call: it supports "
+                                                      "float16, bfloat16 and float32, not torch.float64"):
+        lora_linear(backend="triton_xa_first+triton_split", **args)
 
 
 def test_triton_on_cpu_without_interpreter_says_how():

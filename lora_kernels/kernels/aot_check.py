@@ -31,6 +31,9 @@ SMEM_LIMIT = {80: 166912, 90: 232448}
 # hundred bytes, mostly in prologues and epilogues) are common at 255 registers and left to the autotuner.
 MAX_LOCAL_BYTES = 2048
 DTYPES = ("fp16", "bf16", "fp32")
+# "bf16+fp32": bf16 activations and weights with fp32 master adapters (A, B), which the one-launch forward, the thin
+# xa kernel and the low-rank backward round as they load them (the launchers of the others cast A / B first)
+_ADAPTER_ARGS = {"A", "B"}
 _POINTER_TYPES = {"XA": "*fp32", "SEED": "*i64", "DA": "*fp32", "DB": "*fp32", "OUT": "*i8", "IDS": "*i32",
                   "OWNER": "*i32", "SCALES": "*fp32", "THR": "*i32", "KS": "*fp32", "ORDER": "*i32",
                   "RSTART": "*i32"}
@@ -70,6 +73,9 @@ def specializations(arch: int):
             for row in TABLES["gemm"][arch][elem_bytes]:
                 add("lora_fwd_kernel", dtype, row, dict(HAS_BIAS=True, FUSE_XA=True, STORE_XA=True, SORTED=False,
                                                         BLOCK_R=16))
+                if dtype == "bf16":  # fp32 master adapters (the one-launch forward; the others get B cast first)
+                    add("lora_fwd_kernel", "bf16+fp32", row, dict(HAS_BIAS=True, FUSE_XA=True, STORE_XA=True,
+                                                                  SORTED=False, BLOCK_R=min(64, row[5])))
                 if full:
                     add("lora_fwd_kernel", dtype, row, dict(HAS_BIAS=False, FUSE_XA=True, STORE_XA=True, SORTED=False,
                                                             BLOCK_R=min(64, row[5])))
@@ -80,12 +86,19 @@ def specializations(arch: int):
                                                             BLOCK_R=16))
             for row in TABLES["dx"][arch][elem_bytes]:
                 add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=False, DETERMINISTIC=False, BLOCK_R=16))
+
                 if full:
                     add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=False, BLOCK_R=row[5]))
                     add("lora_bwd_dx_kernel", dtype, row, dict(DROPOUT=True, DETERMINISTIC=True, BLOCK_R=16))
             for row in TABLES["thin"][arch][elem_bytes]:
                 add("lora_xa_kernel", dtype, row, dict(DROPOUT=False, STORE_XS=True, GATED=False, SPLIT_K=False,
                                                        SORTED=False, BLOCK_R=16), XA_TILE_KEYS)
+                if dtype == "bf16":  # fp32 master adapters: every thin row, the widest rank it serves
+                    add("lora_xa_kernel", "bf16+fp32", row, dict(DROPOUT=True, STORE_XS=False, GATED=False,
+                                                                 SPLIT_K=True, SORTED=False,
+                                                                 BLOCK_R=min(128, row[5])), XA_TILE_KEYS)
+                    add("lora_bwd_lowrank_kernel", "bf16+fp32", row,
+                        dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, GATED=False, BLOCK_R=row[5]))
                 add("lora_bwd_lowrank_kernel", dtype, row,
                     dict(DROPOUT=False, DETERMINISTIC=False, NEED_DX=True, GATED=False, BLOCK_R=16))
                 if full:
@@ -120,11 +133,14 @@ def specializations(arch: int):
 
 
 def _signature(jit_fn, dtype: str, constexprs: dict) -> dict:
+    dtype, _, adapters = dtype.partition("+")
     sig = {}
     for param in jit_fn.params:
         name = param.name
         if param.is_constexpr:
             sig[name] = "constexpr"
+        elif name in _ADAPTER_ARGS and adapters:
+            sig[name] = f"*{adapters}"
         elif name.isupper() and name not in _SIZE_ARGS:
             sig[name] = _POINTER_TYPES.get(name, f"*{dtype}")
         elif name in _FLOAT_ARGS:

@@ -3,17 +3,16 @@
 With G = scaling * dY B [M, r] and D the dropout mask scaled by 1 / (1 - p):
     dX = dY W0 + (G A) * D,   dA = G^T (X * D),   dB = scaling * dY^T XA.
 
-Three variants, picked by ``backward_variant``:
+Two variants; which one runs is the planner's choice (lora_kernels/plan.py), passed in as ``variant``
+(every product by cuBLAS is the ``aten`` variant of lora_kernels/backends.py):
 
-* ``split`` (the default): one Triton launch does all the low-rank work, ``lora_bwd_lowrank_kernel``:
+* ``split``: one Triton launch does all the low-rank work, ``lora_bwd_lowrank_kernel``:
   one program per BLOCK_M rows streams its dY rows once over N (G), then its x rows once over K, where it
   regenerates the dropout mask, adds its share of dA and, when x needs a grad, stores (G A) * D into dX.
   The two large products are left to cuBLAS: dX += dY W0 in place (beta = 1, so the low-rank term is read
   in the GEMM's epilogue instead of in an extra pass) and dB = dY^T (scaling * XA). On an H100 (bf16,
   M=8192, K=N=4096) a Triton dY W0 reached 0.5x the speed of cuBLAS, so the one-launch kernel below loses
   to this split at every size measured (docs/design.md has the figures).
-* ``cublas`` (fp32 inputs): every product by cuBLAS, the dropout mask from ``dropout_mask_kernel``; Triton's fp32
-  dots run on FMA units and sum in sequence, so they are neither faster nor as accurate as cuBLAS there.
 * ``fused`` (one launch, ``lora_bwd_dx_kernel``): one program per [BLOCK_M, BLOCK_K] tile of dX streams
   its rows of dY once over N, feeding dY W0 and dY B; the epilogue adds (G A) * D and the program's share of
   dA; the dB work is spread over the columns of programs (column c adds scaling * dY^T XA for the N-blocks
@@ -24,16 +23,14 @@ algorithms are enabled, into per-row-block partial buffers summed afterwards in 
 repeatable).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .configs import (AUTOTUNE_KWARGS, BACKWARD_CONFIGS, INTERPRET, LOWRANK_CONFIGS, dot_precision, fixed_config,
                       m_bucket, prune_configs)
-from .dropout import dropout_args, dropout_keep, dropout_mask
-from .forward import _tile_ids, block_r, row_gate
+from .dropout import dropout_args, dropout_keep
+from .forward import _tile_ids, as_type, block_r, row_gate
 from .memory import empty
 
 
@@ -77,9 +74,7 @@ def lora_bwd_dx_kernel(
     b_ptrs = B + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
     # Rows of dY past M load as zeros, so they add nothing to G, dA or dB.
     xa = tl.load(XA + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    xa = xa.to(DY.dtype.element_ty)
-    if UPCAST:
-        xa = xa.to(tl.float32)
+    xa = as_type(xa, DY.dtype.element_ty, UPCAST)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -87,11 +82,10 @@ def lora_bwd_dx_kernel(
         n_ok = offs_n < N - j * BLOCK_N
         dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        b = as_type(tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0), DY.dtype.element_ty, UPCAST)
         if UPCAST:
             dy = dy.to(tl.float32)
             w = w.to(tl.float32)
-            b = b.to(tl.float32)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
         g = tl.dot(dy, b, g, input_precision=DOT_PRECISION)
         if j % num_k == pid_k:
@@ -109,15 +103,14 @@ def lora_bwd_dx_kernel(
         w_ptrs += BLOCK_N * stride_wn
         b_ptrs += BLOCK_N * stride_bn
 
-    g = (g * scaling).to(DX.dtype.element_ty)
-    a = tl.load(A + offs_r[:, None] * stride_ar + cols_k[None, :] * stride_ak, mask=r_ok[:, None], other=0.0)
+    g = as_type(g * scaling, DX.dtype.element_ty, UPCAST)
+    a = as_type(tl.load(A + offs_r[:, None] * stride_ar + cols_k[None, :] * stride_ak, mask=r_ok[:, None],
+                        other=0.0), DX.dtype.element_ty, UPCAST)
     x = tl.load(X + offs_m.to(tl.int64)[:, None] * stride_xm + cols_k[None, :] * stride_xk, mask=m_ok[:, None], other=0.0)
     if DROPOUT:
         keep = dropout_keep(SEED, pid_m * BLOCK_M, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
         x = tl.where(keep, x, 0.0)
     if UPCAST:
-        g = g.to(tl.float32)
-        a = a.to(tl.float32)
         x = x.to(tl.float32)
     low_rank = tl.dot(g, a, input_precision=DOT_PRECISION)
     if DROPOUT:
@@ -161,11 +154,10 @@ def lora_bwd_lowrank_kernel(
         n_ok = offs_n < N - n0
         dy = tl.load(DY + offs_m.to(tl.int64)[:, None] * stride_dym + (n0 + offs_n)[None, :] * stride_dyn,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        b = tl.load(B + (n0 + offs_n)[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        b = as_type(tl.load(B + (n0 + offs_n)[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                            mask=n_ok[:, None] & r_ok[None, :], other=0.0), DY.dtype.element_ty, UPCAST)
         if UPCAST:
             dy = dy.to(tl.float32)
-            b = b.to(tl.float32)
         g = tl.dot(dy, b, g, input_precision=DOT_PRECISION)
     if GATED:
         # mixed batch: each row's G keeps its own adapter's ranks, times that adapter's scaling and (folded in
@@ -177,11 +169,8 @@ def lora_bwd_lowrank_kernel(
     else:
         g = g * scaling
         row_threshold = threshold
-    g = g.to(X.dtype.element_ty)
+    g = as_type(g, X.dtype.element_ty, UPCAST)
     g_t = tl.trans(g)
-    if UPCAST:
-        g = g.to(tl.float32)
-        g_t = g_t.to(tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         x = tl.load(X + offs_m.to(tl.int64)[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
@@ -198,30 +187,13 @@ def lora_bwd_lowrank_kernel(
                     r_ok[:, None] & k_ok[None, :], DETERMINISTIC)
         if NEED_DX:
             # The low-rank part of dX, (G A) * D; cuBLAS adds dY W0 to it afterwards.
-            a = tl.load(A + offs_r[:, None] * stride_ar + (k0 + offs_k)[None, :] * stride_ak,
-                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
+            a = as_type(tl.load(A + offs_r[:, None] * stride_ar + (k0 + offs_k)[None, :] * stride_ak,
+                                mask=r_ok[:, None] & k_ok[None, :], other=0.0), X.dtype.element_ty, UPCAST)
             low_rank = tl.dot(g, a, input_precision=DOT_PRECISION)
             if DROPOUT:
                 low_rank = tl.where(keep, low_rank * keep_scale, 0.0)
             tl.store(DX + offs_m.to(tl.int64)[:, None] * stride_dxm + (k0 + offs_k)[None, :] * stride_dxk,
                      low_rank.to(DX.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
-
-
-BACKWARD_VARIANTS = ("split", "fused", "cublas")
-
-
-def backward_variant(dtype: torch.dtype = torch.bfloat16) -> str:
-    """The backward to run: the one named by LORA_KERNELS_BACKWARD (split, fused: the one-launch kernel, cublas:
-    every product by cuBLAS with the mask from the mask kernel) if set; else ``cublas`` for fp32 inputs and
-    ``split`` for 16-bit ones. Measured on an H100 (docs/design.md), split was faster than fused at every size."""
-    asked = os.environ.get("LORA_KERNELS_BACKWARD", "")
-    if asked:
-        if asked not in BACKWARD_VARIANTS:
-            raise ValueError(f"LORA_KERNELS_BACKWARD: expected one of {', '.join(BACKWARD_VARIANTS)}, got {asked!r}")
-        return asked
-    return "cublas" if dtype == torch.float32 else "split"
 
 
 def _partials(kernel, deterministic, x, br, M, shapes):
@@ -282,8 +254,9 @@ def lora_mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, seed, any_dropout
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling: float, dropout_p: float,
-                  need_dx: bool, deterministic: bool, variant: str | None = None):
-    """Backward on 2-D tensors; returns (dx [M, K] or an empty tensor, dA [r, K], dB [N, r])."""
+                  need_dx: bool, deterministic: bool, variant: str):
+    """Backward on 2-D tensors as `variant` (split, fused); returns (dx [M, K] or an empty tensor, dA [r, K],
+    dB [N, r])."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     if M == 0:
@@ -296,33 +269,16 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling: float, d
                   DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET)
     seed_arg = seed if seed is not None else x
     scalars = (float(scaling), threshold, keep_scale, m_bucket(M))
-    variant = variant or backward_variant(x.dtype)
-
-    if variant == "cublas":
-        # fp32: Triton's fp32 dots run on FMA units and sum each tile's products in sequence (an H100 run measured
-        # up to 3x torch's rounding error); cuBLAS does every product, the mask kernel supplies the dropout mask.
-        g = torch.mm(grad_y, lora_B).mul_(scaling)
-        keep = dropout_mask(seed, M, K, dropout_p) if dropout_p > 0.0 else None
-        x_kept = x * keep if keep is not None else x
-        grad_A = torch.mm(g.t(), x_kept)
-        if keep is not None:
-            grad_A.mul_(keep_scale)
-        dx = x.new_empty((0,))
-        if need_dx:
-            low_rank = torch.mm(g, lora_A)
-            if keep is not None:
-                low_rank.mul_(keep).mul_(keep_scale)
-            dx = low_rank.addmm_(grad_y, weight)
-        grad_B = torch.mm(grad_y.t(), xa.to(grad_y.dtype) * scaling)
-        return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
-
     if variant == "split":
         return _split(grad_y, x, weight, lora_A, lora_B, xa, seed_arg, scalars, common, need_dx, deterministic)
 
     if variant != "fused":
-        raise ValueError(f"variant: expected 'split', 'fused' or 'cublas', got {variant!r}")
+        raise ValueError(f"variant: expected 'split' or 'fused', got {variant!r}")
     if not need_dx:
         raise ValueError("variant 'fused' computes dX; use 'split' when x needs no grad")
+    grad_dtype = lora_A.dtype
+    if grad_dtype != x.dtype:  # fp32 master adapters: rounded here (fp32 A tiles at wide ranks spill registers)
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     dx = empty((M, K), x.device, x.dtype)
     launch, meta, (da, db) = _partials(lora_bwd_dx_kernel, deterministic, x, br, M, [(R, K), (N, R)])
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"]),)
@@ -334,4 +290,4 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling: float, d
         x.stride(0), x.stride(1), xa.stride(0), dx.stride(0), dx.stride(1),
         da.stride(0) if deterministic else 0, db.stride(0) if deterministic else 0, *scalars, **common, **meta,
     )
-    return dx, _total(da, deterministic).to(lora_A.dtype), _total(db, deterministic).to(lora_B.dtype)
+    return dx, _total(da, deterministic).to(grad_dtype), _total(db, deterministic).to(grad_dtype)

@@ -98,15 +98,14 @@ else:
     _INFO = {**_fwd_info, **_bwd_info, **_lowrank_info, **_xa_info}
 
 
-# LORA_KERNELS_AUTOTUNE=0: launch the first eligible config of each table without timing the others
-# (shorter start-up for short jobs and test suites; the tables list the usual winners first).
-AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
+# False: launch the first eligible config of each table without timing the others (the tables list the usual
+# winners first). Set by lora_kernels.plan from LORA_KERNELS_TUNE (off: nothing measured, bits repeat between runs).
+AUTOTUNE = True
 
-# Autotuning results are kept on disk (Triton's cache, keyed by GPU, kernel source and config list), so a new process
+# Autotuning results are kept in Triton's disk cache (keyed by GPU, kernel source and config list), so a new process
 # (a server restart, the next training job) does not time every config again on its first call of each shape
-# bucket; LORA_KERNELS_AUTOTUNE_CACHE=0 turns it off. Older Triton releases without the option time every process.
-AUTOTUNE_KWARGS = ({"cache_results": os.environ.get("LORA_KERNELS_AUTOTUNE_CACHE", "1") != "0"}
-                   if "cache_results" in inspect.signature(triton.autotune).parameters else {})
+# bucket. Older Triton releases without the option time every process.
+AUTOTUNE_KWARGS = ({"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 
 
 @functools.lru_cache(maxsize=None)

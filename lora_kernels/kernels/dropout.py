@@ -61,7 +61,39 @@ def dropout_mask_kernel(SEED, OUT, M, K, threshold, BLOCK_M: tl.constexpr, BLOCK
              mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
+@triton.jit
+def dropout_apply_kernel(SEED, X, OUT, M, K, stride_xm, stride_om, threshold, keep_scale,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT[M, K] = X * keep / (1 - p) in X's dtype (OUT may be X: each element is read, then written, by one
+    program). The scaling is applied in fp32 and rounded once."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    keep = dropout_keep(SEED, pid_m * BLOCK_M, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)
+    out = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
+    tl.store(OUT + rows[:, None] * stride_om + cols[None, :], out.to(OUT.dtype.element_ty), mask=ok)
+
+
 MASK_BLOCK = (32, 32) if INTERPRET else (32, 128)
+
+
+def dropout_apply(x: torch.Tensor, seed: torch.Tensor, p: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverted dropout of a 2-D x with the package's mask for `seed`: x * keep / (1 - p), one read and one write
+    (what torch's dropout costs, without keeping a mask). `out` may be x itself."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    M, K = x.shape
+    bm, bk = MASK_BLOCK
+    threshold, keep_scale = dropout_args(p)
+    if M and K:
+        dropout_apply_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
+            seed, x, out, M, K, x.stride(0), out.stride(0), threshold, keep_scale, BLOCK_M=bm, BLOCK_K=bk,
+            num_warps=4)
+    return out
 
 
 def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:

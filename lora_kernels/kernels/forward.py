@@ -1,25 +1,21 @@
 """Fused LoRA forward in Triton: y = x W0^T + bias + scaling * (dropout(x) A^T) B^T.
 
-Three variants, picked per call by ``forward_variant``:
+Three variants; which one runs is the planner's choice (lora_kernels/plan.py), passed in as ``variant``:
 
 * ``fused`` (one launch; dropout off, r <= 64): each (m, n) tile program streams its x tile once and
   feeds it to two dots, x W0^T and x A^T. x A^T is recomputed by every column of programs, which costs
   r / BLOCK_N extra MMA work and no extra memory traffic; the programs of column 0 store xa for the
   backward. The epilogue adds (scaling * xa) B^T and the bias.
-* ``xa_first`` (two launches; dropout on, or large r): a thin kernel computes xa = dropout(x) A^T once
-  (the dropout mask is generated once per element instead of once per column of programs), then the
-  GEMM treats (scaling * xa) B^T as one extra K step over r.
-* ``cublas`` (large M, where the x W0^T GEMM dominates, and fp32 inputs): the thin kernel computes xa (fp32,
-  for the backward) and scaling * xa in x's dtype (fp32: cuBLAS does, on x times the mask kernel's output); cuBLAS writes bias + (scaling * xa) B^T, then adds x W0^T to it
-  in place (beta = 1: the low-rank term is read in the GEMM's epilogue, not in an extra pass). On an H100
-  the Triton GEMM of the kernels above reached about 0.8x cuBLAS's speed at M=8192, K=N=4096 (bf16), so
-  past ``CUBLAS_MIN_M`` rows this composite is the faster one (docs/design.md has the figures).
+* ``xa_first`` (two launches): a thin kernel computes xa = dropout(x) A^T once (the dropout mask is generated
+  once per element instead of once per column of programs), then the GEMM treats (scaling * xa) B^T as one
+  extra K step over r.
+* ``cublas`` (large M, where the x W0^T GEMM dominates): the thin kernel computes xa (fp32, for the backward)
+  and scaling * xa in x's dtype; cuBLAS writes bias + (scaling * xa) B^T, then adds x W0^T to it in place
+  (beta = 1: the low-rank term is read in the GEMM's epilogue, not in an extra pass).
 
 xa is kept in fp32 [M, r] (a few hundred KiB) for the backward.
 """
 
-import functools
-import os
 import weakref
 
 import torch
@@ -28,8 +24,25 @@ import triton.language as tl
 
 from .configs import (AUTOTUNE_KWARGS, FORWARD_CONFIGS, INTERPRET, XA_CONFIGS, dot_precision, m_bucket,
                       prune_configs)
-from .dropout import dropout_args, dropout_keep, dropout_mask
+from .dropout import dropout_args, dropout_keep
 from .memory import empty
+
+
+@triton.jit
+def as_type(v, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """v rounded to `dtype` (to nearest, ties to even, as GPUs convert). UPCAST (the interpreter, which feeds its dots
+    fp32 operands): the rounded value in fp32; its own float32 -> bfloat16 conversion truncates, so bfloat16 rounding
+    is done on the bits there."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            out = bits.to(tl.float32, bitcast=True)
+        else:
+            out = v.to(dtype).to(tl.float32)
+    else:
+        out = v.to(dtype)
+    return out
 
 
 @triton.jit
@@ -105,9 +118,9 @@ def lora_fwd_kernel(
             w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         if FUSE_XA:
-            a = tl.load(a_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
+            # fp32 master adapters next to 16-bit x are rounded to x's type here, as a cast before the call would
+            a = as_type(tl.load(a_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0), X.dtype.element_ty,
+                        UPCAST)
             xa = tl.dot(x, a, xa, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
@@ -118,24 +131,18 @@ def lora_fwd_kernel(
             if pid_n == 0:
                 xa_ptrs = XA + out_rows.to(tl.int64)[:, None] * stride_xam + offs_r[None, :]
                 tl.store(xa_ptrs, xa, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
-        b = tl.load(B + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                    mask=offs_r[:, None] < R, other=0.0)
-        xs = (xa * scaling).to(Y.dtype.element_ty)
-        if UPCAST:
-            xs = xs.to(tl.float32)
-            b = b.to(tl.float32)
+        b = as_type(tl.load(B + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                            mask=offs_r[:, None] < R, other=0.0), Y.dtype.element_ty, UPCAST)
+        xs = as_type(xa * scaling, Y.dtype.element_ty, UPCAST)
         acc = tl.dot(xs, b, acc, input_precision=DOT_PRECISION)
     else:
         # The low-rank term as extra K steps over r, reading the precomputed fp32 xa.
         for r0 in range(r_lo, r_hi, BLOCK_K):
             r_ok = offs_k < r_hi - r0
             xs = tl.load(XA + rows.to(tl.int64)[:, None] * stride_xam + (r0 + offs_k)[None, :], mask=r_ok[None, :], other=0.0)
-            xs = (xs * scaling).to(Y.dtype.element_ty)
-            b = tl.load(B + cols[None, :] * stride_bn + (r0 + offs_k)[:, None] * stride_br,
-                        mask=r_ok[:, None], other=0.0)
-            if UPCAST:
-                xs = xs.to(tl.float32)
-                b = b.to(tl.float32)
+            xs = as_type(xs * scaling, Y.dtype.element_ty, UPCAST)
+            b = as_type(tl.load(B + cols[None, :] * stride_bn + (r0 + offs_k)[:, None] * stride_br,
+                                mask=r_ok[:, None], other=0.0), Y.dtype.element_ty, UPCAST)
             acc = tl.dot(xs, b, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
@@ -210,10 +217,10 @@ def lora_xa_kernel(
         if DROPOUT:  # (never with SORTED: the mask is generated for rows in their own order)
             keep = dropout_keep(SEED, pid_m * BLOCK_M, k0, K, row_threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0)
-        a = tl.load(a_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+        a = as_type(tl.load(a_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0), X.dtype.element_ty,
+                    UPCAST)
         if UPCAST:
             x = x.to(tl.float32)
-            a = a.to(tl.float32)
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
@@ -239,47 +246,19 @@ def block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-# Rows from which the forward leaves x W0^T to cuBLAS (measured on an H100, bf16, K=N=4096, r=16: Triton's
-# one-launch forward was faster up to M=1024, the cuBLAS composite from M=4096 on).
-CUBLAS_MIN_M = 2048
+# The thin xa kernel splits K when its row x rank tiles are fewer programs than the planner's target, each split
+# streaming at least this many K steps (of BLOCK_K) so that it reads a useful chunk of A.
+XA_SPLIT_MIN_STEPS = 4
 
 
-def forward_variant(M: int, r: int, dropout_p: float, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Which forward to run. Fused keeps a [BLOCK_M, r] accumulator in registers next to the main one,
-    so it is limited to r <= 64; with dropout the mask would be regenerated by every column of programs.
-    fp32 inputs always take the cuBLAS composite: Triton's fp32 dots run on FMA units, not tensor cores,
-    and sum each tile's products in sequence (a GPU run measured up to 5x torch's rounding error at K=516)."""
-    if M >= CUBLAS_MIN_M or dtype == torch.float32:
-        return "cublas"
-    return "fused" if dropout_p == 0.0 and block_r(r) <= 64 else "xa_first"
-
-
-# Split K in the xa kernel when its row x rank tiles are fewer than this many programs (a GPU: two per SM). Under
-# the interpreter the tests set it to exercise the split path (0: never split).
-XA_SPLIT_PROGRAMS_INTERPRETED = 0
-XA_SPLIT_MIN_STEPS = 4  # K steps (of BLOCK_K) per program at least, so each split streams a useful chunk of A
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _xa_split_target(x, xs) -> int:
-    """How many programs the xa kernel should reach by splitting K (0: do not split). Not with STORE_XS (its
-    rounded copy needs the whole sum) and not in deterministic mode (atomics add in any order)."""
-    if xs is not None or torch.are_deterministic_algorithms_enabled():
-        return 0
-    if INTERPRET:
-        return XA_SPLIT_PROGRAMS_INTERPRETED
-    return 2 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-
-
-def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None, any_dropout=False, sort=None):
+def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None, any_dropout=False, sort=None,
+               split_target=0):
     """gating: None, or (adapter_ids int32 [M], rank_owner int32 [R], scalings fp32 [n], thresholds int32 [n],
     keep_scales fp32 [n]) for a mixed batch, whose dropout comes per row with the gating (dropout_p is then
     unused; any_dropout says whether some adapter drops). sort: None, or (order int32 [M], rank starts int32
-    [n + 1]) for the sorted mixed-batch variant (no dropout)."""
+    [n + 1]) for the sorted mixed-batch variant (no dropout). split_target: the programs to reach by splitting K
+    when the row x rank tiles are fewer (the plan's xa_splits; 0: never; not with xs, whose rounded copy of
+    scaling * xa needs the whole sum)."""
     M, K = x.shape
     R = lora_A.shape[0]
     if sort is not None and (any_dropout or dropout_p > 0.0):
@@ -287,7 +266,7 @@ def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None, any_dro
     threshold, keep_scale = dropout_args(dropout_p)
     xa_br = min(block_r(R), 128)
     gate_args = gating if gating is not None else (x,) * 5
-    target = _xa_split_target(x, xs)
+    target = 0 if xs is not None else split_target
     # split when even 16-row tiles give too few programs; the grid then picks the split count per config
     split = target > 0 and triton.cdiv(M, 16) * triton.cdiv(R, xa_br) < target
 
@@ -312,11 +291,11 @@ def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None, any_dro
 
 
 def lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_p: float, save_xa: bool,
-                 variant: str | None = None):
-    """The forward on 2-D x [M, K]; returns (y [M, N], xa [M, r] fp32 or an empty tensor)."""
+                 variant: str, xa_splits: int = 0):
+    """The forward on 2-D x [M, K] as `variant` (fused, xa_first, cublas); returns (y [M, N], xa [M, r] fp32 or an
+    empty tensor). xa_splits: the thin xa kernel's split-K target (the plan's)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    variant = variant or forward_variant(M, R, dropout_p, x.dtype)
     if variant not in ("fused", "xa_first", "cublas"):
         raise ValueError(f"variant: expected 'fused', 'xa_first' or 'cublas', got {variant!r}")
     need_xa = save_xa or variant != "fused"
@@ -325,21 +304,13 @@ def lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_
         return empty((M, N), x.device, x.dtype), (xa if save_xa else xa.new_empty((0,)))
 
     if variant == "cublas":
-        if x.dtype == torch.float32:  # every product by cuBLAS (see forward_variant)
-            if dropout_p > 0.0:
-                torch.mm(x * dropout_mask(seed, M, K, dropout_p), lora_A.t(), out=xa)
-                xa.mul_(dropout_args(dropout_p)[1])
-            else:
-                torch.mm(x, lora_A.t(), out=xa)
-            xs = xa * scaling
-        else:
-            xs = empty((M, R), x.device, x.dtype)
-            _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p)
+        xs = empty((M, R), x.device, x.dtype)
+        _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p)
         return _cublas_products(x, weight, bias, lora_B, xs), (xa if save_xa else xa.new_empty((0,)))
 
     y = empty((M, N), x.device, x.dtype)
     if variant == "xa_first":
-        _launch_xa(x, lora_A, xa, None, seed, scaling, dropout_p)
+        _launch_xa(x, lora_A, xa, None, seed, scaling, dropout_p, split_target=xa_splits)
     _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, scaling, fuse_xa=variant == "fused", store_xa=need_xa)
     if not save_xa:
         xa = xa.new_empty((0,))
@@ -349,7 +320,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_
 def _cublas_products(x, weight, bias, lora_B, xs):
     """y = x W0^T + bias + xs B^T by cuBLAS: bias + xs B^T first, then x W0^T added in place (beta = 1: the
     low-rank term is read in the GEMM's epilogue, not in an extra pass over y)."""
-    lora_b_t = lora_B.t()
+    lora_b_t = lora_B.t().to(xs.dtype)  # fp32 master adapters: rounded to x's type, as the kernels do
     y = torch.addmm(bias, xs, lora_b_t) if bias is not None else torch.mm(xs, lora_b_t)
     return y.addmm_(x, weight.t())
 
@@ -359,6 +330,10 @@ def _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, scaling, fuse_xa, store
     mixed-batch variant (not fuse_xa)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    if not fuse_xa and lora_B.dtype != x.dtype:
+        # fp32 master adapters: the extra K steps over r stream B through the software pipeline, and fp32 tiles there
+        # would double its shared memory (245 KB for the 128 x 256 tile, over sm_90's 227 KB); B [N, r] is cast here
+        lora_B = lora_B.to(x.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     lora_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, lora_A, lora_B, xa, y,
@@ -373,20 +348,6 @@ def _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, scaling, fuse_xa, store
         # tile config is eligible (the small-M ones included)
         BLOCK_R=block_r(R) if fuse_xa else 16, DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
     )
-
-
-MIXED_VARIANTS = ("gated", "sorted")
-
-
-def mixed_variant(any_dropout: bool) -> str:
-    """How a mixed batch's forward runs: ``gated`` (the default: rows as they come, every rank of the stacked
-    adapters computed and gated per row) or, with LORA_KERNELS_MIXED=sorted and no dropout, ``sorted`` (rows taken
-    in adapter order, each tile computing only the ranks of its own adapters: less work when the stacked rank is
-    large; its cost is sorting the ids). To be chosen by measurement (bench.mixed times both)."""
-    asked = os.environ.get("LORA_KERNELS_MIXED", "gated")
-    if asked not in MIXED_VARIANTS:
-        raise ValueError(f"LORA_KERNELS_MIXED: expected one of {', '.join(MIXED_VARIANTS)}, got {asked!r}")
-    return "gated" if any_dropout else asked
 
 
 _RANK_STARTS: dict = {}
@@ -409,33 +370,38 @@ def rank_starts(rank_owner, n: int):
     return starts
 
 
-def lora_mixed_forward(x, weight, bias, lora_A, lora_B, seed, any_dropout: bool, gating, save: bool):
+def lora_mixed_forward(x, weight, bias, lora_A, lora_B, seed, any_dropout: bool, gating, save: bool, variant: str,
+                       xa_splits: int = 0):
     """Mixed batch on 2-D x: every row with its own adapter (see reference.lora_mixed_forward; lora_A/lora_B are
     the adapters concatenated along the rank, `gating` as in _launch_xa). Returns (y, xs fp32 [M, R] or empty),
-    xs = the gated, scaled dropout(x) A^T. The thin kernel applies each row's gate, so the GEMM (Triton's, or
-    cuBLAS's past CUBLAS_MIN_M rows) adds xs B^T over the concatenated rank like a single adapter's. The sorted
-    variant (mixed_variant) takes rows in adapter order in both kernels and always uses Triton's GEMM."""
+    xs = the gated, scaled dropout(x) A^T. Variants: ``gated`` (the thin kernel applies each row's gate, then
+    Triton's GEMM adds xs B^T over the concatenated rank like a single adapter's), ``gated_cublas`` (the same with
+    cuBLAS's GEMMs), ``sorted`` (no dropout: rows taken in adapter order in both kernels, each tile computing only
+    the ranks of its own adapters; Triton's GEMM)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    if variant not in ("gated", "gated_cublas", "sorted"):
+        raise ValueError(f"variant: expected 'gated', 'gated_cublas' or 'sorted', got {variant!r}")
     xa = empty((M, R), x.device, torch.float32)
     if M == 0:
         return empty((M, N), x.device, x.dtype), (xa if save else xa.new_empty((0,)))
-    if mixed_variant(any_dropout) == "sorted":
+    if variant == "sorted":
+        if any_dropout:
+            raise ValueError("the sorted mixed-batch variant runs without dropout (its mask follows row positions)")
         ids, owner = gating[0], gating[1]
         order = torch.argsort(ids, stable=True).to(torch.int32)
         starts = rank_starts(owner, gating[2].numel())
         y = empty((M, N), x.device, x.dtype)
-        _launch_xa(x, lora_A, xa, None, seed, 1.0, 0.0, gating, False, sort=(order, starts))
+        _launch_xa(x, lora_A, xa, None, seed, 1.0, 0.0, gating, False, sort=(order, starts), split_target=xa_splits)
         _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, 1.0, fuse_xa=False, store_xa=True,
                      sorted_rows=(order, ids, starts))
         return y, (xa if save else xa.new_empty((0,)))
-    # Two launches either way (gated thin kernel, then a GEMM): the variant only picks cuBLAS or Triton's GEMM.
-    if forward_variant(M, R, 0.0, x.dtype) == "cublas":
+    if variant == "gated_cublas":
         xs = empty((M, R), x.device, x.dtype)
         _launch_xa(x, lora_A, xa, xs, seed, 1.0, 0.0, gating, any_dropout)
         y = _cublas_products(x, weight, bias, lora_B, xs)
     else:
         y = empty((M, N), x.device, x.dtype)
-        _launch_xa(x, lora_A, xa, None, seed, 1.0, 0.0, gating, any_dropout)
+        _launch_xa(x, lora_A, xa, None, seed, 1.0, 0.0, gating, any_dropout, split_target=xa_splits)
         _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, 1.0, fuse_xa=False, store_xa=True)
     return y, (xa if save else xa.new_empty((0,)))

@@ -1,0 +1,126 @@
+"""Tune plans ahead of time: ``python -m lora_kernels.tune``.
+
+    python -m lora_kernels.tune --shapes 4096x4096x16,4096x14336x16 --tokens 1,16,2048,8192
+    python -m lora_kernels.tune --model my_pkg.models:build_model --tokens 16,4096 [--dropout 0.05]
+
+Each (rows, K, N, rank) key is timed as the first call of that key would time it (``lora_kernels.plan``): every
+eligible forward and backward variant on scratch inputs, for training (with dropout as given) and for inference,
+and the winner is written to the plan cache (``python -m lora_kernels.info`` shows it). ``--model`` takes an import
+path ``module:callable`` returning a model whose LoRA layers (``FusedLoRALinear``, or PEFT layers after
+``lora_kernels.peft.fuse``) give the shapes; build it on the meta device if you like: only shapes are read.
+Needs a CUDA GPU: timings are what the cache stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+import torch
+
+from . import plan
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def model_shapes(model: torch.nn.Module) -> list[tuple[int, int, int, float]]:
+    """(K, N, r, dropout) of every LoRA layer of `model` (each adapter of a layer), without duplicates."""
+    from .layers import FusedLoRALinear
+
+    out = []
+    for module in model.modules():
+        if isinstance(module, FusedLoRALinear):
+            for name in module.adapter_names:
+                hp = module._adapter(name)[2]
+                out.append((module.in_features, module.out_features, hp["r"], hp["lora_dropout"]))
+        elif hasattr(module, "lora_A") and hasattr(module, "get_base_layer") and hasattr(module, "fused_backend"):
+            base = module.get_base_layer()
+            k, n = (base.in_features, base.out_features) if hasattr(base, "in_features") else base.weight.shape[::-1]
+            for name, a in module.lora_A.items():
+                drop = module.lora_dropout[name]
+                out.append((k, n, a.weight.shape[0], getattr(drop, "p", 0.0)))
+    return list(dict.fromkeys(out))
+
+
+def load_model(path: str) -> torch.nn.Module:
+    module_name, _, attr = path.partition(":")
+    if not attr:
+        raise ValueError(f"--model: expected 'module:callable', got {path!r}")
+    factory = getattr(importlib.import_module(module_name), attr)
+    return factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+
+
+def keys(shapes, tokens, dtype, device, modes, deterministic=False):
+    """The calls to tune: each shape at each row count, per mode (train: with dX, dropout as given; infer)."""
+    calls = []
+    for K, N, r, p in shapes:
+        for M in tokens:
+            for mode in modes:
+                grads = 2 if mode == "train" else 0
+                calls.append(plan.Call(device, dtype, M, K, N, r, p > 0 and mode == "train", grads, deterministic))
+    return list(dict.fromkeys(calls))
+
+
+class Bar:
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.time()
+
+    def step(self, label: str):
+        self.done += 1
+        filled = 30 * self.done // max(self.total, 1)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
+                         f"{time.time() - self.t0:5.0f}s {label[:50]:50s}")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", help="comma-separated KxNxr (in_features x out_features x rank)")
+    ap.add_argument("--model", help="module:callable returning a model with LoRA layers")
+    ap.add_argument("--tokens", default="1,16,1024,4096,8192", help="rows per call (batch x sequence) to tune")
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout of --shapes in training (0: none)")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--modes", default="train,infer", help="train (forward+backward) and/or infer (forward)")
+    ap.add_argument("--backend", default="auto", help="the backend whose plans to tune (default auto)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("lora_kernels.tune needs a CUDA GPU (plans are timings on the GPU that runs them)")
+        return 1
+    shapes = []
+    if args.shapes:
+        for s in args.shapes.split(","):
+            K, N, r = (int(v) for v in s.lower().split("x"))
+            shapes.append((K, N, r, args.dropout))
+    if args.model:
+        shapes += model_shapes(load_model(args.model))
+    if not shapes:
+        ap.error("give --shapes or --model")
+    plan.check_name(args.backend)
+    device = torch.device("cuda", torch.cuda.current_device())
+    calls = keys(shapes, [int(t) for t in args.tokens.split(",")], DTYPES[args.dtype], device,
+                 [m.strip() for m in args.modes.split(",")])
+    print(f"{torch.cuda.get_device_name(device)}: tuning {len(calls)} keys into {plan.cache_path(device)}")
+    bar, results = Bar(len(calls)), []
+    for call in calls:
+        t0 = time.time()
+        chosen, us = plan.tune(call, args.backend)
+        results.append((call, chosen, us, time.time() - t0))
+        bar.step(f"M={call.M} K={call.K} N={call.N} r={call.r}")
+    for call, chosen, us, seconds in results:
+        mode = "train" + (" p>0" if call.dropout else "") if call.grads else "infer"
+        print(f"\nM={call.M} K={call.K} N={call.N} r={call.r} {args.dtype} {mode}: {chosen.spec if call.grads else chosen.forward}"
+              f"  (tuned in {seconds:.1f} s)")
+        for label, t in sorted(us.items(), key=lambda kv: (kv[0].split(":")[0], kv[1] if isinstance(kv[1], float)
+                                                           else float("inf"))):
+            kind, name = label.split(":")
+            win = name == (chosen.forward if kind == "forward" else chosen.backward)
+            print(f"  {kind:8s} {name:22s} {t if isinstance(t, str) else f'{t:10.1f} us'}{'  <- chosen' if win else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
