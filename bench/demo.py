@@ -1,5 +1,6 @@
-"""Demo: a small model with FusedLoRALinear layers, parity against the fp64 reference and one timing line
-per backend, next to the unfused (PEFT-style eager) and merged-weight baselines.
+"""Demo: a FusedLoRALinear layer, parity against the fp64 reference for every backend, the activation memory it
+saves for the backward next to PEFT's (exact, any machine), and one timing line per backend and for `auto` (the
+planner's choice), next to the unfused (PEFT-style eager) and merged-weight baselines.
 
     python -m bench.demo            # GPU if present; otherwise CPU, Triton kernels in the interpreter
 
@@ -19,7 +20,7 @@ if not torch.cuda.is_available():
 from torch import nn  # noqa: E402
 
 import lora_kernels  # noqa: E402
-from lora_kernels import FusedLoRALinear, backends, reference  # noqa: E402
+from lora_kernels import FusedLoRALinear, backends, plan, reference  # noqa: E402
 
 
 def eager_lora(x, layer: FusedLoRALinear, p: float):
@@ -80,7 +81,8 @@ def main():
     name = torch.cuda.get_device_name() if gpu else "CPU"
     print(f"lora-kernels {lora_kernels.__version__} | torch {torch.__version__} | {name} | "
           f"x [{M}, {K}] -> [{M}, {N}], r={r}, dropout={p}, {str(dtype).replace('torch.', '')}")
-    usable = [b for b in ("torch", "triton", "cuda") if backends.BACKENDS[b].unavailable_reason(device, dtype) is None]
+    usable = [b for b in ("torch", "aten", "triton", "cuda")
+              if backends.BACKENDS[b].unavailable_reason(device, dtype) is None]
     skipped = {b: backends.BACKENDS[b].unavailable_reason(device, dtype) for b in ("triton", "cuda") if b not in usable}
     print("\nparity vs fp64 reference (forward + grads of x, A, B; rule: error <= 2 x same-dtype torch error + 2 ulp)")
     for b in usable:
@@ -88,6 +90,7 @@ def main():
         print(f"  {b:8s} max error {err:.3e}   same-dtype torch error {ref_err:.3e}   {'PASS' if ok else 'FAIL'}")
     for b, why in skipped.items():
         print(f"  {b:8s} skipped: {why}")
+    memory_line(K, N, r, p, dtype)
 
     reps = 20 if gpu else 3
     note = "" if gpu else "  (Triton on CPU = interpreter: a correctness tool, not a speed figure)"
@@ -107,10 +110,11 @@ def main():
 
     rows = [("base linear (= merged LoRA)", lambda: nn.functional.linear(x, layer.weight, layer.bias), None),
             ("eager LoRA (PEFT style)", lambda: eager_lora(x, layer, p), fwd_bwd(lambda: eager_lora(xg, layer, p)))]
-    for b in usable:
+    for b in usable + ["auto"]:
         fused = lambda inp, b=b: lora_kernels.lora_linear(inp, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
                                                            layer.scaling, p, backend=b)
-        label = "lora_kernels, backend=torch" if b == "torch" else f"fused, backend={b}"
+        label = {"torch": "lora_kernels, backend=torch", "aten": "ATen composition, backend=aten",
+                 "auto": "lora_kernels, backend=auto"}.get(b, f"fused, backend={b}")
         rows.append((label, lambda f=fused: f(x), fwd_bwd(lambda f=fused: f(xg))))
     base = None
     for label, fwd, train in rows:
@@ -120,6 +124,31 @@ def main():
         t_train = f"{_time(train, device, reps):9.3f}" if train is not None else "        -"
         base = base or t_fwd
         print(f"  {label:30s} forward {t_fwd:9.3f} ({t_fwd / base:5.2f}x base)   forward+backward {t_train}")
+    call = plan.Call(device, dtype, M, K, N, r, p > 0, 2, torch.are_deterministic_algorithms_enabled())
+    chosen = plan.choose(call, measure=False)
+    source = "measured on this GPU" if device.type == "cuda" else "the static default here; on a GPU it is measured"
+    print(f"  backend=auto ran the plan {chosen.spec} ({source}; `python -m lora_kernels.info` lists plans)")
+
+
+def memory_line(K, N, r, p, dtype):
+    """Bytes this layer saves for its backward per token, exact (counted on the meta device), next to PEFT's."""
+    from bench.host import EagerLoRA, _peft_layer
+    from bench.memory import module_saved_per_token
+
+    def base(device):
+        return nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
+
+    figures = {"eager LoRA (PEFT style)": module_saved_per_token(lambda d: EagerLoRA(base(d), r, 2 * r, p), K, dtype)}
+    try:
+        figures["PEFT's LoRA Linear"] = module_saved_per_token(lambda d: _peft_layer(base(d), r, 2 * r, p), K, dtype)
+    except ImportError:
+        pass
+    figures["lora_kernels"] = module_saved_per_token(
+        lambda d: FusedLoRALinear.from_linear(base(d), r=r, lora_alpha=2 * r, lora_dropout=p), K, dtype)
+    x_bytes = K * torch.finfo(dtype).bits // 8
+    print(f"\nactivation memory saved for the backward, bytes per token (exact, by storage; x itself is {x_bytes}):")
+    print("  " + "   ".join(f"{k} {v:.0f}" for k, v in figures.items())
+          + f"   (lora_kernels: x and the fp32 [M, {r}] product; no mask, no dropped or cast copy)")
 
 
 if __name__ == "__main__":

@@ -111,12 +111,9 @@ def rows(adapter_counts, calls: int, K: int = 256, M: int = 32, launch_us: float
 # Training step, side by side with PEFT
 # ------------------------------------------------------------------------------------------------------------
 def gpu_default_spec(M, K, N, r, dropout: bool, dtype=torch.bfloat16) -> str:
-    """The plan `auto` runs on a GPU for this call where nothing is measured (the static default), whatever this
-    machine has: the first variants of the planner's order of preference that fit the call."""
-    call = plan.Call(torch.device("cuda"), dtype, M, K, N, r, dropout, 2, False)
-    pf, pb = plan._preferences(call)
-    fits = lambda names, unfit: next(v for v in names if not v.startswith("cuda") and not unfit(v, call))  # noqa
-    return f"{fits(pf, plan.forward_unfit)}+{fits(pb, plan.backward_unfit)}"
+    """The plan `auto` runs on a GPU for this training call where nothing is measured (the static default)."""
+    chosen = plan.static_plan(plan.Call(torch.device("cuda"), dtype, M, K, N, r, dropout, 2, False))
+    return f"{chosen.forward}+{chosen.backward}"
 
 
 def _peft_layer(base: nn.Linear, r: int, alpha: float, p: float):

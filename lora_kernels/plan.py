@@ -301,6 +301,17 @@ def default_plan(call: Call, family: str = "auto") -> Plan:
     return Plan(fwd, bwd, _splits(call, fwd))
 
 
+def static_plan(call: Call) -> Plan:
+    """What `auto` runs for `call` on a GPU where nothing is measured, whatever this machine has (benchmarks and
+    reports made without a GPU): the first variants of the static order of preference that fit the call, the CUDA C++
+    ones aside (they need the extension built). Launch parameters as on an H100 (132 SMs)."""
+    pf, pb = _preferences(call)
+    fwd = next(v for v in pf if not v.startswith("cuda") and not forward_unfit(v, call))
+    bwd = next(v for v in pb if v != "cuda" and not backward_unfit(v, call))
+    splits = xa_split_target(call, 132) if fwd in ("triton_xa_first", "triton_gated", "triton_gated_cublas") else 0
+    return Plan(fwd, bwd, splits)
+
+
 def _splits(call: Call, forward: str) -> int:
     if forward not in ("triton_xa_first", "triton_gated", "triton_gated_cublas"):
         return 0  # triton_cublas stores a rounded copy of s xa, which needs the whole sum

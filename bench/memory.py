@@ -1,0 +1,366 @@
+"""Activation memory of LoRA training, per token, exact on any machine: ``python -m bench.memory``.
+
+One decoder layer of a real model, built at full width from its transformers config (no weights downloaded) on the
+meta device, so nothing is computed and every byte is counted exactly: what autograd saves for the backward (the
+storages handed to ``torch.autograd.graph.saved_tensors_hooks``, each counted once, parameters excluded) and the peak
+of the storages alive during the forward and during the backward (a dispatch mode that sees every tensor allocated,
+with weak references to the storages to see them freed). Everything is per token: the slope between two token counts
+(2 and 8 sequences of 32 tokens), so per-step constants (cast copies of fp32 adapters) cancel.
+
+Contenders per layer: ``frozen`` (no adapter: the floor), ``peft`` (PEFT's LoRA with its defaults: fp32 adapters,
+nn.Dropout), ``lora_kernels`` (``lora_kernels.inject`` on the same targets, each layer with the plan ``auto`` runs on
+a GPU by default at the stated batch; Triton launches stubbed: their outputs are allocated as on a GPU). The LoRA
+share is a contender's bytes minus the frozen layer's. The whole model is extrapolated from one layer: without
+activation checkpointing every layer keeps its saved bytes; with it (per decoder layer) every layer keeps its input
+and one layer at a time is recomputed (its saved bytes and backward peak on top).
+
+    python -m bench.memory [--quick] [--models llama-3-8b,...] [--r 16,64] [--dropout 0,0.05,0.1] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the launchers' CPU path
+
+from torch import nn  # noqa: E402
+from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import lora_kernels  # noqa: E402
+from lora_kernels import backends, plan  # noqa: E402
+
+from .host import triton_launches_stubbed  # noqa: E402
+
+KIB = 1024
+SEQ = 32  # tokens per sequence; the token counts vary the number of sequences (attention stays linear in tokens)
+TOKENS = (2 * SEQ, 8 * SEQ)
+
+# Decoder layers at full width (the published configs' sizes; one layer is built), and PEFT's usual targets.
+MODELS = {
+    "llama-3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                 num_key_value_heads=8, rope_theta=500000.0, vocab_size=128256), 32),
+    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                   num_key_value_heads=8, vocab_size=32768), 32),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                                 num_key_value_heads=4, vocab_size=152064), 28),
+    "gpt2-medium": ("gpt2", dict(n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257), 24),
+}
+TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"]}
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONTENDERS = ("frozen", "peft", "lora_kernels")
+BATCH = (8, 4096)  # the whole-model figures: 8 sequences of 4096 tokens
+
+
+def hidden_size(model_type: str, kwargs: dict) -> int:
+    return kwargs["n_embd"] if model_type == "gpt2" else kwargs["hidden_size"]
+
+
+def build_layer(name: str, dtype=torch.bfloat16):
+    """A one-layer model of `name` on the meta device (attention through SDPA) and a function running its decoder
+    layer on hidden states [B, S, H]."""
+    import transformers
+
+    model_type, kwargs, _ = MODELS[name]
+    layers_key = "n_layer" if model_type == "gpt2" else "num_hidden_layers"
+    cfg = transformers.AutoConfig.for_model(model_type, **kwargs, **{layers_key: 1})
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.requires_grad_(False)
+    return model
+
+
+def _run_layer(model, x):
+    """The decoder layer of a one-layer model (PEFT-wrapped or not) on x [B, S, H]."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(inner, "transformer"):  # GPT-2
+        out = inner.transformer.h[0](x)
+    else:
+        body = inner.model
+        pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        out = body.layers[0](x, position_embeddings=body.rotary_emb(x, pos), attention_mask=None)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Run this package's GPU plans on meta tensors: Triton launches stubbed (their outputs allocated as on a GPU),
+    the Triton family accepted for meta tensors."""
+    real = backends.TritonBackend.unavailable_reason
+
+    def reason(device, dtype):
+        return None if device.type == "meta" and dtype in backends.KERNEL_DTYPES else real(device, dtype)
+
+    backends.TritonBackend.unavailable_reason = staticmethod(reason)
+    try:
+        with triton_launches_stubbed():
+            yield
+    finally:
+        backends.TritonBackend.unavailable_reason = staticmethod(real)
+
+
+def make_contender(name: str, contender: str, r: int, dropout: float, batch_tokens: int):
+    """The one-layer model with `contender`'s LoRA on the usual targets (None for the frozen layer), and the plans
+    of this package's layers ({module name: plan spec})."""
+    model_type, _, _ = MODELS[name]
+    targets = TARGETS.get(model_type, DEFAULT_TARGETS)
+    model = build_layer(name)
+    plans = {}
+    if contender == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets))
+    elif contender == "lora_kernels":
+        lora_kernels.inject(model, targets, r=r, lora_alpha=2 * r, lora_dropout=dropout)
+        lora_kernels.mark_only_lora_as_trainable(model)
+        for module_name, layer in lora_kernels.lora_layers(model).items():
+            call = plan.Call(torch.device("cuda"), layer.weight.dtype, batch_tokens, layer.in_features,
+                             layer.out_features, r, dropout > 0, 2, False)
+            layer.backend = plans[module_name] = plan.static_plan(call).spec
+    elif contender != "frozen":
+        raise ValueError(f"contender: expected one of {CONTENDERS}, got {contender!r}")
+    return model.train(), plans
+
+
+class Tracker(TorchDispatchMode):
+    """Counts bytes by storage: what autograd saves for the backward (``saved``), and the peak of the storages
+    allocated since the phase began that are alive after each op (``peak``). Parameters are not counted."""
+
+    def __init__(self, exclude=()):
+        super().__init__()
+        self.exclude = {s.untyped_storage()._cdata for s in exclude}
+        self.live: dict = {}  # storage key -> (weak ref, bytes)
+        self.saved: dict = {}
+        self.peak = self.base = 0
+
+    def _key(self, t):
+        return t.untyped_storage()._cdata
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and self._key(t) not in self.exclude and self._key(t) not in self.live:
+                self.live[self._key(t)] = (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
+        self.peak = max(self.peak, self.alive() - self.base)
+        return out
+
+    def alive(self) -> int:
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            del self.live[key]
+        return sum(n for _, n in self.live.values())
+
+    def phase(self):
+        """Start measuring a peak from here."""
+        self.base, self.peak = self.alive(), 0
+
+    def pack(self, t):
+        key = self._key(t)
+        if key not in self.exclude:
+            self.saved[key] = t.untyped_storage().nbytes()
+        return t
+
+
+def measure(model, tokens: int, hidden: int, dtype=torch.bfloat16) -> dict:
+    """Bytes saved for the backward, forward peak and backward peak of one step of the layer on `tokens` tokens."""
+    params = [p for p in model.parameters()] + [b for b in model.buffers()]
+    tracker = Tracker(exclude=params)
+    x = torch.empty(tokens // SEQ, SEQ, hidden, device="meta", dtype=dtype, requires_grad=True)
+    with tracker, torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t):
+        tracker.phase()
+        y = _run_layer(model, x)
+        forward_peak = tracker.peak
+        saved = sum(tracker.saved.values())
+        grad = torch.empty_like(y)
+        tracker.phase()
+        y.backward(grad)
+        backward_peak = tracker.peak
+    return {"saved": saved, "forward_peak": forward_peak, "backward_peak": backward_peak}
+
+
+def module_saved_per_token(make_module, K: int, dtype=torch.bfloat16, tokens=TOKENS) -> float:
+    """Bytes one module saves for its backward per token of a [tokens, K] input that needs a grad (parameters
+    excluded, by storage, slope over two token counts), on the meta device: `make_module(device)` builds it there.
+    The package's layers run their GPU plans with the launches stubbed (``shapes_only``)."""
+    from lora_kernels import FusedLoRALinear
+
+    saved = []
+    with shapes_only():
+        module = make_module(torch.device("meta"))
+        for layer in [m for m in module.modules() if isinstance(m, FusedLoRALinear)]:
+            call = plan.Call(torch.device("cuda"), layer.weight.dtype, max(tokens), layer.in_features,
+                             layer.out_features, layer.r, layer.lora_dropout > 0, 2, False)
+            layer.backend = plan.static_plan(call).spec
+        module.train()
+        for t in tokens:
+            tracker = Tracker(exclude=list(module.parameters()) + list(module.buffers()))
+            x = torch.empty(t, K, device="meta", dtype=dtype, requires_grad=True)
+            with tracker, torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t):
+                module(x)
+            saved.append(sum(tracker.saved.values()))
+    return (saved[1] - saved[0]) / (tokens[1] - tokens[0])
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    contender: str
+    r: int
+    dropout: float
+    saved_kib_per_token: float
+    forward_peak_kib_per_token: float
+    backward_peak_kib_per_token: float
+    lora_share_kib_per_token: float = float("nan")
+    model_gib: float = float("nan")  # activations of the whole model at BATCH, no checkpointing
+    model_ckpt_gib: float = float("nan")  # with activation checkpointing per decoder layer
+    plans: str = ""
+
+
+def layer_row(name: str, contender: str, r: int, dropout: float) -> Row:
+    model_type, kwargs, n_layers = MODELS[name]
+    hidden = hidden_size(model_type, kwargs)
+    batch_tokens = BATCH[0] * BATCH[1]
+    with shapes_only():
+        model, plans = make_contender(name, contender, r, dropout, batch_tokens)
+        small, large = (measure(model, t, hidden) for t in TOKENS)
+    per_token = {k: (large[k] - small[k]) / (TOKENS[1] - TOKENS[0]) / KIB for k in small}
+    row = Row(name, contender, r, dropout, *(round(per_token[k], 2) for k in ("saved", "forward_peak",
+                                                                                "backward_peak")))
+    # whole model: L layers' saved bytes (+ the last one's backward peak); checkpointing: every layer's input in
+    # the model's dtype, plus one layer recomputed and its backward peak
+    tokens_gib = batch_tokens * KIB / 2**30
+    row.model_gib = round(tokens_gib * (n_layers * per_token["saved"] + per_token["backward_peak"]), 2)
+    checkpoints = n_layers * hidden * 2 / KIB
+    row.model_ckpt_gib = round(tokens_gib * (checkpoints + per_token["saved"] + per_token["backward_peak"]), 2)
+    row.plans = ", ".join(f"{name}: {spec}" for name, spec in sorted(set(
+        (module.rsplit(".", 1)[-1], spec) for module, spec in plans.items())))
+    return row
+
+
+def rows(models, rs, dropouts, contenders=CONTENDERS, progress=None) -> list[Row]:
+    out = []
+    for name in models:
+        frozen = layer_row(name, "frozen", 0, 0.0) if "frozen" in contenders else None
+        if frozen:
+            out.append(frozen)
+        for r in rs:
+            for p in dropouts:
+                for contender in contenders:
+                    if contender == "frozen":
+                        continue
+                    if progress:
+                        progress(f"{name} {contender} r={r} p={p}")
+                    try:
+                        row = layer_row(name, contender, r, p)
+                    except ImportError as e:  # peft not installed: the row is left out, said once
+                        print(f"{contender}: skipped ({e})", file=sys.stderr)
+                        continue
+                    if frozen:
+                        row.lora_share_kib_per_token = round(row.saved_kib_per_token - frozen.saved_kib_per_token, 2)
+                    out.append(row)
+    return out
+
+
+def markdown(table: list[Row]) -> str:
+    lines = ["| model | r | dropout | contender | saved KiB/token | LoRA share | forward peak | backward peak | "
+             f"model, {BATCH[0]} x {BATCH[1]} tokens (GiB) | with checkpointing (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in table:
+        share = "-" if row.contender == "frozen" else f"{row.lora_share_kib_per_token:.1f}"
+        lines.append(f"| {row.model} | {row.r or '-'} | {row.dropout if row.contender != 'frozen' else '-'} | "
+                     f"{row.contender} | {row.saved_kib_per_token:.1f} | {share} | "
+                     f"{row.forward_peak_kib_per_token:.1f} | {row.backward_peak_kib_per_token:.1f} | "
+                     f"{row.model_gib:.1f} | {row.model_ckpt_gib:.1f} |")
+    return "\n".join(lines)
+
+
+def ratios(table: list[Row]) -> list[str]:
+    """One line per (model, r, dropout): the LoRA share of PEFT over this package's."""
+    out = []
+    for row in table:
+        if row.contender != "lora_kernels":
+            continue
+        peft = next((p for p in table if (p.model, p.r, p.dropout, p.contender) == (row.model, row.r, row.dropout,
+                                                                                     "peft")), None)
+        if peft and row.lora_share_kib_per_token > 0:
+            out.append(f"{row.model} r={row.r} p={row.dropout}: LoRA share {peft.lora_share_kib_per_token:.1f} (PEFT) "
+                       f"vs {row.lora_share_kib_per_token:.1f} KiB/token: "
+                       f"{peft.lora_share_kib_per_token / row.lora_share_kib_per_token:.1f}x smaller; whole model "
+                       f"{peft.model_gib:.1f} vs {row.model_gib:.1f} GiB")
+    return out
+
+
+def plot(table: list[Row], path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: plot skipped (pip install 'lora-kernels[bench]' brings it)")
+        return None
+    keys = [(r.model, r.r, r.dropout) for r in table if r.contender == "lora_kernels"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(keys)), 4.5))
+    for i, contender in enumerate(("peft", "lora_kernels")):
+        vals = [next((r.saved_kib_per_token for r in table if (r.model, r.r, r.dropout, r.contender) == k + (contender,)),
+                     0.0) for k in keys]
+        ax.bar([j + 0.4 * i for j in range(len(keys))], vals, 0.4, label=contender)
+    frozen = {r.model: r.saved_kib_per_token for r in table if r.contender == "frozen"}
+    ax.scatter([j + 0.2 for j in range(len(keys))], [frozen.get(k[0], 0) for k in keys], color="k", marker="_",
+               s=300, label="frozen layer", zorder=3)
+    ax.set_xticks([j + 0.2 for j in range(len(keys))])
+    ax.set_xticklabels([f"{m}\nr={r} p={p}" for m, r, p in keys], fontsize=7)
+    ax.set_ylabel("bytes saved for backward (KiB per token)")
+    ax.set_title("Activation memory of one decoder layer (bf16, LoRA on attention and MLP)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="Llama-3-8B and GPT-2 medium, r = 16, dropout 0 and 0.05")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--r", default="16,64")
+    ap.add_argument("--dropout", default="0,0.05,0.1")
+    ap.add_argument("--out", default=None, help="folder for memory.csv, memory.md and memory.png")
+    args = ap.parse_args(argv)
+    models = ["llama-3-8b", "gpt2-medium"] if args.quick else [m for m in args.models.split(",") if m]
+    rs = [16] if args.quick else [int(v) for v in args.r.split(",")]
+    dropouts = [0.0, 0.05] if args.quick else [float(v) for v in args.dropout.split(",")]
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        ap.error(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    t0 = time.time()
+    table = rows(models, rs, dropouts, progress=lambda s: print(f"  {s}", file=sys.stderr))
+    text = (f"Activation memory per token of one decoder layer, bf16, LoRA (alpha = 2r) on "
+            f"{', '.join(DEFAULT_TARGETS)} (GPT-2: c_attn, c_proj, c_fc); by storage, parameters excluded, slope over "
+            f"{TOKENS[0]} and {TOKENS[1]} tokens; whole model at {BATCH[0]} x {BATCH[1]} tokens, activations only "
+            f"(embeddings and logits aside)\n\n" + markdown(table) + "\n\n" + "\n".join(ratios(table)))
+    print(text)
+    print(f"\n({time.time() - t0:.0f} s)")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "memory.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=[fld.name for fld in dataclasses.fields(Row)])
+            w.writeheader()
+            w.writerows(dataclasses.asdict(row) for row in table)
+        with open(os.path.join(args.out, "memory.md"), "w") as f:
+            f.write(text + "\n")
+        plot(table, os.path.join(args.out, "memory.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
