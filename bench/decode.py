@@ -111,8 +111,8 @@ def mixed_decode_row(w, r, adapters, ring, timer=graph_time_us):
          "mixed": timer(lambda x: layer(x, adapter_ids=ids), ring), "mixed_sorted": timer(sorted_call, ring)}
     with torch.no_grad():  # the mixed layer computes each row with its own adapter
         x = ring[0]
-        As = [layer.lora_A, *layer.extra_lora_A.values()]
-        Bs = [layer.lora_B, *layer.extra_lora_B.values()]
+        As = [a.lora_A for a in layer.adapters.values()]
+        Bs = [a.lora_B for a in layer.adapters.values()]
         expect = torch.stack([nn.functional.linear(x[i], w) + 2.0 * nn.functional.linear(
             nn.functional.linear(x[i], As[i]), Bs[i]) for i in range(adapters)])
         torch.testing.assert_close(layer(x, adapter_ids=ids).float(), expect.float(), rtol=3e-2, atol=3e-2)

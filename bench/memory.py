@@ -9,7 +9,8 @@ with weak references to the storages to see them freed). Everything is per token
 
 Contenders per layer: ``frozen`` (no adapter: the floor), ``peft`` (PEFT's LoRA with its defaults: fp32 adapters,
 nn.Dropout), ``lora_kernels`` (``lora_kernels.inject`` on the same targets, each layer with the plan ``auto`` runs on
-a GPU by default at the stated batch; Triton launches stubbed: their outputs are allocated as on a GPU). The LoRA
+a GPU by default at the stated batch; Triton launches stubbed: their outputs are allocated as on a GPU), and the same
+two with DoRA (``peft_dora``, ``lora_kernels_dora``). The LoRA
 share is a contender's bytes minus the frozen layer's. The whole model is extrapolated from one layer: without
 activation checkpointing every layer keeps its saved bytes; with it (per decoder layer) every layer keeps its input
 and one layer at a time is recomputed (its saved bytes and backward peak on top).
@@ -57,7 +58,7 @@ MODELS = {
 }
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"]}
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONTENDERS = ("frozen", "peft", "lora_kernels")
+CONTENDERS = ("frozen", "peft", "lora_kernels", "peft_dora", "lora_kernels_dora")
 BATCH = (8, 4096)  # the whole-model figures: 8 sequences of 4096 tokens
 
 
@@ -116,12 +117,14 @@ def make_contender(name: str, contender: str, r: int, dropout: float, batch_toke
     targets = TARGETS.get(model_type, DEFAULT_TARGETS)
     model = build_layer(name)
     plans = {}
-    if contender == "peft":
+    dora = contender.endswith("_dora")
+    if contender in ("peft", "peft_dora"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets))
-    elif contender == "lora_kernels":
-        lora_kernels.inject(model, targets, r=r, lora_alpha=2 * r, lora_dropout=dropout)
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets,
+                                                 use_dora=dora))
+    elif contender in ("lora_kernels", "lora_kernels_dora"):
+        lora_kernels.inject(model, targets, r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=dora)
         lora_kernels.mark_only_lora_as_trainable(model)
         for module_name, layer in lora_kernels.lora_layers(model).items():
             call = plan.Call(torch.device("cuda"), layer.weight.dtype, batch_tokens, layer.in_features,
@@ -149,7 +152,10 @@ class Tracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and self._key(t) not in self.exclude and self._key(t) not in self.live:
+            if not isinstance(t, torch.Tensor) or self._key(t) in self.exclude:
+                continue
+            kept = self.live.get(self._key(t))
+            if kept is None or kept[0].expired():  # new, or a freed storage's address reused
                 self.live[self._key(t)] = (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
         self.peak = max(self.peak, self.alive() - self.base)
         return out
@@ -166,8 +172,13 @@ class Tracker(TorchDispatchMode):
     def pack(self, t):
         key = self._key(t)
         if key not in self.exclude:
-            self.saved[key] = t.untyped_storage().nbytes()
+            self.saved[key] = (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
         return t
+
+    def saved_bytes(self) -> int:
+        """Bytes of the saved storages still alive (a graph branch dropped in the forward frees what it saved, and
+        its storage's address may be reused)."""
+        return sum(n for ref, n in self.saved.values() if not ref.expired())
 
 
 def measure(model, tokens: int, hidden: int, dtype=torch.bfloat16) -> dict:
@@ -179,7 +190,7 @@ def measure(model, tokens: int, hidden: int, dtype=torch.bfloat16) -> dict:
         tracker.phase()
         y = _run_layer(model, x)
         forward_peak = tracker.peak
-        saved = sum(tracker.saved.values())
+        saved = tracker.saved_bytes()
         grad = torch.empty_like(y)
         tracker.phase()
         y.backward(grad)
@@ -205,8 +216,9 @@ def module_saved_per_token(make_module, K: int, dtype=torch.bfloat16, tokens=TOK
             tracker = Tracker(exclude=list(module.parameters()) + list(module.buffers()))
             x = torch.empty(t, K, device="meta", dtype=dtype, requires_grad=True)
             with tracker, torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t):
-                module(x)
-            saved.append(sum(tracker.saved.values()))
+                y = module(x)
+            saved.append(tracker.saved_bytes())
+            del y
     return (saved[1] - saved[0]) / (tokens[1] - tokens[0])
 
 
@@ -284,16 +296,18 @@ def markdown(table: list[Row]) -> str:
 
 
 def ratios(table: list[Row]) -> list[str]:
-    """One line per (model, r, dropout): the LoRA share of PEFT over this package's."""
+    """One line per (model, r, dropout, LoRA or DoRA): PEFT's adapter share over this package's."""
     out = []
     for row in table:
-        if row.contender != "lora_kernels":
+        if not row.contender.startswith("lora_kernels"):
             continue
+        theirs = row.contender.replace("lora_kernels", "peft")
         peft = next((p for p in table if (p.model, p.r, p.dropout, p.contender) == (row.model, row.r, row.dropout,
-                                                                                     "peft")), None)
+                                                                                     theirs)), None)
         if peft and row.lora_share_kib_per_token > 0:
-            out.append(f"{row.model} r={row.r} p={row.dropout}: LoRA share {peft.lora_share_kib_per_token:.1f} (PEFT) "
-                       f"vs {row.lora_share_kib_per_token:.1f} KiB/token: "
+            kind = "DoRA" if theirs.endswith("dora") else "LoRA"
+            out.append(f"{row.model} r={row.r} p={row.dropout} {kind}: adapter share "
+                       f"{peft.lora_share_kib_per_token:.1f} (PEFT) vs {row.lora_share_kib_per_token:.1f} KiB/token: "
                        f"{peft.lora_share_kib_per_token / row.lora_share_kib_per_token:.1f}x smaller; whole model "
                        f"{peft.model_gib:.1f} vs {row.model_gib:.1f} GiB")
     return out
@@ -310,14 +324,16 @@ def plot(table: list[Row], path: str) -> str | None:
         return None
     keys = [(r.model, r.r, r.dropout) for r in table if r.contender == "lora_kernels"]
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(keys)), 4.5))
-    for i, contender in enumerate(("peft", "lora_kernels")):
+    shown = [c for c in CONTENDERS[1:] if any(r.contender == c for r in table)]
+    width = 0.8 / max(len(shown), 1)
+    for i, contender in enumerate(shown):
         vals = [next((r.saved_kib_per_token for r in table if (r.model, r.r, r.dropout, r.contender) == k + (contender,)),
                      0.0) for k in keys]
-        ax.bar([j + 0.4 * i for j in range(len(keys))], vals, 0.4, label=contender)
+        ax.bar([j + width * i for j in range(len(keys))], vals, width, label=contender)
     frozen = {r.model: r.saved_kib_per_token for r in table if r.contender == "frozen"}
-    ax.scatter([j + 0.2 for j in range(len(keys))], [frozen.get(k[0], 0) for k in keys], color="k", marker="_",
-               s=300, label="frozen layer", zorder=3)
-    ax.set_xticks([j + 0.2 for j in range(len(keys))])
+    ax.scatter([j + 0.4 - width / 2 for j in range(len(keys))], [frozen.get(k[0], 0) for k in keys], color="k",
+               marker="_", s=300, label="frozen layer", zorder=3)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
     ax.set_xticklabels([f"{m}\nr={r} p={p}" for m, r, p in keys], fontsize=7)
     ax.set_ylabel("bytes saved for backward (KiB per token)")
     ax.set_title("Activation memory of one decoder layer (bf16, LoRA on attention and MLP)")

@@ -79,8 +79,8 @@ def build(provider: str, case: MixedCase, device):
         for i in range(1, case.adapters):
             layer.add_adapter(f"a{i}", r=case.r, lora_alpha=2.0 * case.r)
         with torch.no_grad():
-            adapter_As = [layer.lora_A, *layer.extra_lora_A.values()]
-            adapter_Bs = [layer.lora_B, *layer.extra_lora_B.values()]
+            adapter_As = [a.lora_A for a in layer.adapters.values()]
+            adapter_Bs = [a.lora_B for a in layer.adapters.values()]
             for dst, src in zip(adapter_As + adapter_Bs, As + Bs):
                 dst.copy_(src)
         params = [x, *adapter_As, *adapter_Bs]

@@ -8,6 +8,7 @@ Inputs rotate among several buffers so repeated calls do not measure a warm cach
 
 Providers: "cublas" (the floor: x @ W0^T forward, dY @ W0 backward), "merged" (inference with W0 + s B A,
 forward only), "eager" (the layer written as HF PEFT writes it: base(x) + lora_B(lora_A(dropout(x))) * s),
+"peft_dora" (PEFT's DoRA layer) and "dora" (this package's DoRA, as `auto` plans it),
 "peft" (PEFT's own LoRA Linear, when peft is installed), "torch" / "aten" / "triton" / "cuda" (this package's backend
 families, the planner choosing within each), "auto" (what users get: the planner's choice among all of them).
 """
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from lora_kernels import backends, lora_linear, plan
+from lora_kernels.dora import dora_linear, dora_weight_norm
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -76,19 +78,23 @@ def n_buffers(case: Case, device: torch.device) -> int:
 
 @dataclasses.dataclass
 class Layer:
-    """The tensors of one case: frozen W0, trainable A and B (non-zero, so nothing is skipped)."""
+    """The tensors of one case: frozen W0, trainable A and B (non-zero, so nothing is skipped), DoRA's magnitude."""
     weight: torch.Tensor
     lora_A: nn.Parameter
     lora_B: nn.Parameter
     scaling: float
+    magnitude: nn.Parameter | None = None
 
     @classmethod
     def make(cls, case: Case, device, seed=0):
         g = torch.Generator(device="cpu").manual_seed(seed)
         dt = DTYPES[case.dtype]
         mk = lambda *s, scale: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dt)  # noqa: E731
-        return cls(mk(case.N, case.K, scale=case.K**-0.5), nn.Parameter(mk(case.r, case.K, scale=case.K**-0.5)),
-                   nn.Parameter(mk(case.N, case.r, scale=case.r**-0.5)), 2.0)
+        layer = cls(mk(case.N, case.K, scale=case.K**-0.5), nn.Parameter(mk(case.r, case.K, scale=case.K**-0.5)),
+                    nn.Parameter(mk(case.N, case.r, scale=case.r**-0.5)), 2.0)
+        norm = dora_weight_norm(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)[0]
+        layer.magnitude = nn.Parameter((norm * 1.1).to(dt))  # off the norms: the magnitude counts
+        return layer
 
 
 def eager_forward(x, layer: Layer, p: float):
@@ -98,16 +104,20 @@ def eager_forward(x, layer: Layer, p: float):
     return result + nn.functional.linear(nn.functional.linear(dropped, layer.lora_A), layer.lora_B) * layer.scaling
 
 
-def _peft_layer(layer: Layer, case: Case):
+def _peft_layer(layer: Layer, case: Case, use_dora: bool = False):
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear as PeftLinear
 
     base = nn.Linear(case.K, case.N, bias=False, device=layer.weight.device, dtype=layer.weight.dtype)
     base.weight = nn.Parameter(layer.weight, requires_grad=False)
-    cfg = LoraConfig(r=case.r, lora_alpha=layer.scaling * case.r, lora_dropout=case.dropout, target_modules=["x"])
-    module = PeftLinear(base, "default", config=cfg, r=case.r, lora_alpha=layer.scaling * case.r)
+    cfg = LoraConfig(r=case.r, lora_alpha=layer.scaling * case.r, lora_dropout=case.dropout, target_modules=["x"],
+                     use_dora=use_dora)
+    module = PeftLinear(base, "default", config=cfg, r=case.r, lora_alpha=layer.scaling * case.r,
+                        lora_dropout=case.dropout, use_dora=use_dora)
     module.lora_A["default"].weight = layer.lora_A
     module.lora_B["default"].weight = layer.lora_B
+    if use_dora:
+        module.lora_magnitude_vector["default"].weight = layer.magnitude
     return module.train()
 
 
@@ -122,12 +132,15 @@ def forward_fn(provider: str, layer: Layer, case: Case):
         return lambda x: nn.functional.linear(x, merged)
     if provider == "eager":
         return lambda x: eager_forward(x, layer, p)
-    if provider == "peft":
+    if provider in ("peft", "peft_dora"):
         try:
-            module = _peft_layer(layer, case)
+            module = _peft_layer(layer, case, use_dora=provider == "peft_dora")
         except ImportError:
             return None
         return module
+    if provider == "dora":
+        return lambda x: dora_linear(x, layer.weight, None, layer.lora_A, layer.lora_B, layer.magnitude,
+                                     layer.scaling, p)
     if provider in ("torch", "aten", "triton", "cuda", "auto"):
         if provider != "auto" and backends.BACKENDS[provider].unavailable_reason(layer.weight.device,
                                                                                  layer.weight.dtype):
@@ -137,14 +150,15 @@ def forward_fn(provider: str, layer: Layer, case: Case):
     raise ValueError(f"unknown provider {provider!r}")
 
 
-TRAINABLE = {"eager", "peft", "torch", "aten", "triton", "cuda", "auto"}  # providers with a LoRA backward
+TRAINABLE = {"eager", "peft", "peft_dora", "torch", "aten", "triton", "cuda", "auto", "dora"}  # with a backward
 
 
 def plan_of(provider: str, case: Case, device) -> str:
     """The plan a provider of this package ran for the case's training call ("" for the others): the planner's
     memory after the timing runs."""
-    if provider not in ("torch", "aten", "triton", "cuda", "auto"):
+    if provider not in ("torch", "aten", "triton", "cuda", "auto", "dora"):
         return ""
+    provider = "auto" if provider == "dora" else provider
     call = plan.Call(torch.device(device), DTYPES[case.dtype], case.M, case.K, case.N, case.r, case.dropout > 0, 2,
                      torch.are_deterministic_algorithms_enabled())
     try:
@@ -164,7 +178,7 @@ def build(provider: str, case: Case, device: torch.device):
     xs = [torch.randn(case.M, case.K, device=device, dtype=dt, requires_grad=provider != "merged")
           for _ in range(nbuf)]
     dys = [torch.randn(case.M, case.N, device=device, dtype=dt) for _ in range(nbuf)]
-    params = [layer.lora_A, layer.lora_B] + xs
+    params = [layer.lora_A, layer.lora_B] + xs + ([layer.magnitude] if "dora" in provider else [])
     if provider == "cublas":
         w = layer.weight
         ring = _Ring(zip(xs, dys))

@@ -6,6 +6,7 @@ loss on random tokens, backward and an AdamW step on the adapters. Contenders, w
   peft          PEFT's LoRA (get_peft_model, its defaults: fp32 adapters, nn.Dropout)
   peft+fuse     the same PeftModel after ``lora_kernels.peft.fuse`` (PEFT's API and files, the fused kernels)
   lora_kernels  ``lora_kernels.inject`` on the base model (the adapters copied from PEFT's)
+  peft_dora, lora_kernels_dora   the same with DoRA (use_dora=True; the magnitudes copied too)
 
 On a GPU: tokens per second and ``torch.cuda.max_memory_allocated`` per step, p50 / p20 / p80 over the steps after
 warm-up (the planner measures new call shapes in the first steps: their time is reported apart). On CPU: a tiny
@@ -32,7 +33,7 @@ import lora_kernels  # noqa: E402
 
 from .memory import DEFAULT_TARGETS, MODELS, TARGETS  # noqa: E402
 
-CONTENDERS = ("peft", "peft+fuse", "lora_kernels")
+CONTENDERS = ("peft", "peft+fuse", "lora_kernels", "peft_dora", "lora_kernels_dora")
 TINY = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
 
 
@@ -59,32 +60,46 @@ def base_model(name: str, layers: int, vocab: int | None, device, dtype, tiny: b
 
 def contenders(name: str, layers: int, vocab, device, dtype, r: int, dropout: float, tiny=False,
                which=CONTENDERS) -> dict:
-    """{contender: model}, every one with the same base weights and the same adapters (B random: the adapters count)."""
+    """{contender: model}, every one with the same base weights and the same adapters (B random: the adapters count;
+    the DoRA ones with their own, shared between the two)."""
     from peft import LoraConfig, get_peft_model
 
     from lora_kernels.peft import fuse
 
     targets = TARGETS.get(MODELS[name][0], DEFAULT_TARGETS)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, init_lora_weights=False)
     out = {}
-    reference = get_peft_model(base_model(name, layers, vocab, device, dtype, tiny), cfg)
-    if "peft" in which:
-        out["peft"] = reference
-    if "peft+fuse" in which:
-        fused = get_peft_model(base_model(name, layers, vocab, device, dtype, tiny), cfg)
-        fused.load_state_dict(reference.state_dict())
-        out["peft+fuse"] = fuse(fused)
-    if "lora_kernels" in which:
-        model = base_model(name, layers, vocab, device, dtype, tiny)
-        lora_kernels.inject(model, targets, r=r, lora_alpha=2 * r, lora_dropout=dropout)
-        lora_kernels.mark_only_lora_as_trainable(model)
-        peft_modules = dict(reference.base_model.model.named_modules())
-        with torch.no_grad():
-            for module_name, layer in lora_kernels.lora_layers(model).items():
-                src = peft_modules[module_name]
-                layer.lora_A.copy_(src.lora_A["default"].weight)
-                layer.lora_B.copy_(src.lora_B["default"].weight)
-        out["lora_kernels"] = model
+    for dora in (False, True):
+        suffix = "_dora" if dora else ""
+        wanted = [c for c in which if c.endswith("_dora") == dora]
+        if not wanted:
+            continue
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, init_lora_weights=False,
+                         use_dora=dora)
+        reference = get_peft_model(base_model(name, layers, vocab, device, dtype, tiny), cfg)
+        if dora:  # off the norms (at init they are equal: DoRA would compute LoRA's function)
+            with torch.no_grad():
+                for param_name, param in reference.named_parameters():
+                    if "lora_magnitude_vector" in param_name:
+                        param.mul_(1.1)
+        if "peft" + suffix in wanted:
+            out["peft" + suffix] = reference
+        if "peft+fuse" in wanted:
+            fused = get_peft_model(base_model(name, layers, vocab, device, dtype, tiny), cfg)
+            fused.load_state_dict(reference.state_dict())
+            out["peft+fuse"] = fuse(fused)
+        if "lora_kernels" + suffix in wanted:
+            model = base_model(name, layers, vocab, device, dtype, tiny)
+            lora_kernels.inject(model, targets, r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=dora)
+            lora_kernels.mark_only_lora_as_trainable(model)
+            peft_modules = dict(reference.base_model.model.named_modules())
+            with torch.no_grad():
+                for module_name, layer in lora_kernels.lora_layers(model).items():
+                    src = peft_modules[module_name]
+                    layer.lora_A.copy_(src.lora_A["default"].weight)
+                    layer.lora_B.copy_(src.lora_B["default"].weight)
+                    if dora:
+                        layer.lora_magnitude_vector.copy_(src.lora_magnitude_vector["default"].weight)
+            out["lora_kernels" + suffix] = model
     return out
 
 
@@ -100,21 +115,25 @@ def loss_of(model, ids):
 
 
 def parity(models: dict, ids, dtype) -> dict:
-    """Each contender's loss (dropout off) against PEFT's and an fp64 PEFT reference: {name: (loss, ok)}."""
-    ref = models.get("peft") or next(iter(models.values()))
-    ref64 = _as_fp64(ref)
-    with torch.no_grad():
-        exact = float(loss_of(ref64.eval(), ids))
-        same = float(loss_of(ref.eval(), ids))
-        out = {}
-        eps = torch.finfo(dtype).eps
-        for name, model in models.items():
-            value = float(loss_of(model.eval(), ids))
-            ok = abs(value - exact) <= 2 * abs(same - exact) + 2 * eps * abs(exact)
-            out[name] = (value, ok)
+    """Each contender's loss (dropout off) against PEFT's (LoRA's or DoRA's) and an fp64 PEFT reference:
+    {name: (loss, ok)}."""
+    out = {}
+    eps = torch.finfo(dtype).eps
+    for dora in (False, True):
+        group = {n: m for n, m in models.items() if n.endswith("_dora") == dora}
+        if not group:
+            continue
+        ref = group.get("peft_dora" if dora else "peft") or next(iter(group.values()))
+        with torch.no_grad():
+            exact = float(loss_of(_as_fp64(ref).eval(), ids))
+            same = float(loss_of(ref.eval(), ids))
+            out["fp64 reference" + (" (DoRA)" if dora else "")] = (exact, True)
+            for name, model in group.items():
+                value = float(loss_of(model.eval(), ids))
+                out[name] = (value, abs(value - exact) <= 2 * abs(same - exact) + 2 * eps * abs(exact))
     for model in models.values():
         model.train()
-    return {"reference (fp64)": (exact, True), **out}
+    return out
 
 
 def _as_fp64(model):

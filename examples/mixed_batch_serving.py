@@ -48,8 +48,7 @@ def main(argv=None):
     t0 = time.time()
     for name, step in TASKS.items():
         lora_kernels.set_adapter(model, name)  # only this adapter is in the forward, so only it learns
-        params = [p for n, p in model.named_parameters() if p.requires_grad and
-                  (n.endswith(f".{name}") if name != "default" else n.endswith(("lora_A", "lora_B")))]
+        params = [p for n, p in model.named_parameters() if p.requires_grad and f".adapters.{name}." in n]
         opt = torch.optim.AdamW(params, lr=1e-2)
         model.train()
         for _ in range(args.steps):

@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, plan
-from .ops import autocast_inputs, check_args, lora_linear, mixed_call
+from .adapters import DEFAULT, Adapter, AdapterSet, adapter_forward, init_lora
+from .ops import autocast_inputs, check_args, mixed_call
 from .stacking import AdapterStack, checked_ids
 
 __all__ = ["FusedLoRALinear", "adapter_ids"]
 
-DEFAULT = "default"
 # The ids of the enclosing `with adapter_ids(...)` block. A plain module global rather than a ContextVar:
 # torch.compile reads (and guards on) globals, it cannot trace ContextVar.get.
 _ADAPTER_IDS: Tensor | None = None
@@ -58,44 +58,10 @@ def _like(value: Tensor, param: Tensor) -> Tensor:
     return value
 
 
-def _check_hparams(r, lora_alpha, lora_dropout, in_features, out_features):
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r: expected an integer >= 1, got {r!r}")
-    if r > min(in_features, out_features):
-        raise ValueError(f"r = {r} must be <= min(in_features, out_features) = {min(in_features, out_features)}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha) \
-            or lora_alpha <= 0:
-        raise ValueError(f"lora_alpha: expected a finite number > 0, got {lora_alpha!r}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {lora_dropout!r}")
-
-
-def _hparams(r, lora_alpha, lora_dropout, use_rslora, in_features, out_features) -> dict:
-    """An adapter's checked hyper-parameters, with its scaling alpha / r (rsLoRA: alpha / sqrt(r))."""
-    _check_hparams(r, lora_alpha, lora_dropout, in_features, out_features)
-    return dict(r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), use_rslora=use_rslora,
-                scaling=lora_alpha / (math.sqrt(r) if use_rslora else r))
-
-
-@torch.no_grad()
-def _init_lora(A: Tensor, B: Tensor, r: int, init_lora_weights) -> None:
-    if init_lora_weights in (True, "kaiming"):
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        nn.init.zeros_(B)
-    elif init_lora_weights == "gaussian":
-        nn.init.normal_(A, std=1.0 / r)
-        nn.init.zeros_(B)
-    elif init_lora_weights is False:
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-    else:
-        raise ValueError(f"init_lora_weights: expected 'kaiming', 'gaussian', True or False, got {init_lora_weights!r}")
-
-
 def _lora_dtype(lora_dtype, weight_dtype: torch.dtype) -> torch.dtype:
-    """The adapters' parameter dtype: `lora_dtype`, or by default fp32 next to a 16-bit W0 (as PEFT keeps them:
-    a 16-bit parameter loses optimizer updates below its rounding step, and GradScaler refuses fp16 grads),
-    W0's dtype otherwise. The forward computes in W0's dtype either way."""
+    """The adapters' parameter dtype: `lora_dtype`, or by default fp32 next to a 16-bit W0 (as PEFT keeps them: a
+    16-bit parameter loses optimizer updates below its rounding step, and GradScaler refuses fp16 grads), W0's dtype
+    otherwise. The forward computes in W0's dtype either way."""
     if lora_dtype is None:
         return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
     if lora_dtype not in backends.ALL_DTYPES:
@@ -104,15 +70,37 @@ def _lora_dtype(lora_dtype, weight_dtype: torch.dtype) -> torch.dtype:
     return lora_dtype
 
 
-class FusedLoRALinear(nn.Module):
-    """y = x W0^T + bias + scaling * (dropout(x) A^T) B^T with W0 and bias frozen.
+# The default adapter's state-dict keys are loralib's (and PEFT's magnitude name); the others live under adapters.<name>.
+_DEFAULT_KEYS = {f"adapters.{DEFAULT}.{k}": k for k in ("lora_A", "lora_B", "lora_magnitude_vector")}
 
-    Same attributes as nn.Linear (``in_features, out_features, weight, bias``) plus ``lora_A`` [r, in],
-    ``lora_B`` [out, r], ``r``, ``lora_alpha``, ``scaling`` (alpha / r, or alpha / sqrt(r) with
-    ``use_rslora``) and ``merged``. State dict keys: ``weight, bias, lora_A, lora_B`` (loralib's).
+
+def _state_dict_names(module, state_dict, prefix, local_metadata):
+    renamed = {prefix + inner: prefix + outer for inner, outer in _DEFAULT_KEYS.items()}
+    if any(k in state_dict for k in renamed):  # rebuilt in order: the default adapter's keys stay where they were
+        items = list(state_dict.items())
+        state_dict.clear()
+        state_dict.update((renamed.get(k, k), v) for k, v in items)
+
+
+def _load_state_dict_names(module, state_dict, prefix, *args):
+    for inner, outer in _DEFAULT_KEYS.items():
+        if prefix + outer in state_dict:
+            state_dict[prefix + inner] = state_dict.pop(prefix + outer)
+
+
+class FusedLoRALinear(nn.Module):
+    """y = x W0^T + bias + scaling * (dropout(x) A^T) B^T with W0 and bias frozen; with ``use_dora=True``, DoRA:
+    y = m / ||W0 + scaling B A||_row * (x W0^T + scaling (dropout(x) A^T) B^T) + bias (PEFT's semantics).
+
+    Same attributes as nn.Linear (``in_features, out_features, weight, bias``). Every adapter, the default one
+    included, lives in ``adapters`` (an ordered container of ``Adapter``: ``lora_A`` [r, in], ``lora_B`` [out, r],
+    with DoRA ``lora_magnitude_vector`` [out], and its hyper-parameters); ``lora_A``, ``lora_B``,
+    ``lora_magnitude_vector``, ``r``, ``lora_alpha``, ``lora_dropout``, ``scaling``, ``use_rslora``, ``use_dora``
+    are the default adapter's. State dict keys: ``weight, bias, lora_A, lora_B`` (loralib's), ``lora_magnitude_vector``
+    (DoRA), and ``adapters.<name>.lora_A`` ... for the others.
 
     ``merge_on_eval=True`` folds the update into W0 on ``eval()`` and takes it out again on ``train()``
-    (loralib's ``merge_weights``). ``backend`` is passed to the ops: "auto", "torch", "triton" or "cuda".
+    (loralib's ``merge_weights``). ``backend`` is passed to the ops: "auto", a family or a plan spec.
     ``fan_in_fan_out=True`` stores W0 as [in, out] (Hugging Face's GPT-2 ``Conv1D``); the kernels read it
     through a transposed view, no copy.
 
@@ -126,14 +114,12 @@ class FusedLoRALinear(nn.Module):
                  lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
                  init_lora_weights: bool | str = "kaiming", backend: str = "auto", merge_on_eval: bool = False,
                  fan_in_fan_out: bool = False, device=None, dtype=None, *, lora_dtype: torch.dtype | None = None,
-                 _weight: Tensor | None = None, _bias: Tensor | None = None):
+                 use_dora: bool = False, _weight: Tensor | None = None, _bias: Tensor | None = None):
         super().__init__()
         self._stack = AdapterStack()  # mixed batches: the adapters stacked (and cast), kept in inference
-        _check_hparams(r, lora_alpha, lora_dropout, in_features, out_features)
         plan.check_name(backend)
         factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.r = in_features, out_features, r
-        self.set_lora_hparams(lora_alpha, use_rslora, lora_dropout)
+        self.in_features, self.out_features = in_features, out_features
         self.backend = backend
         self.merge_on_eval = merge_on_eval
         self.fan_in_fan_out = fan_in_fan_out
@@ -154,15 +140,14 @@ class FusedLoRALinear(nn.Module):
             self.bias.requires_grad_(False)
         else:
             self.register_parameter("bias", None)
-        w, lora_dtype = self.weight, _lora_dtype(lora_dtype, self.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty((r, in_features), device=w.device, dtype=lora_dtype))
-        self.lora_B = nn.Parameter(torch.empty((out_features, r), device=w.device, dtype=lora_dtype))
-        self.reset_lora_parameters(init_lora_weights)
-        # Further named adapters (add_adapter): their A / B here, their hyper-parameters in _extra_hparams.
-        self.extra_lora_A = nn.ParameterDict()
-        self.extra_lora_B = nn.ParameterDict()
-        self._extra_hparams: dict[str, dict] = {}
+        self._lora_dtype = _lora_dtype(lora_dtype, self.weight.dtype)
+        self.adapters = AdapterSet()
+        self._norms: dict = {}  # DoRA adapters: their DoraNorms (kept ||W0||^2, and the norm in inference)
+        self._merged_norms: dict = {}  # DoRA: the norm each merged adapter was merged with (unmerge divides by it)
         self.active_adapter = DEFAULT
+        self.add_adapter(DEFAULT, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora=use_dora)
+        self.register_state_dict_post_hook(_state_dict_names)
+        self.register_load_state_dict_pre_hook(_load_state_dict_names)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
@@ -188,26 +173,49 @@ class FusedLoRALinear(nn.Module):
         """W0 as [out_features, in_features] (a transposed view when fan_in_fan_out)."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
+    # ------------------------------------------------------------------ the default adapter's attributes
+    @property
+    def default(self) -> Adapter:
+        return self.adapters[DEFAULT]
+
+    lora_A = property(lambda self: self.default.lora_A)
+    lora_B = property(lambda self: self.default.lora_B)
+    lora_magnitude_vector = property(lambda self: self.default.lora_magnitude_vector)
+    r = property(lambda self: self.default.r)
+    lora_alpha = property(lambda self: self.default.lora_alpha)
+    scaling = property(lambda self: self.default.scaling)
+    use_rslora = property(lambda self: self.default.use_rslora)
+    use_dora = property(lambda self: self.default.use_dora)
+
+    @property
+    def lora_dropout(self) -> float:
+        return self.default.lora_dropout
+
+    @lora_dropout.setter
+    def lora_dropout(self, p: float) -> None:
+        self.default.set_hparams(self.default.lora_alpha, self.default.use_rslora, p)
+
     def set_lora_hparams(self, lora_alpha: float, use_rslora: bool = False, lora_dropout: float | None = None,
                          adapter_name: str = DEFAULT) -> None:
         """Set alpha (and with it the scaling), rsLoRA and dropout of an adapter; its rank is fixed by its A / B."""
-        if getattr(self, "merged", False):
+        if self.merged:
             raise RuntimeError("set_lora_hparams: unmerge() first (the merged weight holds the old scaling)")
-        if adapter_name != DEFAULT:
-            hp = self._adapter(adapter_name)[2]
-            lora_dropout = hp["lora_dropout"] if lora_dropout is None else lora_dropout
-            hp.update(_hparams(hp["r"], lora_alpha, lora_dropout, use_rslora, self.in_features, self.out_features))
-            return
-        lora_dropout = getattr(self, "lora_dropout", 0.0) if lora_dropout is None else lora_dropout
-        hp = _hparams(self.r, lora_alpha, lora_dropout, use_rslora, self.in_features, self.out_features)
-        self.lora_alpha, self.use_rslora, self.lora_dropout, self.scaling = (
-            hp["lora_alpha"], hp["use_rslora"], hp["lora_dropout"], hp["scaling"])
+        self._named(adapter_name).set_hparams(lora_alpha, use_rslora, lora_dropout)
 
     @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights: bool | str = "kaiming") -> None:
+    def reset_lora_parameters(self, init_lora_weights: bool | str = "kaiming", adapter_name: str = DEFAULT) -> None:
         """A: kaiming-uniform(a=sqrt(5)) as loralib/PEFT, or gaussian std 1/r; B: zeros (so the layer starts
-        equal to the base). ``False`` leaves B random too (tests, or a non-identity start)."""
-        _init_lora(self.lora_A, self.lora_B, self.r, init_lora_weights)
+        equal to the base). ``False`` leaves B random too (tests, or a non-identity start). DoRA's magnitude starts
+        at the row norms of W0 + scaling B A, as PEFT's."""
+        adapter = self._named(adapter_name)
+        init_lora(adapter.lora_A, adapter.lora_B, adapter.r, init_lora_weights)
+        if adapter.use_dora:
+            from .dora import dora_weight_norm
+
+            norm = dora_weight_norm(_full(self.base_weight().detach()), _full(adapter.lora_A.detach()),
+                                    _full(adapter.lora_B.detach()), adapter.scaling)[0]
+            adapter.lora_magnitude_vector.copy_(_like(norm.to(adapter.lora_magnitude_vector.dtype),
+                                                      adapter.lora_magnitude_vector))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, adapter_ids: Tensor | None = None) -> Tensor:
@@ -219,23 +227,28 @@ class FusedLoRALinear(nn.Module):
             return self._mixed_forward(x, ids)
         if self.merged:
             return nn.functional.linear(x, self.base_weight(), self.bias)
-        A, B, hp = self._adapter(self.active_adapter)
-        p = hp["lora_dropout"] if self.training else 0.0
+        name = self.active_adapter
+        adapter = self.adapters[name]
         # fp32 adapters next to a 16-bit W0 go to the ops as they are (the kernels round them as they load them and
         # return fp32 grads: no cast ops per step, no cast copies kept)
-        return lora_linear(x, self.base_weight(), self.bias, A, B, hp["scaling"], p, backend=self.backend)
+        return adapter_forward(x, self.base_weight(), self.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
+                               adapter.lora_dropout if self.training else 0.0,
+                               magnitude=adapter.lora_magnitude_vector, norms=self._norms.get(name),
+                               backend=self.backend)
 
     def _mixed_forward(self, x: Tensor, ids: Tensor) -> Tensor:
         if self.merged:
             raise RuntimeError("mixed-batch forward: unmerge() first (the merged weight holds the active adapter, "
                                "which would then apply to every row)")
-        # adapter_names order: "default", then the added adapters (in insertion order, as _extra_hparams; read
-        # from the ParameterDicts' own registries: their item access costs a microsecond each)
-        As = [self.lora_A, *self.extra_lora_A._parameters.values()]
-        Bs = [self.lora_B, *self.extra_lora_B._parameters.values()]
-        hps = self._extra_hparams.values()
-        scalings = [self.scaling, *(hp["scaling"] for hp in hps)]
-        ps = [self.lora_dropout, *(hp["lora_dropout"] for hp in hps)] if self.training else [0.0] * len(As)
+        adapters = list(self.adapters.values())  # the order of adapter_names
+        dora = [name for name, a in self.adapters.items() if a.use_dora]
+        if dora:
+            raise ValueError(f"adapter_ids: mixed batches run LoRA adapters only; {dora} use DoRA (run them one at a "
+                             "time with set_adapter)")
+        As = [a.lora_A for a in adapters]
+        Bs = [a.lora_B for a in adapters]
+        scalings = [a.scaling for a in adapters]
+        ps = [a.lora_dropout for a in adapters] if self.training else [0.0] * len(adapters)
         x, weight, bias = autocast_inputs(x, self.base_weight(), self.bias)  # as lora_linear does
         # stacked in W0's dtype; inference reuses a stacked copy; with grads autograd splits the stacked grads
         # back to each adapter (in its own dtype)
@@ -251,46 +264,54 @@ class FusedLoRALinear(nn.Module):
     # ------------------------------------------------------------------ named adapters
     @property
     def adapter_names(self) -> list[str]:
-        """"default" (lora_A / lora_B) first, then the added adapters in the order they were added; a mixed
-        batch's adapter_ids index this list."""
-        return [DEFAULT, *self._extra_hparams]
+        """"default" first, then the added adapters in the order they were added; a mixed batch's adapter_ids index
+        this list."""
+        return list(self.adapters)
+
+    def _named(self, name: str) -> Adapter:
+        if name not in self.adapters:
+            raise KeyError(f"adapter {name!r}: no such adapter; this layer has {self.adapter_names}")
+        return self.adapters[name]
 
     def _adapter(self, name: str):
-        """(A, B, hparams) of a named adapter."""
-        if name == DEFAULT:
-            return self.lora_A, self.lora_B, dict(r=self.r, lora_alpha=self.lora_alpha, scaling=self.scaling,
-                                                   lora_dropout=self.lora_dropout, use_rslora=self.use_rslora)
-        if name not in self._extra_hparams:
-            raise KeyError(f"adapter {name!r}: no such adapter; this layer has {self.adapter_names}")
-        return self.extra_lora_A[name], self.extra_lora_B[name], self._extra_hparams[name]
+        """(A, B, hyper-parameters) of a named adapter."""
+        adapter = self._named(name)
+        return adapter.lora_A, adapter.lora_B, adapter.hparams()
 
     def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights: bool | str = "kaiming") -> None:
-        """A further adapter on the same frozen W0, with its own rank, alpha and dropout (the active adapter
-        does not change: ``set_adapter(name)`` switches)."""
-        if not isinstance(name, str) or not name.isidentifier() or name == DEFAULT or name in self._extra_hparams:
-            raise ValueError(f"name: expected a new identifier other than {DEFAULT!r} and {list(self._extra_hparams)}, "
-                             f"got {name!r}")
-        hp = _hparams(r, lora_alpha, lora_dropout, use_rslora, self.in_features, self.out_features)
-        like = self.lora_A  # the layer's adapter dtype and device
-        A = nn.Parameter(torch.empty((r, self.in_features), device=like.device, dtype=like.dtype))
-        B = nn.Parameter(torch.empty((self.out_features, r), device=like.device, dtype=like.dtype))
-        _init_lora(A, B, r, init_lora_weights)
-        self.extra_lora_A[name], self.extra_lora_B[name] = A, B
-        self._extra_hparams[name] = hp
+                    use_rslora: bool = False, init_lora_weights: bool | str = "kaiming", use_dora: bool = False) -> None:
+        """A further adapter on the same frozen W0, with its own rank, alpha, dropout and DoRA or not (the active
+        adapter does not change: ``set_adapter(name)`` switches)."""
+        if not isinstance(name, str) or not name.isidentifier() or name in self.adapters:
+            raise ValueError(f"name: expected a new identifier other than {self.adapter_names}, got {name!r}")
+        like = self.weight
+        adapter = Adapter(self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora,
+                          device=like.device, dtype=self._lora_dtype)
+        self.adapters[name] = adapter
+        if use_dora:
+            from .dora import DoraNorms
+
+            self._norms[name] = DoraNorms()
+        try:
+            self.reset_lora_parameters(init_lora_weights, adapter_name=name)
+        except ValueError:
+            del self.adapters[name]
+            self._norms.pop(name, None)
+            raise
 
     def delete_adapter(self, name: str) -> None:
         if name == DEFAULT:
             raise ValueError("delete_adapter: 'default' holds lora_A / lora_B and cannot be deleted")
         if name == self.active_adapter:
             raise ValueError(f"delete_adapter: {name!r} is active; set_adapter() another one first")
-        self._adapter(name)  # raises for an unknown name
-        del self.extra_lora_A[name], self.extra_lora_B[name], self._extra_hparams[name]
+        self._named(name)  # raises for an unknown name
+        del self.adapters[name]
+        self._norms.pop(name, None)
 
     def set_adapter(self, name: str) -> None:
         """Make `name` the adapter of the plain forward (a task switch; W0 is untouched, or, if merged, the
         old adapter is taken out of it and the new one put in)."""
-        self._adapter(name)
+        self._named(name)
         merged = self.merged
         if merged:
             self.unmerge()
@@ -299,47 +320,79 @@ class FusedLoRALinear(nn.Module):
             self.merge()
 
     # ------------------------------------------------------------------ merging
-    def delta_weight(self) -> Tensor:
-        """scaling * B A of the active adapter in fp32, laid out like ``weight`` (the update that merge() adds). Sharded
+    def delta_weight(self, adapter_name: str | None = None) -> Tensor:
+        """scaling * B A of an adapter (the active one by default) in fp32, laid out like ``weight``. Sharded
         parameters (FSDP2) are gathered first, so every rank must call it."""
-        A, B, hp = self._adapter(getattr(self, "active_adapter", DEFAULT))
-        delta = (_full(B.detach()).float() @ _full(A.detach()).float()) * hp["scaling"]
+        adapter = self._named(adapter_name or getattr(self, "active_adapter", DEFAULT))
+        delta = (_full(adapter.lora_B.detach()).float() @ _full(adapter.lora_A.detach()).float()) * adapter.scaling
         return delta.t() if self.fan_in_fan_out else delta
 
-    @torch.no_grad()
-    def _add_to_weight(self, sign: float) -> None:
-        delta = _like(self.delta_weight(), self.weight)
-        self.weight.copy_((self.weight.float() + sign * delta).to(self.weight.dtype))
+    def _dora_factor(self, adapter: Adapter, norm: Tensor) -> Tensor:
+        """m / norm as a column (fp32), laid out like ``weight``: rows of W0, columns of a fan_in_fan_out weight."""
+        factor = _full(adapter.lora_magnitude_vector.detach()).float() / norm.float()
+        return factor[None, :] if self.fan_in_fan_out else factor[:, None]
+
+    def merged_weight(self, adapter_name: str | None = None) -> Tensor:
+        """W0 with an adapter folded in (fp32, laid out like ``weight``; the layer is unchanged): W0 + scaling B A, or
+        for DoRA m / ||W0 + scaling B A||_row * (W0 + scaling B A), as PEFT merges."""
+        if self.merged:
+            raise RuntimeError("merged_weight: the layer is merged already (its weight is the merged one)")
+        name = adapter_name or self.active_adapter
+        adapter = self._named(name)
+        w = _full(self.weight.detach()).float() + self.delta_weight(name)
+        if adapter.use_dora:
+            w = w * self._dora_factor(adapter, self._unmerged_norm(adapter))
+        return w
+
+    def _unmerged_norm(self, adapter: Adapter) -> Tensor:
+        from .dora import dora_weight_norm
+
+        return dora_weight_norm(_full(self.base_weight().detach()), _full(adapter.lora_A.detach()),
+                                _full(adapter.lora_B.detach()), adapter.scaling)[0]
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W0 += scaling * B A (computed in fp32, rounded once); the forward then is a plain linear."""
+        """Fold the active adapter into W0 (computed in fp32, rounded once); the forward then is a plain linear.
+        DoRA: W0 <- m / ||W0 + s B A||_row * (W0 + s B A), the norm kept for unmerge()."""
         if self.merged:
             return
-        self._add_to_weight(1.0)
+        adapter = self.adapters[self.active_adapter]
+        if adapter.use_dora:
+            norm = self._unmerged_norm(adapter)
+            self._merged_norms[self.active_adapter] = norm
+            w = (_full(self.weight.detach()).float() + self.delta_weight()) * self._dora_factor(adapter, norm)
+        else:
+            w = _full(self.weight.detach()).float() + self.delta_weight()
+        self.weight.copy_(_like(w.to(self.weight.dtype), self.weight))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W0 -= scaling * B A. In 16-bit dtypes W0 comes back within two roundings of its value before merge()."""
+        """Take the active adapter out of W0 again. In 16-bit dtypes W0 comes back within two roundings of its value
+        before merge()."""
         if not self.merged:
             return
-        self._add_to_weight(-1.0)
+        adapter = self.adapters[self.active_adapter]
+        w = _full(self.weight.detach()).float()
+        if adapter.use_dora:
+            w = w / self._dora_factor(adapter, self._merged_norms.pop(self.active_adapter))
+        w = w - self.delta_weight()
+        self.weight.copy_(_like(w.to(self.weight.dtype), self.weight))
         self.merged = False
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode:  # the copies kept for inference: training casts and stacks each step
+        if mode:  # the copies kept for inference: training stacks each step, and the DoRA norms change each step
             self._stack.clear()
+            for norms in self._norms.values():
+                norms.clear()
         if self.merge_on_eval:
             self.unmerge() if mode else self.merge()
         return self
 
     def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding W0 + scaling * B A (new tensors; this layer is left as it is)."""
-        w = _full(self.weight.detach()).float()
-        if not self.merged:
-            w = w + self.delta_weight()
+        """A plain nn.Linear holding W0 with the active adapter merged (new tensors; this layer is left as it is)."""
+        w = _full(self.weight.detach()).float() if self.merged else self.merged_weight()
         if self.fan_in_fan_out:
             w = w.t()
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -352,11 +405,18 @@ class FusedLoRALinear(nn.Module):
 
     def to_base_layer(self, merge: bool = True) -> nn.Module:
         """A plain layer of the wrapped kind (nn.Linear, or transformers' Conv1D when fan_in_fan_out) holding
-        W0 + scaling * B A if `merge`, else W0. The bias, and W0 when no arithmetic is needed, are shared."""
+        W0 with the active adapter merged if `merge`, else W0. The bias, and W0 when no arithmetic is needed, are
+        shared."""
         weight = self.weight
         if merge != self.merged:
-            delta = self.delta_weight()
-            w = weight.detach().float() + (delta if merge else -delta)
+            if merge:
+                w = self.merged_weight()
+            else:
+                adapter = self.adapters[self.active_adapter]
+                w = _full(self.weight.detach()).float()
+                if adapter.use_dora:
+                    w = w / self._dora_factor(adapter, self._merged_norms[self.active_adapter])
+                w = w - self.delta_weight()
             weight = nn.Parameter(w.to(weight.dtype), requires_grad=False)
         if self.fan_in_fan_out:
             from transformers.pytorch_utils import Conv1D
@@ -372,5 +432,6 @@ class FusedLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
                 f"scaling={self.scaling:g}, backend={self.backend!r}, merged={self.merged}"
+                + (", use_dora=True" if self.use_dora else "")
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (f", lora_dtype={self.lora_A.dtype}" if self.lora_A.dtype != self.weight.dtype else ""))

@@ -20,11 +20,14 @@ __all__ = ["inject", "lora_layers", "mark_only_lora_as_trainable", "lora_state_d
            "add_adapter", "set_adapter", "delete_adapter", "adapter_ids_for"]
 
 
+_ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
 def _is_lora_key(key: str) -> bool:
-    """A LoRA parameter's name: `<module>.lora_A` / `.lora_B` (the default adapter, loralib's keys) or
-    `<module>.extra_lora_A.<adapter>` / `.extra_lora_B.<adapter>` (adapters added with add_adapter)."""
-    parts = key.split(".")
-    return parts[-1] in ("lora_A", "lora_B") or (len(parts) >= 2 and parts[-2] in ("extra_lora_A", "extra_lora_B"))
+    """A LoRA parameter's name or state-dict key: `<module>.lora_A` / `.lora_B` / `.lora_magnitude_vector` (the
+    default adapter's state-dict keys, loralib's) or `<module>.adapters.<adapter>.lora_A` ... (parameter names, and
+    the other adapters' keys)."""
+    return key.rsplit(".", 1)[-1] in _ADAPTER_PARAMS
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -156,14 +159,14 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
 
 def add_adapter(model: nn.Module, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                use_rslora: bool = False, init_lora_weights: bool | str = "kaiming") -> nn.Module:
+                use_rslora: bool = False, init_lora_weights: bool | str = "kaiming", use_dora: bool = False) -> nn.Module:
     """FusedLoRALinear.add_adapter on every LoRA layer of `model` (the same index in every layer's
     adapter_names, so one adapter_ids tensor serves the whole model)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model: no FusedLoRALinear layers (call inject first)")
     for layer in layers.values():
-        layer.add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        layer.add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora)
     return model
 
 

@@ -1,9 +1,9 @@
 """A one-call swap inside an existing Hugging Face PeftModel: ``fuse(peft_model)``.
 
 The LoRA Linear layers of the model become ``FusedPeftLinear``, a subclass of PEFT's own LoRA Linear whose
-forward runs the fused op: same parameters, state dict, ``save_pretrained`` and ``merge_and_unload``. What the
-fused path does not cover (DoRA and other variants, several active adapters at once) falls back to PEFT's forward
-with a one-time warning. Mixed-adapter batches (``adapter_names=`` in forward) run the one-launch mixed kernels. ``register(lora_config)`` puts the fused layer into PEFT's
+forward runs the fused ops (LoRA, and DoRA through ``dora_linear``): same parameters, state dict, ``save_pretrained``
+and ``merge_and_unload``. What the fused path does not cover (other LoRA variants, several active adapters at once)
+falls back to PEFT's forward with a one-time warning. Mixed-adapter batches (``adapter_names=`` in forward) run the one-launch mixed kernels. ``register(lora_config)`` puts the fused layer into PEFT's
 custom-module hook (``LoraConfig._register_custom_module``) so PEFT builds fused layers itself; both take
 plain ``nn.Linear`` and ``Conv1D`` bases only: a quantized subclass of nn.Linear (bitsandbytes) stays PEFT's.
 
@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from . import backends, plan
+from .adapters import adapter_forward
 from .layers import _expand_ids
 from .models import is_plain_linear
-from .ops import autocast_dtype, autocast_inputs, check_mixed_args, lora_linear, mixed_call
+from .ops import autocast_dtype, autocast_inputs, check_mixed_args, mixed_call
 from .stacking import AdapterStack, checked_ids
 
 __all__ = ["fuse", "register", "FusedPeftLinear"]
@@ -40,6 +41,7 @@ class _FusedForward:
 
     fused_backend = "auto"
     _lk_stack = None  # mixed batches: the adapters stacked (and cast), kept in inference
+    _lk_norms = None  # DoRA adapters: their DoraNorms by name
 
     def _fused_unsupported(self, x, args, kwargs) -> str | None:
         """Why this call cannot take the fused path (None if it can). Normal states (merged, adapters disabled)
@@ -53,15 +55,17 @@ class _FusedForward:
                 return ""  # PEFT raises its own error for this
             # names of adapters this layer does not have mean the base layer here, as in PEFT's own path
             here = sorted(set(kwargs["adapter_names"]) & set(self.lora_A))
-            return next((why for a in here if (why := self._adapter_unsupported(a, x))), None)
+            return next((why for a in here if (why := self._adapter_unsupported(a, x, mixed=True))), None)
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) != 1:
             return f"{len(active)} active adapters at once"
         return self._adapter_unsupported(active[0], x)
 
-    def _adapter_unsupported(self, adapter, x) -> str | None:
+    def _adapter_unsupported(self, adapter, x, mixed=False) -> str | None:
         if adapter in self.lora_variant:
-            return f"the LoRA variant {type(self.lora_variant[adapter]).__name__} (DoRA or another)"
+            variant = type(self.lora_variant[adapter]).__name__
+            if variant != "DoraLinearVariant" or mixed:
+                return f"the LoRA variant {variant}" + (" in a mixed batch" if mixed else "")
         base = self.get_base_layer()
         if not is_plain_linear(base):
             return f"the base layer type {type(base).__name__}"
@@ -91,8 +95,16 @@ class _FusedForward:
         adapter = next(a for a in self.active_adapters if a in self.lora_A)
         # PEFT keeps adapters in fp32 next to a 16-bit base (its autocast_adapter_dtype): the ops take them as they are
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        return lora_linear(x, weight, bias, a, b, self.scaling[adapter], self._dropout_p(adapter),
-                           backend=self.fused_backend)
+        magnitude = norms = None
+        if adapter in self.lora_variant:  # DoRA (the only variant that gets here)
+            from .dora import DoraNorms
+
+            magnitude = self.lora_magnitude_vector[adapter].weight
+            if self._lk_norms is None:
+                self._lk_norms = {}
+            norms = self._lk_norms.setdefault(adapter, DoraNorms())
+        return adapter_forward(x, weight, bias, a, b, self.scaling[adapter], self._dropout_p(adapter),
+                               magnitude=magnitude, norms=norms, backend=self.fused_backend)
 
     def _mixed_forward(self, x, weight, bias, adapter_names):
         """PEFT's mixed batch (one adapter name per sample; "__base__" or an adapter this layer lacks: the base

@@ -42,9 +42,12 @@ def _adapter_config(layers: dict, adapter_name: str, base_model_name_or_path: st
     r = ranks.most_common(1)[0][0]
     alpha = alphas.most_common(1)[0][0]
     rslora = {hp["use_rslora"] for hp in hps.values()}
+    dora = {hp["use_dora"] for hp in hps.values()}
     dropouts = {hp["lora_dropout"] for hp in hps.values()}
     if len(rslora) > 1:
         raise ValueError("save_adapter: layers mix use_rslora True and False; PEFT's format has one flag")
+    if len(dora) > 1:
+        raise ValueError("save_adapter: layers mix DoRA and plain LoRA; PEFT's format has one use_dora flag")
     if len(dropouts) > 1:
         raise ValueError(f"save_adapter: layers use different lora_dropout values {sorted(dropouts)}; "
                          "PEFT's format has one")
@@ -59,6 +62,7 @@ def _adapter_config(layers: dict, adapter_name: str, base_model_name_or_path: st
         "lora_alpha": alpha,
         "lora_dropout": dropouts.pop(),
         "use_rslora": rslora.pop(),
+        "use_dora": dora.pop(),
         "target_modules": sorted(layers),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -104,9 +108,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
     path = os.fspath(path)
     tensors = {}
     for name, layer in layers.items():
-        A, B, _ = layer._adapter(adapter_name)
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(A.detach()).contiguous().cpu()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = _full(B.detach()).contiguous().cpu()
+        adapter = layer._named(adapter_name)
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(adapter.lora_A.detach()).contiguous().cpu()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = _full(adapter.lora_B.detach()).contiguous().cpu()
+        if adapter.use_dora:  # PEFT's key for DoRA's magnitude (no .weight)
+            magnitude = adapter.lora_magnitude_vector.detach()
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = _full(magnitude).contiguous().cpu()
     config = _adapter_config(layers, adapter_name, base_model_name_or_path, task_type)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and torch.distributed.get_rank() != 0:
@@ -173,10 +180,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
     other than "default" into the subdirectory x/.)"""
     path = os.fspath(path)
     config, tensors = _read_adapter(path)
-    if config.get("use_dora"):
-        raise ValueError("load_adapter: DoRA adapters are not supported by the fused layers")
+    dora = bool(config.get("use_dora", False))
     layers = lora_layers(model)
     expected = {f"{_PREFIX}{name}.lora_{ab}.weight" for name in layers for ab in "AB"}
+    if dora:
+        expected |= {f"{_PREFIX}{name}.lora_magnitude_vector" for name in layers}
     # PEFT may write the adapter name into keys of non-default adapters: lora_A.<name>.weight
     found = set(tensors)
     missing, unexpected = sorted(expected - found), sorted(found - expected)
@@ -195,6 +203,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
         r = _pattern_value(name, config.get("rank_pattern"), r_default)
         expected = ((r, layer.in_features), (layer.out_features, r)) if new else \
             tuple(tuple(t.shape) for t in layer._adapter(adapter_name)[:2])
+        if not new and layer._named(adapter_name).use_dora != dora:
+            raise ValueError(f"load_adapter: {name}: the file's adapter {'uses' if dora else 'does not use'} DoRA, "
+                             f"the layer's {adapter_name!r} {'does not' if dora else 'does'}")
         if (tuple(a.shape), tuple(b.shape)) != expected or a.shape[0] != r:
             raise ValueError(f"load_adapter: {name}: the file holds lora_A {list(a.shape)}, lora_B {list(b.shape)} "
                              f"(config rank {r}); the layer has lora_A {list(expected[0])}, "
@@ -203,12 +214,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
         alpha = _pattern_value(name, config.get("alpha_pattern"), alpha_default)
         if new:
             layer.add_adapter(adapter_name, r=tensors[f"{_PREFIX}{name}.lora_A.weight"].shape[0], lora_alpha=alpha,
-                              lora_dropout=dropout, use_rslora=rslora)
+                              lora_dropout=dropout, use_rslora=rslora, use_dora=dora)
         else:
             layer.set_lora_hparams(lora_alpha=alpha, use_rslora=rslora, lora_dropout=dropout,
                                    adapter_name=adapter_name)
-        A, B, _ = layer._adapter(adapter_name)
+        adapter = layer._named(adapter_name)
         with torch.no_grad():
-            A.copy_(tensors[f"{_PREFIX}{name}.lora_A.weight"])
-            B.copy_(tensors[f"{_PREFIX}{name}.lora_B.weight"])
+            adapter.lora_A.copy_(tensors[f"{_PREFIX}{name}.lora_A.weight"])
+            adapter.lora_B.copy_(tensors[f"{_PREFIX}{name}.lora_B.weight"])
+            if dora:
+                adapter.lora_magnitude_vector.copy_(tensors[f"{_PREFIX}{name}.lora_magnitude_vector"])
     return model

@@ -312,6 +312,12 @@ def static_plan(call: Call) -> Plan:
     return Plan(fwd, bwd, splits)
 
 
+def dora_glue(plan: Plan) -> str:
+    """How DoRA's passes around a plan's LoRA variants run (the weight norm, the column scale, the scaled dY with the
+    magnitude's grad): Triton kernels next to the GPU families' variants, ATen ops next to `aten` and `torch`."""
+    return "triton" if plan.forward.startswith(("triton_", "cuda_")) else "aten"
+
+
 def _splits(call: Call, forward: str) -> int:
     if forward not in ("triton_xa_first", "triton_gated", "triton_gated_cublas"):
         return 0  # triton_cublas stores a rounded copy of s xa, which needs the whole sum

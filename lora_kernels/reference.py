@@ -22,6 +22,9 @@ __all__ = [
     "lora_backward",
     "lora_mixed_forward",
     "lora_mixed_backward",
+    "dora_weight_norm",
+    "dora_forward",
+    "dora_backward",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -175,3 +178,74 @@ def lora_mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank
             gl = g @ lora_A[cols]
             grad_x[rows] = grad_x[rows] + (gl if d is None else gl * d[rows])
     return grad_x, grad_A, grad_B
+
+
+# --------------------------------------------------------------------------------------------
+# DoRA (Liu et al., 2024), with PEFT's semantics: y = m / ||W0 + s B A||_row * (W0 + s B A) x, the norm a constant in
+# the backward (the paper's section 4.3); with dropout, the magnitude scales the base product of dropout(x).
+# --------------------------------------------------------------------------------------------
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling: float, w0_sq=None, rows_per_chunk: int | None = None):
+    """||W0_n + s (B A)_n|| for every output row n (fp32; fp64 for fp64 weights), without forming B A:
+    ||W0_n||^2 + 2 s sum_j B_nj (W0 A^T)_nj + s^2 sum_jk B_nj (A A^T)_jk B_nk, the adapters as stored (fp32 masters
+    stay fp32, as PEFT computes B A). w0_sq: the rows' ||W0_n||^2 if known (W0 is frozen: kept by the layer).
+    W0 is read in row chunks converted to the accumulation dtype, so no [N, K] tensor besides W0 itself exists."""
+    acc = _acc(weight.dtype)
+    N, K = weight.shape
+    a, b = lora_A.to(acc), lora_B.to(acc)
+    chunk = rows_per_chunk or max(1, min((N + 1) // 2, (1 << 20) // max(K, 1)))  # at most half of W0 at a time
+    wa = torch.empty((N, a.shape[0]), dtype=acc, device=weight.device)
+    sq = None if w0_sq is not None else torch.empty((N,), dtype=acc, device=weight.device)
+    for r0 in range(0, N, chunk):
+        w = weight[r0:r0 + chunk].to(acc)
+        torch.mm(w, a.t(), out=wa[r0:r0 + chunk])
+        if sq is not None:
+            sq[r0:r0 + chunk] = (w * w).sum(1)
+    w0_sq = sq if sq is not None else w0_sq.to(acc)
+    cross = (wa * b).sum(1)
+    quad = ((b @ (a @ a.t())) * b).sum(1)
+    return (w0_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0.0).sqrt()
+
+
+def dora_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling: float, dropout_p: float = 0.0,
+                 seed: int | None = None):
+    """DoRA's forward for a 2-D x, given the row norms (detached). Returns (y, xa, product) with xa = dropout(x) A^T
+    and product the [M, N] term the magnitude's grad needs: without dropout P = x W0^T + s xa B^T, with dropout
+    Q = dropout(x) W0^T + s xa B^T. y = g * P + bias, or x W0^T + bias + (g - 1) * dropout(x) W0^T + g * s xa B^T,
+    with g = magnitude / norm (kept in fp32, as PEFT does; y rounded once)."""
+    acc = _acc(x.dtype)
+    g = magnitude.to(acc) / norm.to(acc)
+    xd, _ = _dropped(x, seed, dropout_p)
+    xa = xd @ lora_A.t()
+    product = xd @ weight.t() + (xa @ lora_B.t()) * scaling
+    y = product.to(acc) * g
+    if dropout_p > 0.0:
+        y = y + ((x - xd) @ weight.t()).to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), xa, product
+
+
+def dora_backward(grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, scaling: float,
+                  dropout_p: float = 0.0, seed: int | None = None, need_dx: bool = True):
+    """Grads (dx or None, dA, dB, d magnitude) of dora_forward for a 2-D x, from its xa and product; the norm is a
+    constant. The LoRA part is LoRA's backward with dY scaled by g per column."""
+    acc = _acc(x.dtype)
+    g = magnitude.to(acc) / norm.to(acc)
+    grad_m = (grad_y.to(acc) * product.to(acc)).sum(0) / norm.to(acc)
+    gy = (grad_y.to(acc) * g).to(x.dtype)
+    xd, d = _dropped(x, seed, dropout_p)
+    gb = (gy @ lora_B) * scaling
+    grad_B = (gy.t() @ xa.to(gy.dtype)) * scaling
+    grad_A = gb.t() @ xd
+    grad_x = None
+    if need_dx:
+        low = gb @ lora_A
+        if d is None:
+            grad_x = gy @ weight + low
+        else:  # x W0^T + (g - 1) xd W0^T: dY W0 + D ((dY (g - 1)) W0 + G A)
+            grad_x = grad_y @ weight + (((grad_y.to(acc) * (g - 1)).to(x.dtype)) @ weight + low) * d
+    return grad_x, grad_A, grad_B, grad_m.to(magnitude.dtype)

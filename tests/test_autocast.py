@@ -118,7 +118,7 @@ def test_mixed_batch_under_autocast(backend, train):
     layer = _layer(backend, 0.2).train(train)
     layer.add_adapter("other", r=3, lora_alpha=6, lora_dropout=0.1)
     with torch.no_grad():
-        layer.extra_lora_B["other"].normal_()
+        layer.adapters["other"].lora_B.normal_()
     cast = copy.deepcopy(layer).to(torch.bfloat16)
     x = torch.randn(37, 40, device=DEVICE)
     ids = torch.randint(-1, 2, (37,), device=DEVICE)
@@ -133,8 +133,8 @@ def test_mixed_batch_under_autocast(backend, train):
     assert outs[0].dtype == torch.bfloat16
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     if train:
-        mine = [layer.lora_A.grad, layer.extra_lora_A["other"].grad, layer.extra_lora_B["other"].grad]
-        theirs = [cast.lora_A.grad, cast.extra_lora_A["other"].grad, cast.extra_lora_B["other"].grad]
+        mine = [layer.lora_A.grad, layer.adapters["other"].lora_A.grad, layer.adapters["other"].lora_B.grad]
+        theirs = [cast.lora_A.grad, cast.adapters["other"].lora_A.grad, cast.adapters["other"].lora_B.grad]
         for m, t in zip(mine, theirs):
             assert m.dtype == torch.float32
             torch.testing.assert_close(m.to(t.dtype), t, rtol=0, atol=0)

@@ -25,7 +25,9 @@ def test_from_linear_shares_storage_and_freezes():
     assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
     assert (layer.in_features, layer.out_features, layer.r, layer.scaling) == (24, 20, 4, 2.0)
     assert layer.lora_A.shape == (4, 24) and layer.lora_B.shape == (20, 4)
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["adapters.default.lora_A",
+                                                                           "adapters.default.lora_B"]
+    assert list(layer.state_dict()) == ["weight", "bias", "lora_A", "lora_B"]  # loralib's keys
 
 
 def test_starts_equal_to_the_base_layer():
@@ -182,7 +184,7 @@ def test_adapter_dtype_defaults_and_choices():
         layer = FusedLoRALinear(16, 12, r=2, device=DEVICE, dtype=w_dtype)
         assert layer.weight.dtype == w_dtype and layer.lora_A.dtype == layer.lora_B.dtype == expected
         layer.add_adapter("more", r=3)
-        assert layer.extra_lora_A["more"].dtype == layer.extra_lora_B["more"].dtype == expected
+        assert layer.adapters["more"].lora_A.dtype == layer.adapters["more"].lora_B.dtype == expected
     kept = FusedLoRALinear.from_linear(_linear(dtype=torch.bfloat16), r=2, lora_dtype=torch.bfloat16)
     assert kept.lora_A.dtype == kept.lora_B.dtype == torch.bfloat16
     assert FusedLoRALinear.from_linear(_linear(dtype=torch.bfloat16), r=2).lora_A.dtype == torch.float32
@@ -242,11 +244,12 @@ def test_fp32_adapters_grads_from_the_fp32_accumulators(backward):
 
 
 def test_fp32_adapters_are_not_cast_per_call():
-    """The kernels round fp32 adapters to W0's dtype as they load them: no cast op per call (the reference backend
-    casts inside), and an in-place change to an adapter shows in the next call."""
+    """The one-launch forward rounds fp32 adapters to W0's dtype as it loads them: no cast op per call (the reference
+    backend casts inside; the GEMM with extra K steps casts B [N, r] first), and an in-place change to an adapter
+    shows in the next call."""
     from conftest import CountOps
 
-    layer = FusedLoRALinear(24, 20, r=4, init_lora_weights=False, backend="triton_xa_first+triton_split",
+    layer = FusedLoRALinear(24, 20, r=4, init_lora_weights=False, backend="triton_fused+triton_split",
                             device=DEVICE, dtype=torch.bfloat16).eval()
     x = torch.randn(5, 24, device=DEVICE, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -258,7 +261,7 @@ def test_fp32_adapters_are_not_cast_per_call():
         layer.lora_B.mul_(2.0)  # an in-place update (an optimizer step, load_state_dict)
         changed = layer(x)
     expected = lora_linear(x, layer.weight, layer.bias, layer.lora_A.bfloat16(), layer.lora_B.bfloat16(),
-                           layer.scaling, backend="triton_xa_first+triton_split")
+                           layer.scaling, backend="triton_fused+triton_split")
     assert torch.equal(changed, expected) and not torch.equal(changed, first)
 
 

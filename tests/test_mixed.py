@@ -183,8 +183,8 @@ def test_layer_mixed_batch_rows_follow_their_adapter(training):
     torch.manual_seed(seed)
     y = layer(x, adapter_ids=ids)
     y.float().square().sum().backward()
-    assert layer.extra_lora_A["math"].grad is None or not layer.extra_lora_A["math"].grad.any()
-    assert layer.lora_A.grad.any() and layer.extra_lora_B["code"].grad.any()
+    assert layer.adapters["math"].lora_A.grad is None or not layer.adapters["math"].lora_A.grad.any()
+    assert layer.lora_A.grad.any() and layer.adapters["code"].lora_B.grad.any()
     # the same through the functional op and the reference, with the seed the layer drew
     names = layer.adapter_names
     parts = [layer._adapter(n) for n in names]
@@ -209,9 +209,10 @@ def test_whole_model_serves_a_mixed_batch_with_the_context_manager():
     lora_kernels.add_adapter(model, "other", r=2, lora_alpha=4, init_lora_weights=False)
     lora_kernels.mark_only_lora_as_trainable(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{m}.{k}" for m in ("0", "2") for k in ("lora_A", "lora_B", "extra_lora_A.other",
-                                                                  "extra_lora_B.other")}
-    assert set(lora_kernels.lora_state_dict(model)) == trainable
+    assert trainable == {f"{m}.adapters.{a}.{k}" for m in ("0", "2") for a in ("default", "other")
+                         for k in ("lora_A", "lora_B")}
+    assert set(lora_kernels.lora_state_dict(model)) == {
+        f"{m}.{k}" for m in ("0", "2") for k in ("lora_A", "lora_B", "adapters.other.lora_A", "adapters.other.lora_B")}
     model.eval()
     x = torch.randn(4, 5, 24, device=DEVICE)
     per_seq = torch.tensor([1, -1, 0, 1], device=DEVICE)  # one adapter per sequence
@@ -244,7 +245,7 @@ def test_mixed_batch_compiles_without_graph_breaks():
     y = compiled(x)
     y.square().sum().backward()
     torch.testing.assert_close(y, layer(x, adapter_ids=ids), rtol=1e-5, atol=1e-5)
-    assert x.grad is not None and layer.extra_lora_B["math"].grad.any()
+    assert x.grad is not None and layer.adapters["math"].lora_B.grad.any()
 
 
 def test_compile_mixed_layers_with_different_hyperparameters():
@@ -258,7 +259,7 @@ def test_compile_mixed_layers_with_different_hyperparameters():
         x = torch.randn(4, 16, device=DEVICE)
         eager = lambda x, ids: layer(x, adapter_ids=ids)  # noqa: E731
         compiled = torch.compile(eager, fullgraph=True, backend="aot_eager")
-        assert_compiled_matches_eager(eager, compiled, [x, ids], [layer.lora_A, layer.extra_lora_B["b"]])
+        assert_compiled_matches_eager(eager, compiled, [x, ids], [layer.lora_A, layer.adapters["b"].lora_B])
 
 
 def test_sorted_variant_takes_rows_in_adapter_order(monkeypatch):

@@ -83,8 +83,9 @@ def test_trainable_flags_and_lora_state_dict():
     net = inject(_Net(), ["q_proj", "v_proj", "mlp.0"], r=2)
     mark_only_lora_as_trainable(net)
     trainable = sorted(n for n, p in net.named_parameters() if p.requires_grad)
-    assert trainable == sorted(f"{m}.lora_{ab}" for m in ("attn.q_proj", "attn.v_proj", "mlp.0") for ab in "AB")
-    assert sorted(lora_state_dict(net)) == trainable
+    layers = ("attn.q_proj", "attn.v_proj", "mlp.0")
+    assert trainable == sorted(f"{m}.adapters.default.lora_{ab}" for m in layers for ab in "AB")
+    assert sorted(lora_state_dict(net)) == sorted(f"{m}.lora_{ab}" for m in layers for ab in "AB")  # loralib's keys
     mark_only_lora_as_trainable(net, bias="lora_only")
     assert net.attn["q_proj"].bias.requires_grad and not net.mlp[2].bias.requires_grad
     assert "attn.q_proj.bias" in lora_state_dict(net, bias="lora_only")

@@ -38,9 +38,11 @@ MODELS = {"gpt2": (_gpt2, ["c_attn", "c_proj"]), "llama": (_llama, ["q_proj", "v
 
 
 def _key(name: str) -> str:
-    """PEFT's parameter names (base_model.model.X.lora_A.default.weight) and ours (X.lora_A) to X.lora_A."""
+    """PEFT's parameter names (base_model.model.X.lora_A.default.weight, X.lora_magnitude_vector.default.weight) and
+    ours (X.adapters.default.lora_A) to X.lora_A."""
     name = name.removeprefix("base_model.model.")
-    return re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1", name)
+    name = re.sub(r"\.adapters\.default\.(lora_\w+)$", r".\1", name)
+    return re.sub(r"\.(lora_[AB]|lora_magnitude_vector)\.default\.weight$", r".\1", name)
 
 
 def _run(model, ids):
@@ -196,15 +198,24 @@ def test_fuse_adapters_added_later_and_fallbacks():
     assert type(o) is peft.tuners.lora.layer.Linear
     fuse(pm, backend=BACKEND)
     assert type(o) is FusedPeftLinear
-    # DoRA is not fused: PEFT's forward serves it, with a warning, and the results are PEFT's
-    dora = _peft_model(base, ["v_proj"], use_dora=True)
-    expected = copy.deepcopy(dora)
-    fuse(dora, backend=BACKEND)
+    # a LoRA variant the fused path does not cover: PEFT's forward serves it, with a warning, and the results are
+    # PEFT's (a DoRA layer relabelled as another variant stands in for one)
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    class OtherVariant(DoraLinearVariant):
+        pass
+
+    other = _peft_model(base, ["v_proj"], use_dora=True)
+    for module in other.modules():
+        if getattr(module, "lora_variant", None):
+            module.lora_variant["default"] = OtherVariant()
+    expected = copy.deepcopy(other)
+    fuse(other, backend=BACKEND)
     ids = torch.randint(0, 64, (1, 5), device=DEVICE)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = dora(ids).logits
-    assert any("DoraLinearVariant" in str(w.message) for w in caught)
+        out = other(ids).logits
+    assert any("OtherVariant" in str(w.message) for w in caught)
     torch.testing.assert_close(out, expected(ids).logits, rtol=0, atol=0)
 
 

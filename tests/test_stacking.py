@@ -63,7 +63,7 @@ def test_a_changed_adapter_is_restacked(change):
     _check(layer, x, ids)  # fills the cache
     with torch.no_grad():
         if change == "in_place":
-            layer.extra_lora_B["a1"].mul_(-3.0)
+            layer.adapters["a1"].lora_B.mul_(-3.0)
         elif change == "optimizer_step":
             for p in layer.parameters():
                 p.grad = torch.ones_like(p) if p.requires_grad else None
@@ -78,7 +78,7 @@ def test_a_changed_adapter_is_restacked(change):
             layer.delete_adapter("a0")
             ids = torch.tensor([0, 1, 1, -1, 1, 0], device=DEVICE)
         elif change == "new_parameter":
-            layer.extra_lora_A["a0"] = torch.nn.Parameter(torch.randn_like(layer.extra_lora_A["a0"]))
+            layer.adapters["a0"].lora_A = torch.nn.Parameter(torch.randn_like(layer.adapters["a0"].lora_A))
         elif change == "dtype":
             layer.double()
             x = x.double()
@@ -95,14 +95,14 @@ def test_grads_reach_each_adapter_after_cached_inference():
     layer.train()
     assert layer._stack._cache is None  # train() frees the copy
     layer(x, adapter_ids=ids).square().sum().backward()
-    assert layer.lora_A.grad.any() and layer.extra_lora_B["a1"].grad.any()
-    assert layer.extra_lora_A["a0"].grad is None or not layer.extra_lora_A["a0"].grad.any()  # no row uses it
+    assert layer.lora_A.grad.any() and layer.adapters["a1"].lora_B.grad.any()
+    assert layer.adapters["a0"].lora_A.grad is None or not layer.adapters["a0"].lora_A.grad.any()  # no row uses it
     # the same grads as the uncached functional path
-    a, b, owner = stack_adapters([layer.lora_A.detach(), *[t.detach() for t in layer.extra_lora_A.values()]],
-                                 [layer.lora_B.detach(), *[t.detach() for t in layer.extra_lora_B.values()]])
+    a, b, owner = stack_adapters([layer.lora_A.detach(), *[a.lora_A.detach() for a in list(layer.adapters.values())[1:]]],
+                                 [layer.lora_B.detach(), *[a.lora_B.detach() for a in list(layer.adapters.values())[1:]]])
     a.requires_grad_()
     y = lora_kernels.lora_linear_mixed(x, layer.weight, layer.bias, a, b, owner, ids,
-                                       [layer.scaling, *[hp["scaling"] for hp in layer._extra_hparams.values()]],
+                                       [a.scaling for a in layer.adapters.values()],
                                        backend="torch")
     y.square().sum().backward()
     torch.testing.assert_close(a.grad[:4], layer.lora_A.grad)
@@ -148,7 +148,7 @@ def test_layers_with_a_cache_copy_and_pickle():
         with torch.no_grad():
             torch.testing.assert_close(other(x, adapter_ids=ids), y)
         with torch.no_grad():
-            other.extra_lora_B["a0"].zero_()  # the copy's adapters are its own
+            other.adapters["a0"].lora_B.zero_()  # the copy's adapters are its own
     with torch.no_grad():
         torch.testing.assert_close(layer(x, adapter_ids=ids), y)
 
@@ -160,7 +160,7 @@ def test_inference_mode_tensors_take_the_uncached_path():
         ids = torch.tensor([2, 0, 1, -1], device=DEVICE)
         y = layer(x, adapter_ids=ids)
         assert layer._stack._cache is None
-        layer.extra_lora_B["a1"].mul_(2.0)  # inference tensors have no version counter: nothing may be cached
+        layer.adapters["a1"].lora_B.mul_(2.0)  # inference tensors have no version counter: nothing may be cached
         y2 = layer(x, adapter_ids=ids)
         assert not torch.equal(y[0], y2[0]) and torch.equal(y[1:], y2[1:])
 

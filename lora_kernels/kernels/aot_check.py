@@ -36,13 +36,15 @@ DTYPES = ("fp16", "bf16", "fp32")
 _ADAPTER_ARGS = {"A", "B"}
 _POINTER_TYPES = {"XA": "*fp32", "SEED": "*i64", "DA": "*fp32", "DB": "*fp32", "OUT": "*i8", "IDS": "*i32",
                   "OWNER": "*i32", "SCALES": "*fp32", "THR": "*i32", "KS": "*fp32", "ORDER": "*i32",
-                  "RSTART": "*i32"}
+                  "RSTART": "*i32", "WA": "*fp32", "SQ": "*fp32", "G": "*fp32", "DM": "*fp32"}
+# pointers whose type follows the kernel (the dropout mask kernel writes int8; dropout_apply writes x's type)
+_KERNEL_POINTERS = {"dropout_apply_kernel": {"OUT": None}}
 _FLOAT_ARGS = {"scaling", "keep_scale"}
 _SIZE_ARGS = {"M", "N", "K", "R"}  # upper case like the pointers, but i32
 
 
 def _kernels():
-    from . import backward, dropout, forward
+    from . import backward, dora, dropout, forward
 
     return {
         "lora_fwd_kernel": forward.lora_fwd_kernel,
@@ -50,6 +52,10 @@ def _kernels():
         "lora_bwd_dx_kernel": backward.lora_bwd_dx_kernel,
         "lora_bwd_lowrank_kernel": backward.lora_bwd_lowrank_kernel,
         "dropout_mask_kernel": dropout.dropout_mask_kernel,
+        "dropout_apply_kernel": dropout.dropout_apply_kernel,
+        "dora_norm_kernel": dora.dora_norm_kernel,
+        "dora_scale_kernel": dora.dora_scale_kernel,
+        "dora_grad_kernel": dora.dora_grad_kernel,
     }
 
 
@@ -121,9 +127,21 @@ def specializations(arch: int):
                             XA_TILE_KEYS)
                     add("lora_bwd_lowrank_kernel", dtype, row,
                         dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, GATED=True, BLOCK_R=row[5]))
+    from .dora import EW_BLOCK, norm_block
     from .dropout import MASK_BLOCK
 
     out.append(("dropout_mask_kernel", "fp32", dict(BLOCK_M=MASK_BLOCK[0], BLOCK_K=MASK_BLOCK[1]), 4, 3))
+    ew = dict(BLOCK_M=EW_BLOCK[0], BLOCK_N=EW_BLOCK[1], UPCAST=False)
+    for dtype in DTYPES:  # the elementwise passes of the aten family and of DoRA
+        out.append(("dropout_apply_kernel", dtype, dict(BLOCK_M=MASK_BLOCK[0], BLOCK_K=MASK_BLOCK[1], UPCAST=False),
+                    4, 3))
+        out.append(("dora_scale_kernel", dtype, dict(ew, HAS_BIAS=True, HAS_EXTRA=True), 4, 3))
+        out.append(("dora_grad_kernel", dtype, dict(ew, HAS_REST=True), 4, 3))
+        for adapters in (dtype, "fp32"):  # the adapters in W0's dtype, or fp32 masters; every padded rank
+            for rank in (16, 32, 64, 128, 256):
+                rows, step = norm_block(rank)
+                out.append(("dora_norm_kernel", dtype if adapters == dtype else f"{dtype}+fp32",
+                            dict(HAS_SQ=False, BLOCK_R=rank, BLOCK_N=rows, BLOCK_K=step), 4, 2))
     # fp32 inputs with torch.backends.cuda.matmul.allow_tf32 switch the dots to TF32.
     add("lora_fwd_kernel", "fp32", TABLES["gemm"][arch][4][0],
         dict(HAS_BIAS=True, FUSE_XA=True, STORE_XA=True, SORTED=False, BLOCK_R=16), precision="tf32")
@@ -134,6 +152,7 @@ def specializations(arch: int):
 
 def _signature(jit_fn, dtype: str, constexprs: dict) -> dict:
     dtype, _, adapters = dtype.partition("+")
+    own = _KERNEL_POINTERS.get(jit_fn.__name__, {})
     sig = {}
     for param in jit_fn.params:
         name = param.name
@@ -142,7 +161,8 @@ def _signature(jit_fn, dtype: str, constexprs: dict) -> dict:
         elif name in _ADAPTER_ARGS and adapters:
             sig[name] = f"*{adapters}"
         elif name.isupper() and name not in _SIZE_ARGS:
-            sig[name] = _POINTER_TYPES.get(name, f"*{dtype}")
+            fixed = own[name] if name in own else _POINTER_TYPES.get(name)
+            sig[name] = fixed or f"*{dtype}"
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
         else:

@@ -30,8 +30,9 @@ import triton.language as tl
 from .configs import (AUTOTUNE_KWARGS, BACKWARD_CONFIGS, INTERPRET, LOWRANK_CONFIGS, dot_precision, fixed_config,
                       m_bucket, prune_configs)
 from .dropout import dropout_args, dropout_keep
-from .forward import _tile_ids, as_type, block_r, row_gate
+from .forward import _tile_ids, block_r, row_gate
 from .memory import empty
+from .numerics import as_type, rounded
 
 
 @triton.jit
@@ -116,7 +117,8 @@ def lora_bwd_dx_kernel(
     if DROPOUT:
         low_rank = tl.where(keep, low_rank * keep_scale, 0.0)
     acc += low_rank
-    tl.store(DX + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
+    tl.store(DX + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+             rounded(acc, DX.dtype.element_ty, UPCAST),
              mask=m_ok[:, None] & k_ok[None, :])
 
     da = tl.dot(tl.trans(g), x, input_precision=DOT_PRECISION)
@@ -193,7 +195,7 @@ def lora_bwd_lowrank_kernel(
             if DROPOUT:
                 low_rank = tl.where(keep, low_rank * keep_scale, 0.0)
             tl.store(DX + offs_m.to(tl.int64)[:, None] * stride_dxm + (k0 + offs_k)[None, :] * stride_dxk,
-                     low_rank.to(DX.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+                     rounded(low_rank, DX.dtype.element_ty, UPCAST), mask=m_ok[:, None] & k_ok[None, :])
 
 
 def _partials(kernel, deterministic, x, br, M, shapes):

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .configs import INTERPRET
+from .numerics import rounded
 
 
 @triton.jit
@@ -63,7 +64,7 @@ def dropout_mask_kernel(SEED, OUT, M, K, threshold, BLOCK_M: tl.constexpr, BLOCK
 
 @triton.jit
 def dropout_apply_kernel(SEED, X, OUT, M, K, stride_xm, stride_om, threshold, keep_scale,
-                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                         UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """OUT[M, K] = X * keep / (1 - p) in X's dtype (OUT may be X: each element is read, then written, by one
     program). The scaling is applied in fp32 and rounded once."""
     pid_m = tl.program_id(0)
@@ -74,7 +75,7 @@ def dropout_apply_kernel(SEED, X, OUT, M, K, stride_xm, stride_om, threshold, ke
     ok = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)
     out = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
-    tl.store(OUT + rows[:, None] * stride_om + cols[None, :], out.to(OUT.dtype.element_ty), mask=ok)
+    tl.store(OUT + rows[:, None] * stride_om + cols[None, :], rounded(out, OUT.dtype.element_ty, UPCAST), mask=ok)
 
 
 MASK_BLOCK = (32, 32) if INTERPRET else (32, 128)
@@ -91,8 +92,8 @@ def dropout_apply(x: torch.Tensor, seed: torch.Tensor, p: float, out: torch.Tens
     threshold, keep_scale = dropout_args(p)
     if M and K:
         dropout_apply_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
-            seed, x, out, M, K, x.stride(0), out.stride(0), threshold, keep_scale, BLOCK_M=bm, BLOCK_K=bk,
-            num_warps=4)
+            seed, x, out, M, K, x.stride(0), out.stride(0), threshold, keep_scale, UPCAST=INTERPRET, BLOCK_M=bm,
+            BLOCK_K=bk, num_warps=4)
     return out
 
 

@@ -26,23 +26,7 @@ from .configs import (AUTOTUNE_KWARGS, FORWARD_CONFIGS, INTERPRET, XA_CONFIGS, d
                       prune_configs)
 from .dropout import dropout_args, dropout_keep
 from .memory import empty
-
-
-@triton.jit
-def as_type(v, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """v rounded to `dtype` (to nearest, ties to even, as GPUs convert). UPCAST (the interpreter, which feeds its dots
-    fp32 operands): the rounded value in fp32; its own float32 -> bfloat16 conversion truncates, so bfloat16 rounding
-    is done on the bits there."""
-    if UPCAST:
-        if dtype == tl.bfloat16:
-            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            out = bits.to(tl.float32, bitcast=True)
-        else:
-            out = v.to(dtype).to(tl.float32)
-    else:
-        out = v.to(dtype)
-    return out
+from .numerics import as_type, rounded
 
 
 @triton.jit
@@ -148,7 +132,7 @@ def lora_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
     y_ptrs = Y + out_rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(y_ptrs, rounded(acc, Y.dtype.element_ty, UPCAST), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 @triton.jit
@@ -238,7 +222,7 @@ def lora_xa_kernel(
         tl.store(xa_ptrs, acc, mask=out_ok)
     if STORE_XS:
         tl.store(XS + out_rows.to(tl.int64)[:, None] * stride_xsm + offs_r[None, :],
-                 (acc * scaling).to(XS.dtype.element_ty), mask=out_ok)
+                 rounded(acc * scaling, XS.dtype.element_ty, UPCAST), mask=out_ok)
 
 
 def block_r(r: int) -> int:

@@ -1,0 +1,340 @@
+"""DoRA (weight-decomposed LoRA, Liu et al. 2024) at LoRA's cost, with PEFT's semantics.
+
+    y = g * (x W0^T + s (x A^T) B^T) + bias,        g = m / ||W0 + s B A||_row   (no dropout, or eval)
+    y = x W0^T + bias + (g - 1) * (dropout(x) W0^T) + g * s (dropout(x) A^T) B^T    (dropout, in training)
+
+The norm is a constant in the backward (the paper's section 4.3, as PEFT). It is computed without any [N, K] tensor
+besides W0 itself (``reference.dora_weight_norm``; on GPUs one Triton pass over W0): ||W0_n||^2 is kept per layer
+while W0 is unchanged (``DoraNorms``), W0 A^T is one pass over W0, A A^T is [r, r]; in inference the whole norm is kept
+until W0 or an adapter changes.
+
+The forward and backward are LoRA's (the planner's variants for the same call, any family) with DoRA's column scale
+around them: the LoRA forward without bias gives P = x W0^T + s xa B^T (saved: the magnitude's grad is
+sum_m dY * P / norm), then y = g * P + bias in one pass; the backward scales dY by g and sums the magnitude's grad in
+one pass, then runs LoRA's backward on the scaled dY. With dropout PEFT applies the magnitude to the base product of
+dropout(x), so the base GEMM runs twice, on x and on dropout(x) (forward), and the dX GEMM twice (backward): DoRA with
+dropout costs about two LoRA layers, as PEFT's does. Mixed-adapter batches with DoRA adapters are refused.
+
+Ops: ``lora_kernels::dora_linear_fwd(x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p,
+save, plan) -> (y, xa, product)`` and ``lora_kernels::dora_linear_bwd(grad_y, x, weight, lora_A, lora_B, magnitude,
+norm, xa, product, seed, scaling, dropout_p, need_dx, deterministic, plan) -> (dx, dA, dB, d_magnitude)``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from . import plan as planner
+from .ops import (_check_seed, _plain, _seed, _unflatten, adapters_for, autocast_inputs, check_args,
+                  master_adapters)
+from .plan import Call
+
+__all__ = ["dora_linear", "dora_weight_norm", "DoraNorms", "dora_linear_fwd", "dora_linear_bwd"]
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# The weight norm
+# --------------------------------------------------------------------------------------------
+def _triton_norm(weight) -> bool:
+    """The one-pass Triton norm serves CUDA tensors (and CPU ones under the interpreter) of the kernels' dtypes."""
+    return (weight.dtype in backends.KERNEL_DTYPES and backends._triton_import_error() is None
+            and (weight.is_cuda or (backends.triton_interpreting() and weight.device.type == "cpu")))
+
+
+def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, w0_sq: Tensor | None = None):
+    """(||W0_n + s (B A)_n|| [N], ||W0_n||^2 [N]) in fp32 (fp64 for fp64 weights), detached, without an [N, K]
+    tensor besides W0: one Triton pass over W0 where it runs, else the reference's row chunks."""
+    weight, lora_A, lora_B = weight.detach(), lora_A.detach(), lora_B.detach()
+    if _triton_norm(weight):
+        from .kernels.dora import weight_norm
+
+        return weight_norm(weight, lora_A, lora_B, scaling, w0_sq)
+    acc = _acc(weight.dtype)
+    if w0_sq is None:
+        w0_sq = reference.dora_weight_norm(weight, lora_A[:0], lora_B[:, :0], 0.0).square()
+    return reference.dora_weight_norm(weight, lora_A, lora_B, scaling, w0_sq), w0_sq.to(acc)
+
+
+@torch.library.custom_op("lora_kernels::dora_weight_norm", mutates_args=())
+def dora_weight_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """The row norms as an op (what graphs traced by torch.compile hold: the Triton pass is opaque to them)."""
+    return dora_weight_norm(weight, lora_A, lora_B, scaling)[0]
+
+
+@dora_weight_norm_op.register_fake
+def _(weight, lora_A, lora_B, scaling):
+    return weight.new_empty((weight.shape[0],), dtype=_acc(weight.dtype))
+
+
+def _fingerprint(t: Tensor):
+    return t._version, t.data_ptr(), t.shape, t.dtype
+
+
+class DoraNorms:
+    """One layer's kept norms: ||W0_n||^2 while W0 is the same tensor, unchanged (it is frozen), and in inference the
+    whole norm while W0, A and B are unchanged (a training step recomputes it: the adapters change every step)."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self._sq = None  # (weak ref to W0, fingerprint, squares)
+        self._norm = None  # (weak refs and fingerprints of W0, A, B, scaling, norm)
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.clear()
+
+    def get(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+        if torch.compiler.is_compiling() or not _plain(weight, lora_A, lora_B) or weight.is_inference() \
+                or weight.device.type == "meta":
+            return torch.ops.lora_kernels.dora_weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(),
+                                                           float(scaling))
+        tensors = (weight, lora_A, lora_B)
+        frozen = not (torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad))
+        kept = self._norm
+        if frozen and kept is not None and kept[1] == scaling and all(
+                ref() is t and fp == _fingerprint(t) for (ref, fp), t in zip(kept[0], tensors)):
+            return kept[2]
+        sq = self._sq
+        w0_sq = sq[2] if sq is not None and sq[0]() is weight and sq[1] == _fingerprint(weight) else None
+        with torch.no_grad(), torch.inference_mode(False):
+            norm, squares = dora_weight_norm(weight, lora_A, lora_B, scaling, w0_sq)
+        if w0_sq is None:
+            self._sq = (weakref.ref(weight), _fingerprint(weight), squares)
+        self._norm = ((tuple((weakref.ref(t), _fingerprint(t)) for t in tensors), scaling, norm) if frozen and
+                      not any(t.is_inference() for t in tensors) else None)
+        return norm
+
+
+# --------------------------------------------------------------------------------------------
+# Variants: LoRA's for the call, with DoRA's column scale around them
+# --------------------------------------------------------------------------------------------
+def _column_scale(magnitude, norm, dtype):
+    acc = _acc(dtype)
+    return magnitude.to(acc) / norm.to(acc)
+
+
+def _triton_glue(plan, x) -> bool:
+    return planner.dora_glue(plan) == "triton" and _triton_norm(x)
+
+
+def _forward(plan, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, save):
+    acc = _acc(x.dtype)
+    empty_xa = x.new_empty((0,), dtype=acc)
+    if plan.forward == "torch":
+        a, b = backends._like_x(x, lora_A, lora_B)
+        y, xa, product = reference.dora_forward(x, weight, bias, a, b, magnitude, norm, scaling, dropout_p,
+                                                backends._seed_int(seed))
+        return y, (xa.to(acc) if save else empty_xa), (product if save else x.new_empty((0,)))
+    g = _column_scale(magnitude, norm, x.dtype)
+    forward = backends.FORWARD[plan.forward]
+    if dropout_p == 0.0:
+        product, xa = forward(x, weight, None, lora_A, lora_B, None, scaling, 0.0, save, plan.xa_splits)
+        extra = None
+    else:  # the LoRA product on dropout(x), and x W0^T - dropout(x) W0^T for the undropped base path
+        xd = backends.dropped(x, seed, dropout_p)
+        product, xa = forward(xd, weight, None, lora_A, lora_B, None, scaling, 0.0, save, plan.xa_splits)
+        extra = torch.mm(torch.sub(x, xd, out=xd), weight.t())
+    if _triton_glue(plan, x):
+        from .kernels.dora import scale
+
+        y = scale(product, g, bias, extra, x.dtype)
+    else:
+        y = product.to(acc) * g
+        if extra is not None:
+            y += extra
+        if bias is not None:
+            y += bias
+        y = y.to(x.dtype)
+    return y, (xa if save else empty_xa), (product if save else x.new_empty((0,)))
+
+
+def _backward(plan, grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed, scaling, dropout_p,
+              need_dx, deterministic):
+    if plan.backward == "torch":
+        a, b = backends._like_x(x, lora_A, lora_B)
+        dx, da, db, dm = reference.dora_backward(grad_y, x, weight, a, b, magnitude, norm, xa, product, scaling,
+                                                 dropout_p, backends._seed_int(seed), need_dx)
+        return (dx if need_dx else x.new_empty((0,))), da.to(lora_A.dtype), db.to(lora_B.dtype), dm
+    g = _column_scale(magnitude, norm, x.dtype)
+    rest = dropout_p > 0.0 and need_dx
+    if _triton_glue(plan, x):
+        from .kernels.dora import grad_scale
+
+        grad_g, grad_rest, dm = grad_scale(grad_y, product, g, rest)
+    else:
+        acc = _acc(x.dtype)
+        dy = grad_y.to(acc)
+        dm = (dy * product.to(acc)).sum(0)
+        grad_g = (dy * g).to(x.dtype)
+        grad_rest = (dy - dy * g).to(x.dtype) if rest else None
+    dx, da, db = backends.BACKWARD[plan.backward](grad_g, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p,
+                                                  need_dx, deterministic)
+    if rest:  # dropout's base path: + (dY (1 - g)) W0 outside the mask, (the mask's part is in LoRA's dX)
+        extra = torch.mm(grad_rest, weight)
+        dx = dx.add_(extra).sub_(backends.dropped(extra, seed, dropout_p, in_place=True))
+    return dx, da, db, (dm / norm.to(dm.dtype)).to(magnitude.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks and ops
+# --------------------------------------------------------------------------------------------
+def check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p) -> None:
+    check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    N = weight.shape[0]
+    if not isinstance(magnitude, Tensor) or tuple(magnitude.shape) != (N,):
+        raise ValueError(f"magnitude: expected a tensor of shape [{N}] (out_features), got "
+                         f"{tuple(magnitude.shape) if isinstance(magnitude, Tensor) else type(magnitude).__name__}")
+    if magnitude.dtype != lora_A.dtype:
+        raise TypeError(f"magnitude: dtype {magnitude.dtype} does not match lora_A's dtype {lora_A.dtype}")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude: on device {magnitude.device}, expected x's device {x.device}")
+    if norm is not None and (not isinstance(norm, Tensor) or tuple(norm.shape) != (N,) or norm.device != x.device):
+        raise ValueError(f"norm: expected the [{N}] row norms on x's device (dora_weight_norm)")
+
+
+def _call(x, weight, lora_A, dropout_p, grads) -> Call:
+    return Call(x.device, x.dtype, x.shape[0], weight.shape[1], weight.shape[0], lora_A.shape[0], dropout_p > 0.0,
+                grads, torch.are_deterministic_algorithms_enabled(), 0)
+
+
+@torch.library.custom_op("lora_kernels::dora_linear_fwd", mutates_args=())
+def dora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                    magnitude: Tensor, norm: Tensor, seed: Optional[Tensor], scaling: float, dropout_p: float,
+                    save: bool, plan: str) -> tuple[Tensor, Tensor, Tensor]:
+    check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p)
+    _check_seed(seed, x.device, dropout_p)
+    chosen = planner.resolve_spec(plan, _call(x, weight, lora_A, dropout_p, 2 if save else 0))
+    return _forward(chosen, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, save)
+
+
+@dora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, save, plan):
+    check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p)
+    M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
+    return (x.new_empty((M, N)), x.new_empty((M, r) if save else (0,), dtype=_acc(x.dtype)),
+            x.new_empty((M, N) if save else (0,)))
+
+
+@torch.library.custom_op("lora_kernels::dora_linear_bwd", mutates_args=())
+def dora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                    norm: Tensor, xa: Tensor, product: Tensor, seed: Optional[Tensor], scaling: float,
+                    dropout_p: float, need_dx: bool, deterministic: bool,
+                    plan: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
+    for name, t, shape in (("grad_y", grad_y, (M, N)), ("xa", xa, (M, r)), ("product", product, (M, N))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    _check_seed(seed, x.device, dropout_p)
+    chosen = planner.resolve_spec(plan, _call(x, weight, lora_A, dropout_p, 2 if need_dx else 1))
+    return _backward(chosen, grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed, scaling,
+                     dropout_p, need_dx, deterministic)
+
+
+@dora_linear_bwd.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed, scaling, dropout_p, need_dx,
+      deterministic, plan):
+    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), torch.empty_like(magnitude)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, save, plan = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, norm, output[1], output[2], seed)
+    ctx.scaling, ctx.dropout_p, ctx.plan, ctx.has_bias = scaling, dropout_p, plan, bias is not None
+
+
+def _dora_grads(ctx, grad_y, call_bwd):
+    """Grads of (x, weight, bias, lora_A, lora_B, magnitude); the base weight is frozen (refused in the forward)."""
+    x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+    if need_w:
+        raise RuntimeError("dora_linear: the base weight must be frozen (DoRA trains the adapters and the magnitude)")
+    grad_x = grad_a = grad_b = grad_m = grad_bias = None
+    if need_x or need_a or need_b or need_m:
+        dx, grad_a, grad_b, grad_m = call_bwd(grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed,
+                                              ctx.scaling, ctx.dropout_p, need_x,
+                                              torch.are_deterministic_algorithms_enabled(), ctx.plan)
+        grad_x = dx if need_x else None
+    if need_bias and ctx.has_bias:
+        grad_bias = grad_y.sum(0)
+    return grad_x, None, grad_bias, grad_a, grad_b, grad_m
+
+
+def _backward_op(ctx, grad_y, grad_xa, grad_product):
+    return *_dora_grads(ctx, grad_y, torch.ops.lora_kernels.dora_linear_bwd), None, None, None, None, None, None
+
+
+dora_linear_fwd.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+class _EagerDoraLinear(torch.autograd.Function):
+    """The ops' forward/backward without the custom-op dispatcher, running a Plan (as ops._EagerLoRALinear)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, plan):
+        y, xa, product = _forward(plan, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p,
+                                  True)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed)
+        ctx.scaling, ctx.dropout_p, ctx.plan, ctx.has_bias = scaling, dropout_p, plan, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return *_dora_grads(ctx, grad_y, _eager_bwd), None, None, None, None, None
+
+
+def _eager_bwd(grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed, scaling, dropout_p, need_dx,
+               deterministic, plan):
+    return _backward(plan, grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed, scaling, dropout_p,
+                     need_dx, deterministic)
+
+
+def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                scaling: float, dropout_p: float = 0.0, *, backend: str = "auto", seed: Optional[Tensor] = None,
+                norms: DoraNorms | None = None) -> Tensor:
+    """DoRA: y = m / ||W0 + s B A||_row * (x W0^T + s (dropout(x) A^T) B^T) + bias (with dropout: the magnitude on the
+    base product of dropout(x), as PEFT); x may have any leading dims; grads reach x, lora_A, lora_B and magnitude.
+    `norms` (a layer's DoraNorms) keeps ||W0||^2 and, in inference, the whole norm between calls."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    lora_A, lora_B = adapters_for(x, lora_A, lora_B)
+    if isinstance(magnitude, Tensor) and isinstance(lora_A, Tensor) and magnitude.dtype != lora_A.dtype and \
+            not master_adapters(x.dtype, magnitude.dtype):
+        magnitude = magnitude.to(lora_A.dtype)
+    check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, None, scaling, dropout_p)
+    planner.check_name(backend)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        raise ValueError("weight: DoRA needs a frozen base weight (requires_grad=False); it trains the adapters and "
+                         "the magnitude")
+    scaling, dropout_p = float(scaling), float(dropout_p)
+    norm = (norms or DoraNorms()).get(weight, lora_A, lora_B, scaling)
+    grad = torch.is_grad_enabled()
+    need_x = grad and x.requires_grad
+    save = need_x or (grad and any(t is not None and t.requires_grad for t in (lora_A, lora_B, magnitude, weight,
+                                                                                bias)))
+    seed = _seed(seed, x, dropout_p)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    grads = 2 if need_x else (1 if save else 0)
+    if torch.compiler.is_compiling() or not _plain(x, weight, bias, lora_A, lora_B, magnitude):
+        y, _, _ = torch.ops.lora_kernels.dora_linear_fwd(x2, weight, bias, lora_A, lora_B, magnitude, norm, seed,
+                                                         scaling, dropout_p, save, backend)
+        return _unflatten(y, lead)
+    chosen = planner.choose(_call(x2, weight, lora_A, dropout_p, grads), backend)
+    if save:
+        y = _EagerDoraLinear.apply(x2, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, chosen)
+    else:
+        y, _, _ = _forward(chosen, x2, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, False)
+    return _unflatten(y, lead)
