@@ -307,7 +307,8 @@ def test_peft_files_both_ways(tmp_path):
 def _gpt2():
     import transformers
 
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)  # the model's own dropout would differ per run
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(cfg).to(DEVICE)
 
