@@ -11,6 +11,8 @@ adapters' A and B over the bytes of W0 (32 adapters of r = 16 at K = N = 4096: 1
 
 Providers: base / merged GEMV, eager, and this package's plans: "auto" (what the planner picks on this GPU), and each
 decode-sized forward variant forced (triton_fused, triton_xa_first, aten, cuda_decode where the extension is built).
+QLoRA (with bitsandbytes): "bnb+eager" (bitsandbytes' NF4 layer, its gemv at M = 1, plus PEFT's LoRA term),
+"qlora_auto" and "qlora_quantized" (the 4-bit Triton kernel forced); W0 bandwidth fractions count bf16 bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import os
 import torch
 from torch import nn
 
-from lora_kernels import FusedLoRALinear, backends, lora_linear, plan
+from lora_kernels import FusedLoRALinear, backends, lora_linear, plan, qlora_linear, quantized_weight
+from lora_kernels.quantized import quantize_linear
 
 from .mixed import SORTED
 
@@ -78,6 +81,17 @@ def providers(w, a, b, scaling):
         "eager": lambda x: nn.functional.linear(x, w) + nn.functional.linear(nn.functional.linear(x, a), b) * scaling,
         "auto": lambda x: lora_linear(x, w, None, a, b, scaling),
     }
+    try:  # QLoRA: bitsandbytes' 4-bit layer (its gemv at M = 1) plus PEFT's LoRA term, against this package's
+        dense = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        dense.weight = nn.Parameter(w, requires_grad=False)
+        quantized = quantize_linear(dense, compute_dtype=w.dtype)
+        qweight = quantized_weight(quantized)
+        out["bnb+eager"] = lambda x: quantized(x) + nn.functional.linear(nn.functional.linear(x, a), b) * scaling
+        out["qlora_auto"] = lambda x: qlora_linear(x, qweight, None, a, b, scaling)
+        out["qlora_quantized"] = lambda x: qlora_linear(x, qweight, None, a, b, scaling,
+                                                        backend="triton_quantized+triton_split")
+    except ImportError as e:
+        print(f"QLoRA rows skipped: {e}")
     for name in FORWARDS:
         family = plan._family_of(name)
         reason = plan.family_unavailable(family, w.device, w.dtype)
@@ -163,6 +177,9 @@ def main(argv=None) -> int:
                         line[f"{name}_vs_merged"] = round(t[name] / t["merged"], 3)
                         line[f"{name}_W0_bw_frac"] = round(w_bytes / (t[name] * 1e-6) / bw, 3)
                 line["merged_W0_bw_frac"] = round(w_bytes / (t["merged"] * 1e-6) / bw, 3)
+                for name in ("qlora_auto", "qlora_quantized"):  # QLoRA: speedup over bitsandbytes + PEFT's LoRA
+                    if name in t and "bnb+eager" in t:
+                        line[f"{name}_speedup_vs_bnb"] = round(t["bnb+eager"] / t[name], 3)
                 rows.append(line)
                 print("  " + "  ".join(f"{k}={v}" for k, v in line.items()))
     mixed_rows = []

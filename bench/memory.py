@@ -10,8 +10,10 @@ with weak references to the storages to see them freed). Everything is per token
 Contenders per layer: ``frozen`` (no adapter: the floor), ``peft`` (PEFT's LoRA with its defaults: fp32 adapters,
 nn.Dropout), ``lora_kernels`` (``lora_kernels.inject`` on the same targets, each layer with the plan ``auto`` runs on
 a GPU by default at the stated batch; Triton launches stubbed: their outputs are allocated as on a GPU), and the same
-two with DoRA (``peft_dora``, ``lora_kernels_dora``). The LoRA
-share is a contender's bytes minus the frozen layer's. The whole model is extrapolated from one layer: without
+two with DoRA (``peft_dora``, ``lora_kernels_dora``) and with QLoRA (``peft_qlora``, ``lora_kernels_qlora``: the
+layer's linear layers as bitsandbytes NF4 Linear4bit with double quantization, built on the meta device too; needs
+bitsandbytes). The LoRA share is a contender's bytes minus the frozen layer's (QLoRA's: minus the frozen 4-bit
+layer's, ``frozen_qlora``). The whole model is extrapolated from one layer: without
 activation checkpointing every layer keeps its saved bytes; with it (per decoder layer) every layer keeps its input
 and one layer at a time is recomputed (its saved bytes and backward peak on top).
 
@@ -58,7 +60,7 @@ MODELS = {
 }
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"]}
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONTENDERS = ("frozen", "peft", "lora_kernels", "peft_dora", "lora_kernels_dora")
+CONTENDERS = ("frozen", "peft", "lora_kernels", "peft_dora", "lora_kernels_dora", "peft_qlora", "lora_kernels_qlora")
 BATCH = (8, 4096)  # the whole-model figures: 8 sequences of 4096 tokens
 
 
@@ -118,6 +120,9 @@ def make_contender(name: str, contender: str, r: int, dropout: float, batch_toke
     model = build_layer(name)
     plans = {}
     dora = contender.endswith("_dora")
+    if contender.endswith("_qlora"):
+        quantize_on_meta(model)
+        contender = contender[: -len("_qlora")]
     if contender in ("peft", "peft_dora"):
         from peft import LoraConfig, get_peft_model
 
@@ -127,12 +132,40 @@ def make_contender(name: str, contender: str, r: int, dropout: float, batch_toke
         lora_kernels.inject(model, targets, r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=dora)
         lora_kernels.mark_only_lora_as_trainable(model)
         for module_name, layer in lora_kernels.lora_layers(model).items():
-            call = plan.Call(torch.device("cuda"), layer.weight.dtype, batch_tokens, layer.in_features,
-                             layer.out_features, r, dropout > 0, 2, False)
+            quant = layer.quantized_weight().quant if isinstance(layer, lora_kernels.QuantizedLoRALinear) else ""
+            call = plan.Call(torch.device("cuda"), torch.bfloat16, batch_tokens, layer.in_features,
+                             layer.out_features, r, dropout > 0, 2, False, 0, quant)
             layer.backend = plans[module_name] = plan.static_plan(call).spec
     elif contender != "frozen":
-        raise ValueError(f"contender: expected one of {CONTENDERS}, got {contender!r}")
+        raise ValueError(f"contender: expected one of {CONTENDERS} or frozen_qlora, got {contender!r}")
     return model.train(), plans
+
+
+def quantize_on_meta(model, dtype=torch.bfloat16) -> None:
+    """The decoder layer's linear layers as bitsandbytes Linear4bit (NF4, double quantization, blocks of 64 and 256,
+    compute dtype `dtype`) on the meta device: quantization state of the right shapes, nothing computed."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for module_name, linear in list(inner.named_modules()):
+        if type(linear) is not nn.Linear:
+            continue
+        N, K = linear.out_features, linear.in_features
+        blocks = -(-N * K // 64)
+        meta = dict(device="meta")
+        nested = QuantState(absmax=torch.empty(-(-blocks // 256), **meta), code=torch.empty(256, **meta),
+                            blocksize=256, dtype=torch.float32)
+        state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8, **meta), shape=torch.Size([N, K]),
+                           code=torch.empty(16, **meta), blocksize=64, quant_type="nf4", dtype=dtype,
+                           offset=torch.zeros((), **meta), state2=nested)
+        layer = bnb.nn.Linear4bit(K, N, bias=linear.bias is not None, compute_dtype=dtype, quant_type="nf4", **meta)
+        layer.weight = bnb.nn.Params4bit(torch.empty((N * K + 1) // 2, 1, dtype=torch.uint8, **meta),
+                                         requires_grad=False, quant_state=state, bnb_quantized=True, quant_type="nf4",
+                                         blocksize=64)
+        layer.bias = linear.bias
+        parent, _, child = module_name.rpartition(".")
+        setattr(inner.get_submodule(parent), child, layer)
 
 
 class Tracker(TorchDispatchMode):
@@ -264,6 +297,13 @@ def rows(models, rs, dropouts, contenders=CONTENDERS, progress=None) -> list[Row
         frozen = layer_row(name, "frozen", 0, 0.0) if "frozen" in contenders else None
         if frozen:
             out.append(frozen)
+        frozen_4bit = None
+        if frozen and any(c.endswith("_qlora") for c in contenders):
+            try:
+                frozen_4bit = layer_row(name, "frozen_qlora", 0, 0.0)
+                out.append(frozen_4bit)
+            except ImportError as e:
+                print(f"QLoRA rows: skipped ({e})", file=sys.stderr)
         for r in rs:
             for p in dropouts:
                 for contender in contenders:
@@ -271,13 +311,16 @@ def rows(models, rs, dropouts, contenders=CONTENDERS, progress=None) -> list[Row
                         continue
                     if progress:
                         progress(f"{name} {contender} r={r} p={p}")
+                    floor = frozen_4bit if contender.endswith("_qlora") else frozen
+                    if contender.endswith("_qlora") and frozen and floor is None:
+                        continue  # no bitsandbytes
                     try:
                         row = layer_row(name, contender, r, p)
                     except ImportError as e:  # peft not installed: the row is left out, said once
                         print(f"{contender}: skipped ({e})", file=sys.stderr)
                         continue
-                    if frozen:
-                        row.lora_share_kib_per_token = round(row.saved_kib_per_token - frozen.saved_kib_per_token, 2)
+                    if floor:
+                        row.lora_share_kib_per_token = round(row.saved_kib_per_token - floor.saved_kib_per_token, 2)
                     out.append(row)
     return out
 
@@ -287,8 +330,8 @@ def markdown(table: list[Row]) -> str:
              f"model, {BATCH[0]} x {BATCH[1]} tokens (GiB) | with checkpointing (GiB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in table:
-        share = "-" if row.contender == "frozen" else f"{row.lora_share_kib_per_token:.1f}"
-        lines.append(f"| {row.model} | {row.r or '-'} | {row.dropout if row.contender != 'frozen' else '-'} | "
+        share = "-" if row.contender.startswith("frozen") else f"{row.lora_share_kib_per_token:.1f}"
+        lines.append(f"| {row.model} | {row.r or '-'} | {row.dropout if not row.contender.startswith('frozen') else '-'} | "
                      f"{row.contender} | {row.saved_kib_per_token:.1f} | {share} | "
                      f"{row.forward_peak_kib_per_token:.1f} | {row.backward_peak_kib_per_token:.1f} | "
                      f"{row.model_gib:.1f} | {row.model_ckpt_gib:.1f} |")
@@ -305,7 +348,7 @@ def ratios(table: list[Row]) -> list[str]:
         peft = next((p for p in table if (p.model, p.r, p.dropout, p.contender) == (row.model, row.r, row.dropout,
                                                                                      theirs)), None)
         if peft and row.lora_share_kib_per_token > 0:
-            kind = "DoRA" if theirs.endswith("dora") else "LoRA"
+            kind = {"dora": "DoRA", "qlora": "QLoRA"}.get(theirs.rsplit("_", 1)[-1], "LoRA")
             out.append(f"{row.model} r={row.r} p={row.dropout} {kind}: adapter share "
                        f"{peft.lora_share_kib_per_token:.1f} (PEFT) vs {row.lora_share_kib_per_token:.1f} KiB/token: "
                        f"{peft.lora_share_kib_per_token / row.lora_share_kib_per_token:.1f}x smaller; whole model "

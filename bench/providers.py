@@ -11,6 +11,8 @@ forward only), "eager" (the layer written as HF PEFT writes it: base(x) + lora_B
 "peft_dora" (PEFT's DoRA layer) and "dora" (this package's DoRA, as `auto` plans it),
 "peft" (PEFT's own LoRA Linear, when peft is installed), "torch" / "aten" / "triton" / "cuda" (this package's backend
 families, the planner choosing within each), "auto" (what users get: the planner's choice among all of them).
+QLoRA (W0 in NF4 with double quantization, bitsandbytes' Linear4bit, compute dtype the case's): "peft_qlora" (PEFT's
+LoRA layer over it, bitsandbytes' kernels for the base product) and "qlora" (this package's, as `auto` plans it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import itertools
 import torch
 from torch import nn
 
-from lora_kernels import backends, lora_linear, plan
+from lora_kernels import backends, lora_linear, plan, qlora_linear, quantized_weight
+from lora_kernels.quantized import quantize_linear
 from lora_kernels.dora import dora_linear, dora_weight_norm
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -84,6 +87,16 @@ class Layer:
     lora_B: nn.Parameter
     scaling: float
     magnitude: nn.Parameter | None = None
+    _quantized: nn.Module | None = None
+
+    def quantized(self) -> nn.Module:
+        """W0 as a bitsandbytes Linear4bit (NF4, double quantization), made once."""
+        if self._quantized is None:
+            N, K = self.weight.shape
+            dense = nn.Linear(K, N, bias=False, device="meta")
+            dense.weight = nn.Parameter(self.weight, requires_grad=False)
+            self._quantized = quantize_linear(dense, compute_dtype=self.weight.dtype)
+        return self._quantized
 
     @classmethod
     def make(cls, case: Case, device, seed=0):
@@ -121,6 +134,17 @@ def _peft_layer(layer: Layer, case: Case, use_dora: bool = False):
     return module.train()
 
 
+def _peft_qlora_layer(layer: Layer, case: Case):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(nn.Sequential(layer.quantized()), LoraConfig(
+        r=case.r, lora_alpha=layer.scaling * case.r, lora_dropout=case.dropout, target_modules=["0"]))
+    module = model.base_model.model[0]
+    module.lora_A["default"].weight = layer.lora_A
+    module.lora_B["default"].weight = layer.lora_B
+    return module.train()
+
+
 def forward_fn(provider: str, layer: Layer, case: Case):
     """x -> y for a provider (None if the provider cannot run here)."""
     p = case.dropout
@@ -138,6 +162,14 @@ def forward_fn(provider: str, layer: Layer, case: Case):
         except ImportError:
             return None
         return module
+    if provider in ("peft_qlora", "qlora"):
+        try:
+            if provider == "peft_qlora":
+                return _peft_qlora_layer(layer, case)
+            qweight = quantized_weight(layer.quantized())
+        except ImportError:  # no bitsandbytes (or peft)
+            return None
+        return lambda x: qlora_linear(x, qweight, None, layer.lora_A, layer.lora_B, layer.scaling, p)
     if provider == "dora":
         return lambda x: dora_linear(x, layer.weight, None, layer.lora_A, layer.lora_B, layer.magnitude,
                                      layer.scaling, p)
@@ -150,17 +182,18 @@ def forward_fn(provider: str, layer: Layer, case: Case):
     raise ValueError(f"unknown provider {provider!r}")
 
 
-TRAINABLE = {"eager", "peft", "peft_dora", "torch", "aten", "triton", "cuda", "auto", "dora"}  # with a backward
+TRAINABLE = {"eager", "peft", "peft_dora", "torch", "aten", "triton", "cuda", "auto", "dora", "peft_qlora",
+             "qlora"}  # with a backward
 
 
 def plan_of(provider: str, case: Case, device) -> str:
     """The plan a provider of this package ran for the case's training call ("" for the others): the planner's
     memory after the timing runs."""
-    if provider not in ("torch", "aten", "triton", "cuda", "auto", "dora"):
+    if provider not in ("torch", "aten", "triton", "cuda", "auto", "dora", "qlora"):
         return ""
-    provider = "auto" if provider == "dora" else provider
     call = plan.Call(torch.device(device), DTYPES[case.dtype], case.M, case.K, case.N, case.r, case.dropout > 0, 2,
-                     torch.are_deterministic_algorithms_enabled())
+                     torch.are_deterministic_algorithms_enabled(), 0, "nf4_dq" if provider == "qlora" else "")
+    provider = "auto" if provider in ("dora", "qlora") else provider
     try:
         return plan.choose(call, provider, measure=False).spec
     except Exception:  # a backend that cannot run here has no plan

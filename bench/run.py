@@ -32,7 +32,8 @@ from .providers import MODES, Case  # noqa: E402
 
 CSV_COLUMNS = ["timestamp", "op", "provider", "mode", "metric", "unit", "M", "K", "N", "r", "dropout", "dtype",
                "p50", "p20", "p80", "plan", "device", "torch", "triton", "cuda", "lora_kernels", "commit"]
-ALL_PROVIDERS = ("cublas", "merged", "eager", "peft", "torch", "aten", "triton", "cuda", "auto", "peft_dora", "dora")
+ALL_PROVIDERS = ("cublas", "merged", "eager", "peft", "torch", "aten", "triton", "cuda", "auto", "peft_dora", "dora",
+                 "peft_qlora", "qlora")
 
 
 def full_cases():

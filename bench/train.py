@@ -7,6 +7,8 @@ loss on random tokens, backward and an AdamW step on the adapters. Contenders, w
   peft+fuse     the same PeftModel after ``lora_kernels.peft.fuse`` (PEFT's API and files, the fused kernels)
   lora_kernels  ``lora_kernels.inject`` on the base model (the adapters copied from PEFT's)
   peft_dora, lora_kernels_dora   the same with DoRA (use_dora=True; the magnitudes copied too)
+  peft_qlora, lora_kernels_qlora QLoRA: the decoder's linear layers in NF4 with double quantization (bitsandbytes'
+                 Linear4bit, compute dtype the run's), PEFT's LoRA over them against ``inject`` (needs bitsandbytes)
 
 On a GPU: tokens per second and ``torch.cuda.max_memory_allocated`` per step, p50 / p20 / p80 over the steps after
 warm-up (the planner measures new call shapes in the first steps: their time is reported apart). On CPU: a tiny
@@ -33,8 +35,14 @@ import lora_kernels  # noqa: E402
 
 from .memory import DEFAULT_TARGETS, MODELS, TARGETS  # noqa: E402
 
-CONTENDERS = ("peft", "peft+fuse", "lora_kernels", "peft_dora", "lora_kernels_dora")
-TINY = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+CONTENDERS = ("peft", "peft+fuse", "lora_kernels", "peft_dora", "lora_kernels_dora", "peft_qlora", "lora_kernels_qlora")
+# (widths multiples of 64: bitsandbytes' CPU kernels serve those exactly)
+TINY = dict(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+SUFFIXES = ("_dora", "_qlora")
+
+
+def _suffix(contender: str) -> str:
+    return next((s for s in SUFFIXES if contender.endswith(s)), "")
 
 
 def base_model(name: str, layers: int, vocab: int | None, device, dtype, tiny: bool = False):
@@ -70,7 +78,7 @@ def contenders(name: str, layers: int, vocab, device, dtype, r: int, dropout: fl
     out = {}
     for dora in (False, True):
         suffix = "_dora" if dora else ""
-        wanted = [c for c in which if c.endswith("_dora") == dora]
+        wanted = [c for c in which if _suffix(c) == suffix]
         if not wanted:
             continue
         cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, init_lora_weights=False,
@@ -100,7 +108,41 @@ def contenders(name: str, layers: int, vocab, device, dtype, r: int, dropout: fl
                     if dora:
                         layer.lora_magnitude_vector.copy_(src.lora_magnitude_vector["default"].weight)
             out["lora_kernels" + suffix] = model
+    qlora = [c for c in which if _suffix(c) == "_qlora"]
+    if qlora:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            print(f"QLoRA contenders skipped: {e}")
+            return out
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, init_lora_weights=False)
+        reference = get_peft_model(quantized_model(base_model(name, layers, vocab, device, dtype, tiny), dtype), cfg)
+        if "peft_qlora" in qlora:
+            out["peft_qlora"] = reference
+        if "lora_kernels_qlora" in qlora:
+            model = quantized_model(base_model(name, layers, vocab, device, dtype, tiny), dtype)
+            lora_kernels.inject(model, targets, r=r, lora_alpha=2 * r, lora_dropout=dropout)
+            lora_kernels.mark_only_lora_as_trainable(model)
+            peft_modules = dict(reference.base_model.model.named_modules())
+            with torch.no_grad():
+                for module_name, layer in lora_kernels.lora_layers(model).items():
+                    layer.lora_A.copy_(peft_modules[module_name].lora_A["default"].weight)
+                    layer.lora_B.copy_(peft_modules[module_name].lora_B["default"].weight)
+            out["lora_kernels_qlora"] = model
     return out
+
+
+def quantized_model(model, dtype):
+    """The decoder layers' linear layers as bitsandbytes Linear4bit (NF4, double quantization, compute dtype `dtype`),
+    the embeddings and the LM head left dense (as QLoRA leaves them)."""
+    from lora_kernels.quantized import quantize_linear
+
+    decoder = model.get_decoder()
+    for module_name, module in list(decoder.named_modules()):
+        if type(module) is torch.nn.Linear:
+            parent, _, child = module_name.rpartition(".")
+            setattr(decoder.get_submodule(parent), child, quantize_linear(module, compute_dtype=dtype))
+    return model
 
 
 def batch(model, size: int, seq: int, device, seed: int = 1):
@@ -119,27 +161,52 @@ def parity(models: dict, ids, dtype) -> dict:
     {name: (loss, ok)}."""
     out = {}
     eps = torch.finfo(dtype).eps
-    for dora in (False, True):
-        group = {n: m for n, m in models.items() if n.endswith("_dora") == dora}
+    for suffix in ("",) + SUFFIXES:
+        group = {n: m for n, m in models.items() if _suffix(n) == suffix}
         if not group:
             continue
-        ref = group.get("peft_dora" if dora else "peft") or next(iter(group.values()))
+        ref = group.get("peft" + suffix) or next(iter(group.values()))
         with torch.no_grad():
             exact = float(loss_of(_as_fp64(ref).eval(), ids))
-            same = float(loss_of(ref.eval(), ids))
-            out["fp64 reference" + (" (DoRA)" if dora else "")] = (exact, True)
+            same = float(loss_of(_eval(ref), ids))
+            out["fp64 reference" + {"": "", "_dora": " (DoRA)", "_qlora": " (QLoRA)"}[suffix]] = (exact, True)
             for name, model in group.items():
-                value = float(loss_of(model.eval(), ids))
+                value = float(loss_of(_eval(model), ids))
                 out[name] = (value, abs(value - exact) <= 2 * abs(same - exact) + 2 * eps * abs(exact))
     for model in models.values():
         model.train()
     return out
 
 
+def _eval(model):
+    """Dropout off; bitsandbytes' layers stay in training mode (its CPU inference path packs and rounds otherwise)."""
+    from lora_kernels.quantized import is_quantized_linear
+
+    model.eval()
+    for module in model.modules():
+        if is_quantized_linear(module):
+            module.train()
+    return model
+
+
 def _as_fp64(model):
+    """An fp64 copy; quantized base layers become dense ones holding their dequantized weights."""
     import copy
 
-    return copy.deepcopy(model).to(torch.float64)
+    from lora_kernels.quantized import dequantize, is_quantized_linear, quantized_weight
+
+    model = copy.deepcopy(model)
+    for module_name, module in list(model.named_modules()):
+        if is_quantized_linear(module):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                    device=module.weight.device, dtype=torch.float64)
+            with torch.no_grad():
+                dense.weight.copy_(dequantize(quantized_weight(module), torch.float64))
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    return model.to(torch.float64)
 
 
 def run(models: dict, ids, steps: int, device, lr=1e-4) -> list[dict]:

@@ -43,6 +43,12 @@ def _cuda_extension() -> str:
     return cuda_ext.describe() + "; backend='auto' measures it against the other variants where it is built"
 
 
+def _bitsandbytes() -> str:
+    from .quantized import bitsandbytes_info
+
+    return bitsandbytes_info()
+
+
 def info(as_dict: bool = False):
     """Report versions, devices and backend availability; prints it, or returns a dict when as_dict."""
     from . import __version__
@@ -59,6 +65,7 @@ def info(as_dict: bool = False):
         "triton interpreter (TRITON_INTERPRET=1)": backends.triton_interpreting(),
         **_planner(),
         "CUDA C++ extension": _cuda_extension(),
+        "bitsandbytes (QLoRA base layers)": _bitsandbytes(),
         "devices": {},
     }
     for dev in devices:

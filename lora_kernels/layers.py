@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -11,9 +12,10 @@ from torch import Tensor, nn
 from . import backends, plan
 from .adapters import DEFAULT, Adapter, AdapterSet, adapter_forward, init_lora
 from .ops import autocast_inputs, check_args, mixed_call
+from .quantized import is_quantized_linear
 from .stacking import AdapterStack, checked_ids
 
-__all__ = ["FusedLoRALinear", "adapter_ids"]
+__all__ = ["FusedLoRALinear", "QuantizedLoRALinear", "adapter_ids"]
 
 # The ids of the enclosing `with adapter_ids(...)` block. A plain module global rather than a ContextVar:
 # torch.compile reads (and guards on) globals, it cannot trace ContextVar.get.
@@ -124,6 +126,19 @@ class FusedLoRALinear(nn.Module):
         self.merge_on_eval = merge_on_eval
         self.fan_in_fan_out = fan_in_fan_out
         self.merged = False
+        self._init_base(in_features, out_features, bias, factory, _weight, _bias)
+        self._lora_dtype = _lora_dtype(lora_dtype, self._base_dtype())
+        self.adapters = AdapterSet()
+        self._norms: dict = {}  # DoRA adapters: their DoraNorms (kept ||W0||^2, and the norm in inference)
+        self._merged_norms: dict = {}  # DoRA: the norm each merged adapter was merged with (unmerge divides by it)
+        self.active_adapter = DEFAULT
+        self.add_adapter(DEFAULT, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora=use_dora)
+        self.register_state_dict_post_hook(_state_dict_names)
+        self.register_load_state_dict_pre_hook(_load_state_dict_names)
+
+    def _init_base(self, in_features, out_features, bias, factory, _weight, _bias) -> None:
+        """W0 and the bias: the given tensors (shared, frozen), or a fresh nn.Linear's."""
+        fan_in_fan_out = self.fan_in_fan_out
         if _weight is None:
             linear = nn.Linear(in_features, out_features, bias=bias, **factory)
             _weight, _bias = linear.weight, linear.bias
@@ -140,19 +155,18 @@ class FusedLoRALinear(nn.Module):
             self.bias.requires_grad_(False)
         else:
             self.register_parameter("bias", None)
-        self._lora_dtype = _lora_dtype(lora_dtype, self.weight.dtype)
-        self.adapters = AdapterSet()
-        self._norms: dict = {}  # DoRA adapters: their DoraNorms (kept ||W0||^2, and the norm in inference)
-        self._merged_norms: dict = {}  # DoRA: the norm each merged adapter was merged with (unmerge divides by it)
-        self.active_adapter = DEFAULT
-        self.add_adapter(DEFAULT, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora=use_dora)
-        self.register_state_dict_post_hook(_state_dict_names)
-        self.register_load_state_dict_pre_hook(_load_state_dict_names)
+
+    def _base_dtype(self) -> torch.dtype:
+        """The dtype of W0's values (what the adapters' default dtype follows)."""
+        return self.weight.dtype
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     **kwargs) -> "FusedLoRALinear":
-        """Wrap an existing nn.Linear: its weight and bias are shared (not copied) and frozen."""
+        """Wrap an existing nn.Linear: its weight and bias are shared (not copied) and frozen. A bitsandbytes
+        Linear4bit / Linear8bitLt gives a ``QuantizedLoRALinear`` (QLoRA) holding that layer as it is."""
+        if is_quantized_linear(linear):
+            return QuantizedLoRALinear(linear, r, lora_alpha, lora_dropout, **kwargs)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         return cls(linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -435,3 +449,132 @@ class FusedLoRALinear(nn.Module):
                 + (", use_dora=True" if self.use_dora else "")
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (f", lora_dtype={self.lora_A.dtype}" if self.lora_A.dtype != self.weight.dtype else ""))
+
+
+class QuantizedLoRALinear(FusedLoRALinear):
+    """QLoRA: a FusedLoRALinear over a bitsandbytes ``Linear4bit`` (NF4 / FP4, with or without double quantization)
+    or ``Linear8bitLt`` layer, held as ``base_layer`` as it is: its quantized weight is shared, frozen and never kept
+    dequantized (``lora_kernels.quantized``). ``weight`` and ``bias`` are the base layer's; the state dict holds the base
+    layer's own entries under ``base_layer.`` (bitsandbytes' quantization state included) and the adapters as
+    FusedLoRALinear's. The product runs in the base layer's compute dtype (Linear4bit's ``compute_dtype`` when set,
+    else x's) and y comes back in x's dtype, as bitsandbytes' layers do.
+
+    Merging into the quantized weight would round the adapter's update to the 4-bit grid: ``merge()`` refuses;
+    ``to_linear()`` gives a dense layer with the adapter merged, and ``to_base_layer(merge=True)`` dequantizes, merges
+    and quantizes again (with a warning, as PEFT's merge does). DoRA and mixed-adapter batches over a quantized base are
+    refused."""
+
+    def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0, **kwargs):
+        if not is_quantized_linear(base_layer):
+            raise TypeError(f"base_layer: expected a bitsandbytes Linear4bit or Linear8bitLt, got "
+                            f"{type(base_layer).__name__}")
+        for name, refused in (("use_dora", "DoRA over a quantized base layer is not supported (its weight norm would "
+                               "need W0 dequantized at every step); use a dense base for DoRA"),
+                              ("merge_on_eval", "merging rounds the adapter into the quantized weight"),
+                              ("fan_in_fan_out", "bitsandbytes layers store W0 as [out, in]")):
+            if kwargs.get(name):
+                raise ValueError(f"{name}=True: {refused}")
+        from .quantized import quantized_weight
+
+        quantized_weight(base_layer)  # raises now for a layer that is not quantized yet
+        super().__init__(base_layer.in_features, base_layer.out_features, r, lora_alpha, lora_dropout,
+                         bias=base_layer.bias is not None, _weight=base_layer, **kwargs)
+
+    def _init_base(self, in_features, out_features, bias, factory, base_layer, _bias) -> None:
+        self.base_layer = base_layer
+        base_layer.weight.requires_grad_(False)
+        if base_layer.bias is not None:
+            base_layer.bias.requires_grad_(False)
+
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    def _base_dtype(self) -> torch.dtype:
+        state = getattr(self.base_layer.weight, "quant_state", None)
+        if state is not None and state.dtype is not None:
+            return state.dtype
+        return self.base_layer.bias.dtype if self.base_layer.bias is not None else torch.float16
+
+    def quantized_weight(self):
+        """The base layer's quantized W0 (``lora_kernels.quantized.QuantizedWeight``)."""
+        from .quantized import quantized_weight
+
+        return quantized_weight(self.base_layer)
+
+    def base_weight(self) -> Tensor:
+        """W0 dequantized, [out_features, in_features] in the base layer's dtype: a new tensor (the layer keeps none)."""
+        from .quantized import dequantize
+
+        return dequantize(self.quantized_weight(), self._base_dtype())
+
+    def forward(self, x: Tensor, adapter_ids: Tensor | None = None) -> Tensor:
+        if adapter_ids is not None or _ADAPTER_IDS is not None:
+            raise ValueError("adapter_ids: mixed-adapter batches run over dense base layers; this layer's base is "
+                             f"quantized ({type(self.base_layer).__name__}): serve one adapter at a time "
+                             "(set_adapter)")
+        from .quantized import compute_dtype, qlora_linear
+
+        adapter = self.adapters[self.active_adapter]
+        return qlora_linear(x, self.quantized_weight(), self.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
+                            adapter.lora_dropout if self.training else 0.0, backend=self.backend,
+                            compute_dtype=compute_dtype(self.base_layer, x))
+
+    def merged_weight(self, adapter_name: str | None = None) -> Tensor:
+        """W0 dequantized with an adapter folded in (fp32, [out, in]; the layer is unchanged)."""
+        return self.base_weight().float() + self.delta_weight(adapter_name or self.active_adapter)
+
+    def merge(self) -> None:
+        raise RuntimeError("merge: the base weight is quantized; folding the adapter in would round its update to the "
+                           "quantization grid. Use to_linear() for a dense layer with the adapter merged, or "
+                           "to_base_layer(merge=True) to dequantize, merge and quantize again")
+
+    def to_linear(self) -> nn.Linear:
+        """A dense nn.Linear (the base layer's dtype) holding dequantized W0 with the active adapter merged."""
+        w = self.merged_weight()
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                        dtype=self._base_dtype())
+        with torch.no_grad():
+            out.weight.copy_(w)
+            if self.bias is not None:
+                out.bias.copy_(self.bias.detach())
+        return out
+
+    def to_base_layer(self, merge: bool = True) -> nn.Module:
+        """The bitsandbytes layer: as it is if not `merge`; else a new one of the same kind and quantization settings
+        holding W0 + scaling B A quantized again (a warning says the merged update is rounded to the grid)."""
+        if not merge:
+            return self.base_layer
+        warnings.warn("lora_kernels: merging into a quantized base layer dequantizes W0, adds the adapter and "
+                      "quantizes again; the result differs from the unmerged layer by the quantization's rounding",
+                      UserWarning, stacklevel=2)
+        return requantized_like(self.base_layer, self.merged_weight())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quantized={self.quantized_weight().quant}, r={self.r}, lora_alpha={self.lora_alpha}, "
+                f"lora_dropout={self.lora_dropout}, scaling={self.scaling:g}, backend={self.backend!r}"
+                + (f", lora_dtype={self.lora_A.dtype}" if self.lora_A.dtype != self._base_dtype() else ""))
+
+
+def requantized_like(layer: nn.Module, weight: Tensor) -> nn.Module:
+    """A new bitsandbytes layer of `layer`'s kind and settings holding `weight` (dense [out, in]) quantized, on
+    `layer`'s device; the bias is shared."""
+    import bitsandbytes as bnb
+
+    device = layer.weight.device
+    if isinstance(layer, bnb.nn.Linear4bit):
+        state = layer.weight.quant_state
+        out = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                compute_dtype=layer.compute_dtype, compress_statistics=state.nested,
+                                quant_type=state.quant_type, quant_storage=layer.weight.quant_storage, device="meta")
+        out.weight = bnb.nn.Params4bit(weight.detach().to("cpu", state.dtype), requires_grad=False,
+                                       quant_type=state.quant_type, blocksize=state.blocksize,
+                                       compress_statistics=state.nested,
+                                       quant_storage=layer.weight.quant_storage).to(device)
+    else:
+        out = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                  has_fp16_weights=False, threshold=layer.state.threshold, device="meta")
+        out.weight = bnb.nn.Int8Params(weight.detach().to("cpu", torch.float16), requires_grad=False,
+                                       has_fp16_weights=False).to(device)
+    out.bias = layer.bias
+    return out

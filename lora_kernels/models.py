@@ -1,7 +1,8 @@
 """Put FusedLoRALinear layers into any PyTorch / Hugging Face model, and manage them model-wide.
 
 ``inject`` replaces matching ``nn.Linear`` and Hugging Face ``Conv1D`` modules in place, sharing (not
-copying) their weights. Target names follow PEFT: a list of names matches modules whose name equals a
+copying) their weights; bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` modules become ``QuantizedLoRALinear``
+(QLoRA), their quantized weights kept as they are. Target names follow PEFT: a list of names matches modules whose name equals a
 target or ends with ``"." + target``; a single string is a regular expression matched against the whole
 module name.
 """
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .layers import FusedLoRALinear
+from .quantized import is_quantized_linear
 
 __all__ = ["inject", "lora_layers", "mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "unload",
            "add_adapter", "set_adapter", "delete_adapter", "adapter_ids_for"]
@@ -62,11 +64,12 @@ def _pattern_value(name: str, pattern: dict | None, default):
 def inject(model: nn.Module, target_modules: str | Iterable[str], r: int = 8, lora_alpha: float = 8,
            lora_dropout: float = 0.0, *, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
            exclude_modules: str | Iterable[str] | None = None, **layer_kwargs) -> nn.Module:
-    """Replace the matching nn.Linear / Conv1D modules of `model` by FusedLoRALinear (in place; returns
-    `model`). `layer_kwargs` go to FusedLoRALinear (use_rslora, init_lora_weights, backend, ...).
+    """Replace the matching nn.Linear / Conv1D modules of `model` by FusedLoRALinear, and bitsandbytes Linear4bit /
+    Linear8bitLt modules by QuantizedLoRALinear (in place; returns `model`). `layer_kwargs` go to the layers
+    (use_rslora, init_lora_weights, backend, ...).
 
-    Raises if a target matches nothing, or matches a module of another type (a quantized linear layer, for
-    instance, is never replaced by accident)."""
+    Raises if a target matches nothing, or matches a module of another type (an embedding or another quantized
+    layer kind, for instance, is never replaced by accident)."""
     if isinstance(target_modules, str):
         targets = target_modules
     else:
@@ -81,7 +84,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], r: int = 8, lo
             continue
         module_r = _pattern_value(name, rank_pattern, r)
         module_alpha = _pattern_value(name, alpha_pattern, lora_alpha)
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear or is_quantized_linear(module):
             new = FusedLoRALinear.from_linear(module, module_r, module_alpha, lora_dropout, **layer_kwargs)
         elif _is_conv1d(module):
             new = FusedLoRALinear.from_conv1d(module, module_r, module_alpha, lora_dropout, **layer_kwargs)
@@ -92,10 +95,11 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], r: int = 8, lo
         setattr(model.get_submodule(parent_name), child, new)
         replaced.append(name)
     if wrong_type and isinstance(targets, list):
-        raise TypeError(f"target_modules {targets} matched modules that are neither nn.Linear nor Conv1D: "
+        raise TypeError(f"target_modules {targets} matched modules that are neither nn.Linear, Conv1D nor a "
+                        f"bitsandbytes Linear4bit / Linear8bitLt: "
                         f"{', '.join(wrong_type)}")
     if not replaced:
-        linears = [n for n, m in model.named_modules() if is_plain_linear(m)]
+        linears = [n for n, m in model.named_modules() if is_plain_linear(m) or is_quantized_linear(m)]
         raise ValueError(f"target_modules {targets!r} matched no nn.Linear or Conv1D module of the model; "
                          f"its linear layers are: {', '.join(linears[:20]) or 'none'}"
                          + (" ..." if len(linears) > 20 else ""))

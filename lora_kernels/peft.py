@@ -4,8 +4,9 @@ The LoRA Linear layers of the model become ``FusedPeftLinear``, a subclass of PE
 forward runs the fused ops (LoRA, and DoRA through ``dora_linear``): same parameters, state dict, ``save_pretrained``
 and ``merge_and_unload``. What the fused path does not cover (other LoRA variants, several active adapters at once)
 falls back to PEFT's forward with a one-time warning. Mixed-adapter batches (``adapter_names=`` in forward) run the one-launch mixed kernels. ``register(lora_config)`` puts the fused layer into PEFT's
-custom-module hook (``LoraConfig._register_custom_module``) so PEFT builds fused layers itself; both take
-plain ``nn.Linear`` and ``Conv1D`` bases only: a quantized subclass of nn.Linear (bitsandbytes) stays PEFT's.
+custom-module hook (``LoraConfig._register_custom_module``) so PEFT builds fused layers itself (plain ``nn.Linear``
+and ``Conv1D`` bases). ``fuse`` also takes PEFT's LoRA layers over bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` bases
+(QLoRA): their forward runs ``lora_kernels.quantized.qlora_linear`` on the base layer's quantized weight.
 
 Needs ``peft`` (``pip install lora-kernels[peft]``). The adapter file format is in ``peft_format``.
 """
@@ -13,6 +14,7 @@ Needs ``peft`` (``pip install lora-kernels[peft]``). The adapter file format is 
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from .adapters import adapter_forward
 from .layers import _expand_ids
 from .models import is_plain_linear
 from .ops import autocast_dtype, autocast_inputs, check_mixed_args, mixed_call
+from .quantized import is_quantized_linear
 from .stacking import AdapterStack, checked_ids
 
 __all__ = ["fuse", "register", "FusedPeftLinear"]
@@ -67,12 +70,15 @@ class _FusedForward:
             if variant != "DoraLinearVariant" or mixed:
                 return f"the LoRA variant {variant}" + (" in a mixed batch" if mixed else "")
         base = self.get_base_layer()
-        if not is_plain_linear(base):
+        quantized = is_quantized_linear(base)
+        if not is_plain_linear(base) and not quantized:
             return f"the base layer type {type(base).__name__}"
+        if quantized and (mixed or adapter in self.lora_variant):
+            return f"{'a mixed batch' if mixed else 'DoRA'} over a quantized base layer"
         dropout = self.lora_dropout[adapter]
         if not isinstance(dropout, (nn.Dropout, nn.Identity)):
             return f"the dropout module {type(dropout).__name__}"
-        if x.dtype != base.weight.dtype and autocast_dtype(x) is None:  # (autocast casts both)
+        if not quantized and x.dtype != base.weight.dtype and autocast_dtype(x) is None:  # (autocast casts both)
             return f"input dtype {x.dtype} differing from the base weight's {base.weight.dtype}"
         return None
 
@@ -87,6 +93,8 @@ class _FusedForward:
                 backends.warn_once(f"peft-fallback-{why}", f"lora_kernels.peft: PEFT's own forward serves {why}")
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
+        if is_quantized_linear(base):
+            return self._quantized_forward(x, base)
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
         # torch.autocast: as PEFT's layers (nn.Linear under autocast) compute
         x, weight, bias = autocast_inputs(x, weight, base.bias)
@@ -105,6 +113,16 @@ class _FusedForward:
             norms = self._lk_norms.setdefault(adapter, DoraNorms())
         return adapter_forward(x, weight, bias, a, b, self.scaling[adapter], self._dropout_p(adapter),
                                magnitude=magnitude, norms=norms, backend=self.fused_backend)
+
+    def _quantized_forward(self, x, base):
+        """QLoRA: the base layer's quantized weight and the active adapter in the fused ops (y in x's dtype, as
+        PEFT's bitsandbytes layers return it)."""
+        from .quantized import compute_dtype, qlora_linear, quantized_weight
+
+        adapter = next(a for a in self.active_adapters if a in self.lora_A)
+        return qlora_linear(x, quantized_weight(base), base.bias, self.lora_A[adapter].weight,
+                            self.lora_B[adapter].weight, self.scaling[adapter], self._dropout_p(adapter),
+                            backend=self.fused_backend, compute_dtype=compute_dtype(base, x))
 
     def _mixed_forward(self, x, weight, bias, adapter_names):
         """PEFT's mixed batch (one adapter name per sample; "__base__" or an adapter this layer lacks: the base
@@ -133,16 +151,29 @@ def _sample_ids(adapter_names: tuple, used: tuple, device) -> torch.Tensor:
     return torch.tensor([index.get(n, -1) for n in adapter_names], device=device)
 
 
-_FUSED_CLASS = None
+_FUSED_CLASSES: dict = {}
 
 
-def _fused_cls():
-    """FusedPeftLinear: a subclass of peft's LoRA Linear whose forward runs the fused op (built lazily so that
-    importing lora_kernels.peft does not import peft)."""
-    global _FUSED_CLASS
-    if _FUSED_CLASS is None:
-        _FUSED_CLASS = type("FusedPeftLinear", (_FusedForward, _peft_linear_cls()), {"__module__": __name__})
-    return _FUSED_CLASS
+def _fused_cls(peft_cls=None):
+    """The fused subclass of one of PEFT's LoRA layer classes (default: its Linear, giving FusedPeftLinear; its
+    bitsandbytes Linear4bit / Linear8bitLt give FusedPeftLinear4bit / FusedPeftLinear8bitLt), built lazily so that
+    importing lora_kernels.peft does not import peft."""
+    peft_cls = peft_cls or _peft_linear_cls()
+    if peft_cls not in _FUSED_CLASSES:
+        name = "FusedPeftLinear" + ("" if peft_cls is _peft_linear_cls() else peft_cls.__name__.replace("Linear", ""))
+        _FUSED_CLASSES[peft_cls] = type(name, (_FusedForward, peft_cls), {"__module__": __name__})
+    return _FUSED_CLASSES[peft_cls]
+
+
+def _peft_quantized_classes() -> tuple:
+    """PEFT's LoRA layer classes over bitsandbytes bases (none when bitsandbytes is not imported)."""
+    if "bitsandbytes" not in sys.modules:
+        return ()
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        return ()
+    return tuple(getattr(peft_bnb, n) for n in ("Linear4bit", "Linear8bitLt") if hasattr(peft_bnb, n))
 
 
 def __getattr__(name):
@@ -194,13 +225,19 @@ def fuse(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
     saving, merge_and_unload). Layers that adapters create later are PEFT's own unless their config went
     through ``register``; calling ``fuse`` again converts them."""
     plan.check_name(backend)
-    linear_cls, fused = _peft_linear_cls(), _fused_cls()
+    linear_cls = _peft_linear_cls()
+    fused = {linear_cls: _fused_cls()}
+    fused.update((cls, _fused_cls(cls)) for cls in _peft_quantized_classes())
+    own = {f: f for f in fused.values()}
     count = 0
     for module in peft_model.modules():
-        if type(module) in (linear_cls, fused) and is_plain_linear(module.get_base_layer()):
-            module.__class__ = fused
+        target = fused.get(type(module)) or own.get(type(module))
+        base = module.get_base_layer() if target is not None else None
+        if target is not None and (is_plain_linear(base) or is_quantized_linear(base)):
+            module.__class__ = target
             module.fused_backend = backend
             count += 1
     if count == 0:
-        raise ValueError("fuse: the model has no PEFT LoRA Linear layer over a plain nn.Linear or Conv1D")
+        raise ValueError("fuse: the model has no PEFT LoRA Linear layer over a plain nn.Linear, Conv1D or bitsandbytes "
+                         "Linear4bit / Linear8bitLt")
     return peft_model

@@ -55,7 +55,8 @@ __all__ = ["Call", "Plan", "choose", "default_plan", "tune", "parse_spec", "cach
 # --------------------------------------------------------------------------------------------------------------
 # Variants and families
 # --------------------------------------------------------------------------------------------------------------
-FORWARDS = ("torch", "aten", "triton_fused", "triton_xa_first", "triton_cublas", "cuda_tiled", "cuda_decode")
+FORWARDS = ("torch", "aten", "triton_fused", "triton_xa_first", "triton_cublas", "triton_quantized", "cuda_tiled",
+            "cuda_decode")
 BACKWARDS = ("torch", "aten", "triton_split", "triton_fused", "cuda")
 MIXED_FORWARDS = ("torch", "triton_gated", "triton_gated_cublas", "triton_sorted")
 MIXED_BACKWARDS = ("torch", "triton_split")
@@ -67,7 +68,8 @@ MIXED_BACKWARDS = ("torch", "triton_split")
 FAMILIES = {
     "torch": (("torch",), ("torch",), ("torch",), ("torch",)),
     "aten": (("aten",), ("aten",), ("torch",), ("torch",)),
-    "triton": (("triton_fused", "triton_xa_first", "triton_cublas", "aten"), ("triton_split", "triton_fused", "aten"),
+    "triton": (("triton_fused", "triton_xa_first", "triton_cublas", "triton_quantized", "aten"),
+               ("triton_split", "triton_fused", "aten"),
                ("triton_gated", "triton_gated_cublas", "triton_sorted"), ("triton_split",)),
     "cuda": (("cuda_decode", "cuda_tiled"), ("cuda",), ("triton_gated", "triton_gated_cublas", "triton_sorted"),
              ("triton_split",)),
@@ -97,6 +99,7 @@ class Call(NamedTuple):
     grads: int  # 0: inference (no grad), 1: grads of the adapters only (x needs none), 2: and of x
     deterministic: bool
     adapters: int = 0  # 0: one adapter; n >= 1: a mixed batch over n adapters
+    quant: str = ""  # a quantized W0 (QLoRA): "nf4", "fp4", "int8", "_dq" appended for double quantization
 
 
 class Plan(NamedTuple):
@@ -165,6 +168,10 @@ def forward_unfit(name: str, call: Call) -> str | None:
             return f"it serves ranks up to {FUSED_MAX_RANK} (r = {call.r})"
         if name == "triton_sorted" and call.dropout:
             return "it runs without dropout (its rows are taken in adapter order, the mask follows row positions)"
+        if name == "triton_quantized" and not call.quant:
+            return "it reads a quantized base weight (QLoRA), and this call's is dense"
+        if name == "triton_quantized" and call.N * call.K >= 2**31:
+            return f"it indexes W0 with 32-bit offsets (N K = {call.N * call.K} >= 2**31)"
         return None
     if call.r > CUDA_MAX_RANK:
         return f"the CUDA C++ kernels serve ranks up to {CUDA_MAX_RANK} (r = {call.r})"
@@ -224,12 +231,19 @@ def _preferences(call: Call) -> tuple[tuple, tuple]:
     tail_f, tail_b = ("cuda_decode", "cuda_tiled", "torch"), ("cuda", "torch")
     if call.dtype == torch.float32:
         return ("aten",) + tail_f, ("aten",) + tail_b
+    # A quantized W0 (QLoRA): at decode sizes the forward reads W0 in its quantized form (a quarter of the bytes,
+    # which is what decode is bound by); above, the dequantized W0 goes through the dense order.
+    quantized = ("triton_quantized",) if call.quant else ()
+    if quantized and bucket(call.M) <= DECODE_MAX_ROWS:
+        first, quantized = quantized, ()
+    else:
+        first = ()
     # 16-bit. Forward: cuBLAS for x W0^T from 2048 rows (Triton's GEMM reached 0.8x cuBLAS), below it the one-launch
     # kernel (M=16: at the cuBLAS floor; M=1024: 0.063 vs 0.071 ms for the composite), xa first with dropout.
     if bucket(call.M) >= CUBLAS_MIN_ROWS:
-        fwd = ("triton_cublas", "triton_xa_first", "aten")
+        fwd = first + ("triton_cublas", "triton_xa_first", "aten") + quantized
     else:
-        fwd = ("triton_fused", "triton_xa_first", "triton_cublas", "aten")
+        fwd = first + ("triton_fused", "triton_xa_first", "triton_cublas", "aten") + quantized
     # Backward, from 2048 rows: eager's products beat the split kernel at N = 4096 (0.58 vs 0.88 ms at M=8192), split
     # won at N = 14336 (1.54 vs 1.67 ms). Below, where host time decides: the one-launch kernel (one launch and no
     # GEMM of ATen's: the least host time of all, bench.host --train).
@@ -308,7 +322,7 @@ def static_plan(call: Call) -> Plan:
     pf, pb = _preferences(call)
     fwd = next(v for v in pf if not v.startswith("cuda") and not forward_unfit(v, call))
     bwd = next(v for v in pb if v != "cuda" and not backward_unfit(v, call))
-    splits = xa_split_target(call, 132) if fwd in ("triton_xa_first", "triton_gated", "triton_gated_cublas") else 0
+    splits = xa_split_target(call, 132) if fwd in _SPLITTING else 0
     return Plan(fwd, bwd, splits)
 
 
@@ -318,10 +332,13 @@ def dora_glue(plan: Plan) -> str:
     return "triton" if plan.forward.startswith(("triton_", "cuda_")) else "aten"
 
 
+# the forward variants whose thin xa kernel may split K (triton_cublas stores a rounded copy of s xa, which needs the
+# whole sum)
+_SPLITTING = ("triton_xa_first", "triton_quantized", "triton_gated", "triton_gated_cublas")
+
+
 def _splits(call: Call, forward: str) -> int:
-    if forward not in ("triton_xa_first", "triton_gated", "triton_gated_cublas"):
-        return 0  # triton_cublas stores a rounded copy of s xa, which needs the whole sum
-    if call.device.type != "cuda":
+    if forward not in _SPLITTING or call.device.type != "cuda":
         return 0
     return xa_split_target(call, _sm_count(call.device))
 
@@ -473,7 +490,8 @@ def cache_path(device: torch.device) -> str:
 def entry_key(family: str, call: Call) -> str:
     """The cache key of a call: the family asked for and the call, rows rounded up to a power of two."""
     return (f"{family}|{str(call.dtype).replace('torch.', '')}|M{bucket(call.M)}|K{call.K}|N{call.N}|r{call.r}|"
-            f"p{int(call.dropout)}|g{call.grads}|d{int(call.deterministic)}|a{call.adapters}")
+            f"p{int(call.dropout)}|g{call.grads}|d{int(call.deterministic)}|a{call.adapters}"
+            + (f"|q{call.quant}" if call.quant else ""))
 
 
 def _read(path: str, device: torch.device) -> dict:
@@ -592,7 +610,7 @@ def choose(call: Call, backend: str = "auto", measure: bool = True, timer=None) 
     """The plan for `call` under `backend` ('auto', a family, or a plan spec). Kept in memory per (backend, key), so
     a warm call costs one dictionary lookup. `measure=False`: the cached entry or the static default."""
     memo_key = (backend, call.device, call.dtype, bucket(call.M), call.K, call.N, call.r, call.dropout, call.grads,
-                call.deterministic, call.adapters)
+                call.deterministic, call.adapters, call.quant)
     plan = _MEMO.get(memo_key)
     if plan is not None:
         return plan
@@ -674,6 +692,7 @@ class _Scratch(NamedTuple):
     seed: torch.Tensor | None
     p: float
     mixed: tuple | None  # (adapter_ids, rank_owner, scalings, dropout_ps)
+    qweight: object = None  # QLoRA calls: a QuantizedWeight of W0's shape (weight is then unused)
 
 
 def _scratch(call: Call) -> _Scratch:
@@ -695,12 +714,39 @@ def _scratch(call: Call) -> _Scratch:
         owner = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), torch.tensor(ranks)).to(dev)
         ids = torch.randint(-1, n, (M,), generator=g, device=dev, dtype=torch.int64).to(torch.int32)
         mixed = (ids, owner, [2.0] * n, [p] * n)
-    return _Scratch(rnd(M, K), rnd(N, K, scale=K ** -0.5), rnd(R, K, scale=K ** -0.5), rnd(N, R, scale=R ** -0.5),
-                    rnd(M, N) if call.grads else None, seed, p, mixed)
+    qweight = _scratch_quantized(call, g) if call.quant else None
+    weight = rnd(N, K, scale=K ** -0.5) if qweight is None else None
+    return _Scratch(rnd(M, K), weight, rnd(R, K, scale=K ** -0.5), rnd(N, R, scale=R ** -0.5),
+                    rnd(M, N) if call.grads else None, seed, p, mixed, qweight)
+
+
+def _scratch_quantized(call: Call, g: torch.Generator):
+    """A random quantized W0 of the call's shape and format (blocks of 64, double quantization's of 256)."""
+    from .quantized import QuantizedWeight
+
+    dev, N, K = call.device, call.N, call.K
+    fmt, _, dq = call.quant.partition("_")
+    empty = torch.empty(0, device=dev)
+    uniform = lambda n, scale: torch.rand(n, generator=g, device=dev) * scale  # noqa: E731
+    if fmt == "int8":
+        data = torch.randint(-127, 128, (N, K), generator=g, device=dev, dtype=torch.int8)
+        return QuantizedWeight(data, uniform(N, 0.02 / 127), empty, empty, empty, "int8", 0, 0, 0.0, (N, K))
+    blocks = -(-N * K // 64)
+    data = torch.randint(0, 256, ((N * K + 1) // 2,), generator=g, device=dev, dtype=torch.uint8)
+    code = torch.linspace(-1.0, 1.0, 16, device=dev)
+    if dq:
+        absmax = torch.randint(0, 256, (blocks,), generator=g, device=dev, dtype=torch.uint8)
+        return QuantizedWeight(data, absmax, code, uniform(-(-blocks // 256), 0.05), torch.linspace(-1.0, 1.0, 256,
+                               device=dev), fmt, 64, 256, 0.02, (N, K))
+    return QuantizedWeight(data, uniform(blocks, 0.05), code, empty, empty, fmt, 64, 0, 0.0, (N, K))
 
 
 def run_forward(variant: str, s: _Scratch, save: bool, xa_splits: int = 0):
     """One forward of `variant` on scratch inputs: (y, xa)."""
+    if s.qweight is not None:
+        from . import quantized
+
+        return quantized.forward(variant, s.x, s.qweight, None, s.lora_A, s.lora_B, s.seed, 2.0, s.p, save, xa_splits)
     if s.mixed is None:
         return backends.FORWARD[variant](s.x, s.weight, None, s.lora_A, s.lora_B, s.seed, 2.0, s.p, save, xa_splits)
     return backends.MIXED_FORWARD[variant](s.x, s.weight, None, s.lora_A, s.lora_B, *s.mixed, s.seed, save,
@@ -709,6 +755,11 @@ def run_forward(variant: str, s: _Scratch, save: bool, xa_splits: int = 0):
 
 def run_backward(variant: str, s: _Scratch, xa: torch.Tensor, need_dx: bool):
     """One backward of `variant` on scratch inputs, from a forward's saved product."""
+    if s.qweight is not None:
+        from . import quantized
+
+        return quantized.backward(variant, s.grad_y, s.x, s.qweight, s.lora_A, s.lora_B, xa, s.seed, 2.0, s.p,
+                                  need_dx, False)
     if s.mixed is None:
         return backends.BACKWARD[variant](s.grad_y, s.x, s.weight, s.lora_A, s.lora_B, xa, s.seed, 2.0, s.p,
                                           need_dx, False)
@@ -728,8 +779,7 @@ def tune_call(call: Call, backend: str = "auto", timer=None) -> tuple[Plan, dict
     fwds = sorted(fwds, key=lambda v: pf.index(v) if v in pf else len(pf))
     bwds = sorted(bwds, key=lambda v: pb.index(v) if v in pb else len(pb))
     default = default_plan(call, backend)
-    splits = default.xa_splits if default.forward in ("triton_xa_first", "triton_gated", "triton_gated_cublas") \
-        else _splits(call, "triton_xa_first")
+    splits = default.xa_splits if default.forward in _SPLITTING else _splits(call, "triton_xa_first")
     times: dict = {}
     with torch.no_grad(), _autocast_off(call.device):
         inputs = _scratch(call)
@@ -773,7 +823,7 @@ def tune(call: Call, backend: str = "auto", timer=None) -> tuple[Plan, dict]:
     plan, us = tune_call(call, backend, timer)
     for memo_key in [k for k in _MEMO if k[0] == backend and k[1:] == (
             call.device, call.dtype, bucket(call.M), call.K, call.N, call.r, call.dropout, call.grads,
-            call.deterministic, call.adapters)]:
+            call.deterministic, call.adapters, call.quant)]:
         del _MEMO[memo_key]
     return plan, us
 

@@ -25,6 +25,7 @@ __all__ = [
     "dora_weight_norm",
     "dora_forward",
     "dora_backward",
+    "dequantize",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -249,3 +250,28 @@ def dora_backward(grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, produc
         else:  # x W0^T + (g - 1) xd W0^T: dY W0 + D ((dY (g - 1)) W0 + G A)
             grad_x = grad_y @ weight + (((grad_y.to(acc) * (g - 1)).to(x.dtype)) @ weight + low) * d
     return grad_x, grad_A, grad_B, grad_m.to(magnitude.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantized base weights (bitsandbytes' formats), dequantized: what QLoRA's base product multiplies by.
+# --------------------------------------------------------------------------------------------
+def dequantize(qw, dtype, rows=None):
+    """W0 [N, K] (or its `rows` slice) in `dtype` from a quantized weight (lora_kernels.quantized.QuantizedWeight), as
+    bitsandbytes defines its formats: fmt "nf4" / "fp4": two 4-bit codes per byte of the row-major flattened W0
+    (element f in byte f // 2, the high nibble for even f), worth code[nibble] * absmax[f // blocksize], where a
+    double-quantized absmax (uint8) is code2[absmax] * absmax2[block // blocksize2] + offset; fmt "int8": data [N, K]
+    int8, each value data[n, k] * absmax[n] (absmax: the row's scale, its absolute maximum / 127). Values in fp32,
+    rounded once to `dtype`."""
+    N, K = qw.shape
+    r0, r1 = (0, N) if rows is None else (rows.start, rows.stop)
+    if qw.fmt == "int8":
+        return (qw.data[r0:r1].float() * qw.absmax[r0:r1, None]).to(dtype)
+    flat = torch.arange(r0 * K, r1 * K, device=qw.data.device, dtype=torch.int64)
+    byte = qw.data.reshape(-1).view(torch.uint8)[flat // 2].to(torch.int64)
+    nibble = torch.where(flat % 2 == 0, byte >> 4, byte & 0xF)
+    block = flat // qw.blocksize
+    if qw.absmax2.numel():
+        scale = qw.code2[qw.absmax.view(torch.uint8)[block].long()] * qw.absmax2[block // qw.blocksize2] + qw.offset
+    else:
+        scale = qw.absmax[block]
+    return (qw.code[nibble] * scale).reshape(r1 - r0, K).to(dtype)

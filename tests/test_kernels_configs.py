@@ -37,7 +37,7 @@ def test_every_padded_rank_has_a_row():
     is never taken for r <= 256; and every row serves rank 16 (the narrowest)."""
     from lora_kernels.kernels.configs import TABLES
 
-    widest = {"gemm": 64, "dx": 256, "thin": 256}
+    widest = {"gemm": 64, "dx": 256, "thin": 256, "quant": 256}
     for kind, by_arch in TABLES.items():
         for arch, by_size in by_arch.items():
             for elem_bytes, rows in by_size.items():

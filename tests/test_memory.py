@@ -44,6 +44,21 @@ def test_lora_kernels_saves_at_most_peft_at_every_dropout(model):
     assert saved["peft", 0.05] > saved["peft", 0.0]
 
 
+def test_qlora_saves_at_most_peft_over_bitsandbytes():
+    """QLoRA (the layer's linears in NF4 through bitsandbytes, on the meta device): the package saves no more than
+    PEFT over the same 4-bit layers, its adapter share is LoRA's over a dense base (x, [M, r], the seed: nothing of
+    the dequantized weight), and dropout adds nothing."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    frozen = memory.layer_row("llama-3-8b", "frozen_qlora", 0, 0.0).saved_kib_per_token
+    dense_share = (memory.layer_row("llama-3-8b", "lora_kernels", 16, 0.0).saved_kib_per_token
+                   - memory.layer_row("llama-3-8b", "frozen", 0, 0.0).saved_kib_per_token)
+    for p in (0.0, 0.05):
+        ours = memory.layer_row("llama-3-8b", "lora_kernels_qlora", 16, p).saved_kib_per_token
+        peft = memory.layer_row("llama-3-8b", "peft_qlora", 16, p).saved_kib_per_token
+        assert ours <= peft and ours - frozen == pytest.approx(dense_share)
+
+
 def _attributed_saves(model_name, dropout, tokens=64):
     """{module name: [(saved tensor's storage key, numel, dtype), ...]} for each FusedLoRALinear of the layer, and
     each one's input storage key, from a forward on `tokens` tokens."""

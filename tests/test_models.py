@@ -63,14 +63,14 @@ def test_inject_conv1d_of_gpt2_and_identity_at_start():
 def test_inject_errors():
     with pytest.raises(ValueError, match=r"matched no nn.Linear or Conv1D module.*attn.q_proj"):
         inject(_Net(), ["k_proj"])
-    with pytest.raises(TypeError, match=r"neither nn.Linear nor Conv1D: norm \(LayerNorm\)"):
+    with pytest.raises(TypeError, match=r"neither nn.Linear, Conv1D nor a bitsandbytes .*: norm \(LayerNorm\)"):
         inject(_Net(), ["q_proj", "norm"])
     with pytest.raises(ValueError, match="target_modules: expected at least one"):
         inject(_Net(), [])
 
 
 def test_quantized_linear_subclass_is_never_grabbed():
-    class QuantLinear(nn.Linear):  # stands in for bitsandbytes' Linear4bit, a subclass of nn.Linear
+    class QuantLinear(nn.Linear):  # a quantized subclass of nn.Linear of an unknown library (bitsandbytes' are taken)
         pass
 
     net = _Net()

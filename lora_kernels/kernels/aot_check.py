@@ -36,15 +36,16 @@ DTYPES = ("fp16", "bf16", "fp32")
 _ADAPTER_ARGS = {"A", "B"}
 _POINTER_TYPES = {"XA": "*fp32", "SEED": "*i64", "DA": "*fp32", "DB": "*fp32", "OUT": "*i8", "IDS": "*i32",
                   "OWNER": "*i32", "SCALES": "*fp32", "THR": "*i32", "KS": "*fp32", "ORDER": "*i32",
-                  "RSTART": "*i32", "WA": "*fp32", "SQ": "*fp32", "G": "*fp32", "DM": "*fp32"}
+                  "RSTART": "*i32", "WA": "*fp32", "SQ": "*fp32", "G": "*fp32", "DM": "*fp32", "CODE": "*fp32",
+                  "ABSMAX2": "*fp32", "CODE2": "*fp32"}
 # pointers whose type follows the kernel (the dropout mask kernel writes int8; dropout_apply writes x's type)
 _KERNEL_POINTERS = {"dropout_apply_kernel": {"OUT": None}}
-_FLOAT_ARGS = {"scaling", "keep_scale"}
+_FLOAT_ARGS = {"scaling", "keep_scale", "offset"}
 _SIZE_ARGS = {"M", "N", "K", "R"}  # upper case like the pointers, but i32
 
 
 def _kernels():
-    from . import backward, dora, dropout, forward
+    from . import backward, dora, dropout, forward, quantized
 
     return {
         "lora_fwd_kernel": forward.lora_fwd_kernel,
@@ -56,6 +57,8 @@ def _kernels():
         "dora_norm_kernel": dora.dora_norm_kernel,
         "dora_scale_kernel": dora.dora_scale_kernel,
         "dora_grad_kernel": dora.dora_grad_kernel,
+        "dequantize_kernel": quantized.dequantize_kernel,
+        "lora_fwd_quantized_kernel": quantized.lora_fwd_quantized_kernel,
     }
 
 
@@ -127,6 +130,20 @@ def specializations(arch: int):
                             XA_TILE_KEYS)
                     add("lora_bwd_lowrank_kernel", dtype, row,
                         dict(DROPOUT=True, DETERMINISTIC=False, NEED_DX=True, GATED=True, BLOCK_R=row[5]))
+    # QLoRA: the forward over a quantized W0 (16-bit) and the dequantization pass (every dtype), for each storage:
+    # 4-bit with fp32 absmax, 4-bit with double-quantized absmax, int8
+    storages = (dict(INT8=False, NESTED=False), dict(INT8=False, NESTED=True), dict(INT8=True, NESTED=False))
+    for dtype in ("fp16", "bf16"):
+        for row in TABLES["quant"][arch][2]:
+            for storage in (storages if dtype == "bf16" else storages[1:2]):
+                add("lora_fwd_quantized_kernel", dtype, row, dict(storage, HAS_BIAS=True, BLOCK_R=16,
+                                                                  **_blocks(storage)))
+    from .quantized import DEQUANT_BLOCK
+
+    for dtype in DTYPES:
+        for storage in storages:
+            out.append(("dequantize_kernel", dtype, dict(storage, UPCAST=False, BLOCK=DEQUANT_BLOCK,
+                                                         **_blocks(storage)), 4, 3))
     from .dora import EW_BLOCK, norm_block
     from .dropout import MASK_BLOCK
 
@@ -150,6 +167,12 @@ def specializations(arch: int):
     return out
 
 
+def _blocks(storage: dict) -> dict:
+    """The block sizes of a quantized storage as bitsandbytes' defaults set them (64 values per absmax, 256 absmax
+    per absmax2); int8 has none."""
+    return dict(BLOCKSIZE=1 if storage["INT8"] else 64, BLOCKSIZE2=256 if storage["NESTED"] else 1)
+
+
 def _signature(jit_fn, dtype: str, constexprs: dict) -> dict:
     dtype, _, adapters = dtype.partition("+")
     own = _KERNEL_POINTERS.get(jit_fn.__name__, {})
@@ -158,6 +181,10 @@ def _signature(jit_fn, dtype: str, constexprs: dict) -> dict:
         name = param.name
         if param.is_constexpr:
             sig[name] = "constexpr"
+        elif name == "Q":  # a quantized W0: int8 values, or packed 4-bit codes
+            sig[name] = "*i8" if constexprs.get("INT8") else "*u8"
+        elif name == "ABSMAX":  # 4-bit: fp32, or uint8 with double quantization; int8: the fp32 row scales
+            sig[name] = "*u8" if constexprs.get("NESTED") else "*fp32"
         elif name in _ADAPTER_ARGS and adapters:
             sig[name] = f"*{adapters}"
         elif name.isupper() and name not in _SIZE_ARGS:

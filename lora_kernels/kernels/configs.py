@@ -70,6 +70,17 @@ TABLES = {
                  (64, 64, 32, 4, 3, 128), (32, 64, 32, 4, 2, 256), (64, 64, 32, 8, 2, 256)],
              4: [(64, 32, 32, 4, 3, 64), (32, 32, 32, 4, 2, 128), (32, 16, 32, 4, 2, 128), (16, 16, 32, 4, 2, 256)]},
     },
+    # The forward over a quantized W0 (kernels/quantized.py): every W0 element costs a few integer operations and
+    # table loads to dequantize, so tiles are narrower than the GEMM's and the decode rows (BLOCK_M = 16) come first;
+    # the rank is streamed in BLOCK_K steps (no rank cap). 16-bit only: fp32 calls run cuBLAS on the dequantized W0.
+    # The software pipeline stages the tile's code bytes and absmax entries too: the 64 x 128 tile takes two stages
+    # (three need 217 KB of shared memory with double quantization, over sm_80's 163 KB).
+    "quant": {
+        90: {2: [(16, 64, 128, 4, 2, 256), (16, 32, 128, 4, 3, 256), (16, 64, 64, 4, 4, 256),
+                 (64, 64, 64, 4, 3, 256), (128, 64, 64, 8, 3, 256)]},
+        80: {2: [(16, 64, 128, 4, 2, 256), (16, 32, 128, 4, 3, 256), (16, 64, 64, 4, 4, 256),
+                 (64, 64, 64, 4, 3, 256), (128, 64, 32, 8, 3, 256)]},
+    },
 }
 _INTERPRETER = (32, 32, 32, 4, 1)
 
@@ -87,7 +98,7 @@ def _build(kind, keys=TILE_KEYS):
 
 
 if INTERPRET:
-    FORWARD_CONFIGS = BACKWARD_CONFIGS = LOWRANK_CONFIGS = [_cfg(_INTERPRETER)]
+    FORWARD_CONFIGS = BACKWARD_CONFIGS = LOWRANK_CONFIGS = QUANT_CONFIGS = [_cfg(_INTERPRETER)]
     XA_CONFIGS = [_cfg(_INTERPRETER, XA_TILE_KEYS)]
     _INFO = {}
 else:
@@ -95,7 +106,8 @@ else:
     BACKWARD_CONFIGS, _bwd_info = _build("dx")
     LOWRANK_CONFIGS, _lowrank_info = _build("thin")
     XA_CONFIGS, _xa_info = _build("thin", XA_TILE_KEYS)
-    _INFO = {**_fwd_info, **_bwd_info, **_lowrank_info, **_xa_info}
+    QUANT_CONFIGS, _quant_info = _build("quant")
+    _INFO = {**_fwd_info, **_bwd_info, **_lowrank_info, **_xa_info, **_quant_info}
 
 
 # False: launch the first eligible config of each table without timing the others (the tables list the usual

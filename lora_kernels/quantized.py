@@ -1,0 +1,427 @@
+"""QLoRA: LoRA over a quantized base layer (bitsandbytes' Linear4bit, NF4 or FP4 with or without double quantization,
+and Linear8bitLt), with the quantized weight left as it is: shared, frozen, never kept dequantized.
+
+    y = x W0^T + bias + scaling * (dropout(x) A^T) B^T,     W0 = dequantize(the quantized weight)
+
+The forward runs the planner's variant for the call: ``triton_quantized`` reads the quantized weight in the GEMM's K
+loop (no dequantized matrix at all; the static choice at decode sizes), any other variant multiplies by a transient
+dequantized W0 (one Triton pass; freed when the forward returns). The backward dequantizes W0 again for dX (nothing
+of size N x K is kept between forward and backward: the autograd context holds x, [M, r] and the layer's own
+quantized tensors); grads of the adapters need no W0.
+
+Numerics follow bitsandbytes' layers: the product runs in the layer's compute dtype (Linear4bit's ``compute_dtype``
+when set, else x's; torch.autocast's inside a region) and y comes back in x's dtype. Linear8bitLt's weight is
+dequantized (its int8 values times the row scale) and multiplied in x's dtype: LLM.int8's own forward also quantizes
+x, which the 16-bit product here does not (it is the more accurate of the two).
+
+bitsandbytes is optional (``pip install lora-kernels[bnb]``): a bitsandbytes layer can only exist once bitsandbytes
+is imported, so the layers are recognized without importing it, and nothing here fails without it.
+
+Ops: ``lora_kernels::qlora_linear_fwd(x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, seed, scaling,
+dropout_p, save_xa, plan) -> (y, xa)`` and ``lora_kernels::qlora_linear_bwd(grad_y, x, qdata, qstate, fmt, sizes,
+offset, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic, plan) -> (dx, dA, dB)``, with the
+quantized weight as (qdata, qstate = [absmax, code, absmax2, code2], fmt, sizes = [N, K, blocksize, blocksize2],
+offset) (``QuantizedWeight``).
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from . import plan as planner
+from .ops import (_check_seed, _plain, _seed, _unflatten, adapters_for, autocast_dtype, check_args)
+from .plan import Call
+
+__all__ = ["QuantizedWeight", "FORMATS", "is_quantized_linear", "quantized_weight", "compute_dtype", "dequantize",
+           "qlora_linear", "qlora_linear_fwd", "qlora_linear_bwd", "bitsandbytes_info", "quantize_linear"]
+
+FORMATS = ("nf4", "fp4", "int8")
+
+
+class QuantizedWeight(NamedTuple):
+    """A quantized W0 [N, K] (the formats: ``reference.dequantize``). Tensors on one device; empty where unused."""
+
+    data: Tensor  # 4-bit: the packed codes, uint8 [ceil(N K / 2)] (any shape: read flat); int8: int8 [N, K]
+    absmax: Tensor  # 4-bit: fp32 [blocks], or uint8 [blocks] with double quantization; int8: fp32 row scales [N]
+    code: Tensor  # 4-bit: fp32 [16], the values of the 16 codes; int8: empty
+    absmax2: Tensor  # double quantization: fp32 [blocks / blocksize2]; else empty
+    code2: Tensor  # double quantization: fp32 [256]; else empty
+    fmt: str  # "nf4", "fp4" or "int8"
+    blocksize: int  # 4-bit: elements per absmax; int8: 0
+    blocksize2: int  # double quantization: absmax entries per absmax2; else 0
+    offset: float  # double quantization: added to every dequantized absmax; else 0
+    shape: tuple  # (N, K)
+
+    @property
+    def nested(self) -> bool:
+        return self.absmax2.numel() > 0
+
+    @property
+    def quant(self) -> str:
+        """The format as the planner keys calls: "nf4", "fp4", "int8", with "_dq" for double quantization."""
+        return self.fmt + ("_dq" if self.nested else "")
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+
+def pack(qdata: Tensor, qstate: list, fmt: str, sizes: list, offset: float) -> QuantizedWeight:
+    """A QuantizedWeight from an op's arguments."""
+    return QuantizedWeight(qdata, *qstate, fmt, sizes[2], sizes[3], offset, (sizes[0], sizes[1]))
+
+
+def unpack(qw: QuantizedWeight) -> tuple:
+    """An op's (qdata, qstate, fmt, sizes, offset) arguments from a QuantizedWeight."""
+    return (qw.data, [qw.absmax, qw.code, qw.absmax2, qw.code2], qw.fmt,
+            [qw.shape[0], qw.shape[1], qw.blocksize, qw.blocksize2], qw.offset)
+
+
+# --------------------------------------------------------------------------------------------
+# bitsandbytes' layers
+# --------------------------------------------------------------------------------------------
+def _bnb():
+    """bitsandbytes if it is imported (a bitsandbytes layer exists only then), else None."""
+    return sys.modules.get("bitsandbytes")
+
+
+def is_quantized_linear(module) -> bool:
+    """Whether `module` is a bitsandbytes Linear4bit or Linear8bitLt (without importing bitsandbytes)."""
+    bnb = _bnb()
+    return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def bitsandbytes_info() -> str:
+    """For ``python -m lora_kernels.info``: bitsandbytes' version and whose kernels serve it here."""
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # not installed, or it fails to load here
+        return f"not available ({type(e).__name__}: {str(e)[:120]}); quantized base layers are not recognized"
+    where = "CUDA" if torch.cuda.is_available() else "CPU"
+    return f"{bnb.__version__} ({where} kernels serve its own layers; QLoRA here: lora_kernels' kernels)"
+
+
+def quantize_linear(linear: torch.nn.Module, quant_type: str = "nf4", double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None):
+    """A bitsandbytes Linear4bit (`quant_type` "nf4" / "fp4", double quantization or not) holding `linear`'s weight
+    quantized (on its device) and sharing its bias: QLoRA's base layer made from a dense one (needs bitsandbytes)."""
+    import bitsandbytes as bnb
+
+    weight = linear.weight
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=compute_dtype, quant_type=quant_type, compress_statistics=double_quant,
+                              device="meta")
+    layer.weight = bnb.nn.Params4bit(weight.detach().cpu(), requires_grad=False, quant_type=quant_type,
+                                     compress_statistics=double_quant)
+    layer.bias = linear.bias
+    return layer.to(weight.device)
+
+
+_WEIGHTS: dict = {}  # id(weight) -> (weak ref to it, fingerprint, QuantizedWeight)
+
+
+def quantized_weight(layer) -> QuantizedWeight:
+    """The quantized W0 of a bitsandbytes layer, read once per weight (kept until the weight's data or state
+    changes: no host sync or small op per call)."""
+    weight = layer.weight
+    state = getattr(weight, "quant_state", None) if hasattr(weight, "quant_state") else getattr(layer, "state", None)
+    key = (weight.data_ptr(), weight._version, id(state), getattr(weight, "SCB", None) is not None)
+    kept = _WEIGHTS.get(id(weight))
+    if kept is not None and kept[0]() is weight and kept[1] == key:
+        return kept[2]
+    qw = _read_layer(layer)
+    if len(_WEIGHTS) >= 4096:
+        _WEIGHTS.clear()
+    _WEIGHTS[id(weight)] = (weakref.ref(weight), key, qw)
+    return qw
+
+
+def _read_layer(layer) -> QuantizedWeight:
+    bnb = _bnb()
+    name = type(layer).__name__
+    weight = layer.weight
+    empty = weight.new_empty((0,), dtype=torch.float32)
+    if isinstance(layer, bnb.nn.Linear4bit):
+        state = getattr(weight, "quant_state", None)
+        if state is None:
+            raise ValueError(f"{name}: its weight is not quantized yet (bitsandbytes quantizes it when the layer is "
+                             "moved to a device: .to('cuda') or .to('cpu'))")
+        if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout: back to its own
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            state = weight.quant_state
+        N, K = (int(s) for s in state.shape)
+        if state.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"{name}: quant_type {state.quant_type!r}; expected 'nf4' or 'fp4'")
+        nested = state.state2 is not None
+        return QuantizedWeight(
+            weight.data.view(torch.uint8), state.absmax, state.code.to(weight.device, torch.float32),
+            state.state2.absmax.float() if nested else empty, state.state2.code.float() if nested else empty,
+            state.quant_type, int(state.blocksize), int(state.state2.blocksize) if nested else 0,
+            float(state.offset) if nested and state.offset.device.type != "meta" else 0.0, (N, K))
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = getattr(layer.state, "SCB", None)
+        if weight.dtype != torch.int8 or scb is None:
+            raise ValueError(f"{name}: expected an int8 weight with its row scales (has_fp16_weights=False, moved to a "
+                             f"device); got a {weight.dtype} weight")
+        return QuantizedWeight(weight.data, scb.float() / 127.0, empty, empty, empty, "int8", 0, 0, 0.0,
+                               tuple(weight.shape))
+    raise TypeError(f"layer: expected a bitsandbytes Linear4bit or Linear8bitLt, got {name}")
+
+
+def compute_dtype(layer, x: Tensor) -> torch.dtype:
+    """The dtype the base product of `layer` runs in for input x: torch.autocast's inside a region; else a
+    Linear4bit's compute_dtype when set, else x's (bitsandbytes' rule)."""
+    dtype = autocast_dtype(x)
+    if dtype is not None and x.dtype != torch.float64:
+        return dtype
+    cd = getattr(layer, "compute_dtype", None)
+    if cd is not None and getattr(layer, "compute_type_is_set", False) and x.dtype != torch.float64:
+        return cd
+    return x.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Dequantization and the variants
+# --------------------------------------------------------------------------------------------
+def _triton_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    return (dtype in backends.KERNEL_DTYPES and backends._triton_import_error() is None
+            and (device.type == "cuda" or (backends.triton_interpreting() and device.type == "cpu")))
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> Tensor:
+    """W0 [N, K] in `dtype`: one Triton pass where Triton runs, else the reference's formula."""
+    if _triton_runs(qw.device, dtype):
+        from .kernels.quantized import dequantize as triton_dequantize
+
+        return triton_dequantize(qw, dtype)
+    return reference.dequantize(qw, dtype)
+
+
+def _no_weight(qw: QuantizedWeight, x: Tensor) -> Tensor:
+    """A stand-in [N, K] of x's dtype without storage behind it (stride 0), where W0 is not read: the grads of the
+    adapters, the argument checks."""
+    return x.new_zeros(()).expand(*qw.shape)
+
+
+def forward(variant: str, x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0):
+    """Forward variant `variant` over a quantized W0: (y, xa) as ``backends.FORWARD``'s."""
+    if variant == "triton_quantized":
+        from .kernels.quantized import lora_forward_quantized
+
+        return lora_forward_quantized(x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits)
+    weight = dequantize(qw, x.dtype)  # transient: freed when this returns
+    return backends.FORWARD[variant](x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits)
+
+
+def backward(variant: str, grad_y, x, qw, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
+    """Backward variant `variant` over a quantized W0 (dequantized again for dX only): (dx or empty, dA, dB)."""
+    weight = dequantize(qw, x.dtype) if need_dx else _no_weight(qw, x)
+    return backends.BACKWARD[variant](grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx,
+                                      deterministic)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks and ops
+# --------------------------------------------------------------------------------------------
+def check_quantized(qw: QuantizedWeight, device: torch.device) -> None:
+    """The quantized weight's parts: format, sizes, dtypes, device (x's)."""
+    if qw.fmt not in FORMATS:
+        raise ValueError(f"fmt: expected one of {FORMATS}, got {qw.fmt!r}")
+    N, K = qw.shape
+    if N < 1 or K < 1:
+        raise ValueError(f"sizes: expected positive out_features and in_features, got {[N, K]}")
+    for name, t in (("qdata", qw.data), ("absmax", qw.absmax), ("code", qw.code), ("absmax2", qw.absmax2),
+                    ("code2", qw.code2)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.numel() and t.device != device:
+            raise ValueError(f"{name}: on device {t.device}, expected x's device {device}")
+    if qw.fmt == "int8":
+        if qw.data.dtype != torch.int8 or tuple(qw.data.shape) != (N, K):
+            raise ValueError(f"qdata: expected int8 [{N}, {K}], got {qw.data.dtype} {list(qw.data.shape)}")
+        if qw.absmax.dtype != torch.float32 or tuple(qw.absmax.shape) != (N,):
+            raise ValueError(f"absmax: expected the rows' fp32 scales [{N}], got {qw.absmax.dtype} "
+                             f"{list(qw.absmax.shape)}")
+        return
+    if qw.blocksize < 1:
+        raise ValueError(f"blocksize: expected a positive number of elements per absmax, got {qw.blocksize}")
+    if qw.data.element_size() * qw.data.numel() < (N * K + 1) // 2:
+        raise ValueError(f"qdata: expected {(N * K + 1) // 2} bytes of packed 4-bit codes for [{N}, {K}], got "
+                         f"{qw.data.element_size() * qw.data.numel()}")
+    blocks = -(-N * K // qw.blocksize)
+    if qw.code.dtype != torch.float32 or qw.code.numel() != 16:
+        raise ValueError(f"code: expected the 16 fp32 values of the codes, got {qw.code.dtype} {list(qw.code.shape)}")
+    if qw.absmax.numel() != blocks:
+        raise ValueError(f"absmax: expected {blocks} entries (one per {qw.blocksize} elements), got "
+                         f"{qw.absmax.numel()}")
+    if qw.nested:
+        if qw.absmax.dtype != torch.uint8 or qw.blocksize2 < 1 or qw.code2.numel() != 256 or \
+                qw.absmax2.numel() != -(-blocks // qw.blocksize2):
+            raise ValueError("absmax2: double quantization expects uint8 absmax, 256 fp32 code2 values and one fp32 "
+                             f"absmax2 per blocksize2 = {qw.blocksize2} absmax entries")
+    elif qw.absmax.dtype != torch.float32:
+        raise ValueError(f"absmax: expected fp32 (or uint8 with absmax2 for double quantization), got "
+                         f"{qw.absmax.dtype}")
+
+
+def check_qargs(x, qw, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    """ops.check_args with W0 given by its quantized form; raised before any kernel."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    check_quantized(qw, x.device)
+    check_args(x, _no_weight(qw, x), bias, lora_A, lora_B, scaling, dropout_p)
+
+
+def _call(x, qw, lora_A, dropout_p, grads) -> Call:
+    return Call(x.device, x.dtype, x.shape[0], qw.shape[1], qw.shape[0], lora_A.shape[0], dropout_p > 0.0, grads,
+                torch.are_deterministic_algorithms_enabled(), 0, qw.quant)
+
+
+@torch.library.custom_op("lora_kernels::qlora_linear_fwd", mutates_args=())
+def qlora_linear_fwd(x: Tensor, qdata: Tensor, qstate: list[Tensor], fmt: str, sizes: list[int], offset: float,
+                     bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, seed: Optional[Tensor], scaling: float,
+                     dropout_p: float, save_xa: bool, plan: str) -> tuple[Tensor, Tensor]:
+    qw = pack(qdata, qstate, fmt, sizes, offset)
+    check_qargs(x, qw, bias, lora_A, lora_B, scaling, dropout_p)
+    _check_seed(seed, x.device, dropout_p)
+    chosen = planner.resolve_spec(plan, _call(x, qw, lora_A, dropout_p, 2 if save_xa else 0))
+    return forward(chosen.forward, x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, chosen.xa_splits)
+
+
+@qlora_linear_fwd.register_fake
+def _(x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, plan):
+    check_qargs(x, pack(qdata, qstate, fmt, sizes, offset), bias, lora_A, lora_B, scaling, dropout_p)
+    xa_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.new_empty((x.shape[0], sizes[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0]) if save_xa else (0,), dtype=xa_dtype))
+
+
+@torch.library.custom_op("lora_kernels::qlora_linear_bwd", mutates_args=())
+def qlora_linear_bwd(grad_y: Tensor, x: Tensor, qdata: Tensor, qstate: list[Tensor], fmt: str, sizes: list[int],
+                     offset: float, lora_A: Tensor, lora_B: Tensor, xa: Tensor, seed: Optional[Tensor],
+                     scaling: float, dropout_p: float, need_dx: bool, deterministic: bool,
+                     plan: str) -> tuple[Tensor, Tensor, Tensor]:
+    qw = pack(qdata, qstate, fmt, sizes, offset)
+    M, N, r = x.shape[0], qw.shape[0], lora_A.shape[0]
+    for name, t, shape in (("grad_y", grad_y, (M, N)), ("xa", xa, (M, r))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    _check_seed(seed, x.device, dropout_p)
+    chosen = planner.resolve_spec(plan, _call(x, qw, lora_A, dropout_p, 2 if need_dx else 1))
+    return backward(chosen.backward, grad_y, x, qw, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx,
+                    deterministic)
+
+
+@qlora_linear_bwd.register_fake
+def _(grad_y, x, qdata, qstate, fmt, sizes, offset, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx,
+      deterministic, plan):
+    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, plan = inputs
+    ctx.save_for_backward(x, qdata, *qstate, lora_A, lora_B, output[1], seed)
+    ctx.fmt, ctx.sizes, ctx.offset = fmt, sizes, offset
+    ctx.scaling, ctx.dropout_p, ctx.plan, ctx.has_bias = scaling, dropout_p, plan, bias is not None
+
+
+def _grads(ctx, grad_y, run_bwd):
+    """Grads of (x, bias, lora_A, lora_B); run_bwd(need_dx, deterministic) -> (dx, dA, dB)."""
+    need_x, need_bias, need_a, need_b = ctx.grad_needs
+    grad_x = grad_a = grad_b = grad_bias = None
+    if need_x or need_a or need_b:
+        dx, grad_a, grad_b = run_bwd(need_x, torch.are_deterministic_algorithms_enabled())
+        grad_x = dx if need_x else None
+    if need_bias and ctx.has_bias:
+        grad_bias = grad_y.sum(0)
+    return grad_x, grad_bias, grad_a, grad_b
+
+
+def _backward_op(ctx, grad_y, grad_xa):
+    x, qdata, absmax, code, absmax2, code2, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    ctx.grad_needs = (need[0], need[6], need[7], need[8])
+    grad_x, grad_bias, grad_a, grad_b = _grads(ctx, grad_y, lambda need_x, det: torch.ops.lora_kernels.qlora_linear_bwd(
+        grad_y, x, qdata, [absmax, code, absmax2, code2], ctx.fmt, ctx.sizes, ctx.offset, lora_A, lora_B, xa, seed,
+        ctx.scaling, ctx.dropout_p, need_x, det, ctx.plan))
+    return grad_x, None, [None] * 4, None, None, None, grad_bias, grad_a, grad_b, None, None, None, None, None
+
+
+qlora_linear_fwd.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+class _EagerQLoRALinear(torch.autograd.Function):
+    """The ops' forward/backward without the custom-op dispatcher, running a Plan (as ops._EagerLoRALinear). The
+    quantized weight rides on the context as it is: the layer's own tensors, nothing copied."""
+
+    @staticmethod
+    def forward(ctx, x, bias, lora_A, lora_B, qw, seed, scaling, dropout_p, plan):
+        y, xa = forward(plan.forward, x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, True, plan.xa_splits)
+        ctx.save_for_backward(x, lora_A, lora_B, xa, seed)
+        ctx.qw, ctx.scaling, ctx.dropout_p, ctx.plan, ctx.has_bias = qw, scaling, dropout_p, plan, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        ctx.grad_needs = ctx.needs_input_grad[:4]
+        grad_x, grad_bias, grad_a, grad_b = _grads(ctx, grad_y, lambda need_x, det: backward(
+            ctx.plan.backward, grad_y, x, ctx.qw, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, need_x, det))
+        return grad_x, grad_bias, grad_a, grad_b, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------
+def qlora_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                 scaling: float, dropout_p: float = 0.0, *, backend: str = "auto", seed: Optional[Tensor] = None,
+                 compute_dtype: torch.dtype | None = None) -> Tensor:
+    """y = x W0^T + bias + scaling * (dropout(x) A^T) B^T over a quantized W0 (``quantized_weight(layer)``); x may
+    have any leading dims. The product runs in `compute_dtype` (default x's; torch.autocast's inside a region) and y
+    comes back in x's dtype; the bias is cast to the compute dtype. Grads reach x, lora_A, lora_B (and a bias that
+    requires grad)."""
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight: expected a QuantizedWeight (quantized_weight(layer)), got {type(qweight).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    out_dtype = x.dtype
+    dtype = autocast_dtype(x) if x.dtype != torch.float64 else None
+    dtype = dtype or compute_dtype or x.dtype
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if isinstance(bias, Tensor) and bias.is_floating_point() and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    lora_A, lora_B = adapters_for(x, lora_A, lora_B)
+    check_qargs(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+    planner.check_name(backend)
+    scaling, dropout_p = float(scaling), float(dropout_p)
+    grad = torch.is_grad_enabled()
+    need_x = grad and x.requires_grad
+    save = need_x or (grad and any(t is not None and t.requires_grad for t in (lora_A, lora_B, bias)))
+    seed = _seed(seed, x, dropout_p)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    grads = 2 if need_x else (1 if save else 0)
+    if torch.compiler.is_compiling() or not _plain(x, bias, lora_A, lora_B, qweight.data):
+        y, _ = torch.ops.lora_kernels.qlora_linear_fwd(x2, *unpack(qweight), bias, lora_A, lora_B, seed, scaling,
+                                                       dropout_p, save, backend)
+    else:
+        chosen = planner.choose(_call(x2, qweight, lora_A, dropout_p, grads), backend)
+        if save:
+            y = _EagerQLoRALinear.apply(x2, bias, lora_A, lora_B, qweight, seed, scaling, dropout_p, chosen)
+        else:  # inference: no autograd node at all
+            y, _ = forward(chosen.forward, x2, qweight, bias, lora_A, lora_B, seed, scaling, dropout_p, False,
+                           chosen.xa_splits)
+    y = _unflatten(y, lead)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
