@@ -104,6 +104,15 @@ def rows(adapter_counts, calls: int, K: int = 256, M: int = 32, launch_us: float
                 out.append({"call": "single adapter", "adapters": 1, **measure(lambda: layer(x), calls, launch_us)})
             out.append({"call": "mixed batch", "adapters": n,
                         **measure(lambda: layer(x, adapter_ids=ids), calls, launch_us)})
+        try:  # QLoRA: the same call over an NF4 base layer (bitsandbytes), the 4-bit kernel's plan
+            from lora_kernels.quantized import quantize_linear
+
+            base = quantize_linear(nn.Linear(K, K, bias=False, dtype=torch.bfloat16), compute_dtype=torch.bfloat16)
+            layer = FusedLoRALinear.from_linear(base, r=16, backend="triton_quantized+triton_split").eval()
+            x = torch.randn(M, K, dtype=torch.bfloat16)
+            out.append({"call": "QLoRA (nf4)", "adapters": 1, **measure(lambda: layer(x), calls, launch_us)})
+        except ImportError:  # no bitsandbytes
+            pass
     return out
 
 

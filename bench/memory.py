@@ -298,7 +298,8 @@ def rows(models, rs, dropouts, contenders=CONTENDERS, progress=None) -> list[Row
         if frozen:
             out.append(frozen)
         frozen_4bit = None
-        if frozen and any(c.endswith("_qlora") for c in contenders):
+        qlora = MODELS[name][0] != "gpt2"  # GPT-2's projections are Conv1D: bitsandbytes has no 4-bit Conv1D
+        if frozen and qlora and any(c.endswith("_qlora") for c in contenders):
             try:
                 frozen_4bit = layer_row(name, "frozen_qlora", 0, 0.0)
                 out.append(frozen_4bit)
@@ -312,8 +313,8 @@ def rows(models, rs, dropouts, contenders=CONTENDERS, progress=None) -> list[Row
                     if progress:
                         progress(f"{name} {contender} r={r} p={p}")
                     floor = frozen_4bit if contender.endswith("_qlora") else frozen
-                    if contender.endswith("_qlora") and frozen and floor is None:
-                        continue  # no bitsandbytes
+                    if contender.endswith("_qlora") and (not qlora or (frozen and floor is None)):
+                        continue  # GPT-2, or no bitsandbytes
                     try:
                         row = layer_row(name, contender, r, p)
                     except ImportError as e:  # peft not installed: the row is left out, said once
@@ -407,6 +408,10 @@ def main(argv=None) -> int:
             f"{', '.join(DEFAULT_TARGETS)} (GPT-2: c_attn, c_proj, c_fc); by storage, parameters excluded, slope over "
             f"{TOKENS[0]} and {TOKENS[1]} tokens; whole model at {BATCH[0]} x {BATCH[1]} tokens, activations only "
             f"(embeddings and logits aside)\n\n" + markdown(table) + "\n\n" + "\n".join(ratios(table)))
+    if any(row.contender.endswith("_qlora") for row in table):
+        text += ("\n\nQLoRA rows: the base layers in NF4 (bitsandbytes, double quantization). Their backward peak is set "
+                 "by a dequantized W0, a constant of the layer (both PEFT + bitsandbytes and this package dequantize "
+                 "for dX), so its per-token slope is near zero or noise.")
     print(text)
     print(f"\n({time.time() - t0:.0f} s)")
     if args.out:

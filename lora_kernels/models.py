@@ -1,10 +1,9 @@
 """Put FusedLoRALinear layers into any PyTorch / Hugging Face model, and manage them model-wide.
 
-``inject`` replaces matching ``nn.Linear`` and Hugging Face ``Conv1D`` modules in place, sharing (not
-copying) their weights; bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` modules become ``QuantizedLoRALinear``
-(QLoRA), their quantized weights kept as they are. Target names follow PEFT: a list of names matches modules whose name equals a
-target or ends with ``"." + target``; a single string is a regular expression matched against the whole
-module name.
+``inject`` replaces matching ``nn.Linear`` and Hugging Face ``Conv1D`` modules in place, sharing (not copying) their
+weights; bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` modules become ``QuantizedLoRALinear`` (QLoRA), their
+quantized weights kept as they are. Target names follow PEFT: a list of names matches modules whose name equals a
+target or ends with ``"." + target``; a single string is a regular expression matched against the whole module name.
 """
 
 from __future__ import annotations

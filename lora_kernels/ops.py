@@ -15,7 +15,8 @@ Two named ops live in the ``lora_kernels`` namespace (and two for mixed batches,
 
 ``plan`` is "auto", a backend family, or a plan spec ("triton_fused+aten", see ``lora_kernels.plan``); the op
 resolves it for its concrete shapes when it runs, from the plan cache or the static defaults, never timing anything
-(this is what graphs traced by torch.compile hold: shapes and dropout probabilities may be symbolic while tracing). Dropout is inverted dropout with the counter-based mask of ``reference.dropout_keep_mask``: a pure
+(this is what graphs traced by torch.compile hold: shapes and dropout probabilities may be symbolic while tracing).
+Dropout is inverted dropout with the counter-based mask of ``reference.dropout_keep_mask``: a pure
 function of (seed, row, column), so the backward regenerates it instead of storing it.
 
 ``lora_linear`` (the public function) applies torch.autocast's rule for linear layers (``autocast_inputs``; torch

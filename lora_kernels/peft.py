@@ -3,7 +3,8 @@
 The LoRA Linear layers of the model become ``FusedPeftLinear``, a subclass of PEFT's own LoRA Linear whose
 forward runs the fused ops (LoRA, and DoRA through ``dora_linear``): same parameters, state dict, ``save_pretrained``
 and ``merge_and_unload``. What the fused path does not cover (other LoRA variants, several active adapters at once)
-falls back to PEFT's forward with a one-time warning. Mixed-adapter batches (``adapter_names=`` in forward) run the one-launch mixed kernels. ``register(lora_config)`` puts the fused layer into PEFT's
+falls back to PEFT's forward with a one-time warning. Mixed-adapter batches (``adapter_names=`` in forward) run the
+one-launch mixed kernels. ``register(lora_config)`` puts the fused layer into PEFT's
 custom-module hook (``LoraConfig._register_custom_module``) so PEFT builds fused layers itself (plain ``nn.Linear``
 and ``Conv1D`` bases). ``fuse`` also takes PEFT's LoRA layers over bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` bases
 (QLoRA): their forward runs ``lora_kernels.quantized.qlora_linear`` on the base layer's quantized weight.

@@ -19,7 +19,8 @@ How a plan is chosen (``choose``), as cuDNN's benchmark mode and Triton's autotu
 4. otherwise the static defaults (``default_plan``): the best guesses from the H100 measurements (docs/design.md).
 
 Nothing is timed while torch.compile traces or in what it compiled (the ops hold the backend name and look the cached
-or default plan up for their concrete shapes when they run), during CUDA graph capture, in deterministic mode (a fixed choice), under Triton's interpreter or on CPU. As with
+or default plan up for their concrete shapes when they run), during CUDA graph capture, in deterministic mode (a fixed
+choice), under Triton's interpreter or on CPU. As with
 ``torch.backends.cudnn.benchmark``, a measured choice can differ between runs and machines (results then differ in
 the last bits); ``LORA_KERNELS_TUNE=off`` uses the static defaults only (and Triton's first config per kernel) for
 bitwise-repeatable runs.
@@ -221,7 +222,8 @@ def xa_split_target(call: Call, sm_count: int) -> int:
 def _preferences(call: Call) -> tuple[tuple, tuple]:
     """The static order of preference of the forward and backward variants for a call on a GPU: the best guesses
     from the H100 run (bench/results/h100-20261125, docs/design.md). Static defaults serve where nothing is measured:
-    compiled graphs and CUDA graphs (little host time per call, so GPU time decides), deterministic mode, LORA_KERNELS_TUNE=off."""
+    compiled graphs and CUDA graphs (little host time per call, so GPU time decides), deterministic mode,
+    LORA_KERNELS_TUNE=off."""
     if call.dtype == torch.float64:
         return ("torch", "aten"), ("torch", "aten")
     if call.adapters:  # fp32: cuBLAS's GEMM (Triton's fp32 dots sum in sequence)

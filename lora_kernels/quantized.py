@@ -207,10 +207,21 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> Tensor:
     return reference.dequantize(qw, dtype)
 
 
+_STAND_INS: dict = {}
+
+
 def _no_weight(qw: QuantizedWeight, x: Tensor) -> Tensor:
-    """A stand-in [N, K] of x's dtype without storage behind it (stride 0), where W0 is not read: the grads of the
-    adapters, the argument checks."""
-    return x.new_zeros(()).expand(*qw.shape)
+    """A stand-in [N, K] of x's dtype and device on one element (stride 0), where W0 is not read: the grads of the
+    adapters, the argument checks. Kept per shape, dtype and device (no allocation per call)."""
+    if x.device.type == "meta" or not _plain(x):
+        return x.new_zeros(()).expand(*qw.shape)
+    key = (qw.shape, x.dtype, x.device)
+    stand_in = _STAND_INS.get(key)
+    if stand_in is None:
+        if len(_STAND_INS) >= 1024:
+            _STAND_INS.clear()
+        stand_in = _STAND_INS[key] = x.new_zeros(()).expand(*qw.shape)
+    return stand_in
 
 
 def forward(variant: str, x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0):
@@ -233,8 +244,22 @@ def backward(variant: str, grad_y, x, qw, lora_A, lora_B, xa, seed, scaling, dro
 # --------------------------------------------------------------------------------------------
 # Argument checks and ops
 # --------------------------------------------------------------------------------------------
+_CHECKED: dict = {}  # id -> (QuantizedWeight, device): weights checked already (quantized_weight returns the same one)
+
+
 def check_quantized(qw: QuantizedWeight, device: torch.device) -> None:
-    """The quantized weight's parts: format, sizes, dtypes, device (x's)."""
+    """The quantized weight's parts: format, sizes, dtypes, device (x's); once per weight and device."""
+    kept = _CHECKED.get(id(qw))
+    if kept is not None and kept[0] is qw and kept[1] == device:
+        return
+    _check_quantized(qw, device)
+    if not torch.compiler.is_compiling():
+        if len(_CHECKED) >= 4096:
+            _CHECKED.clear()
+        _CHECKED[id(qw)] = (qw, device)
+
+
+def _check_quantized(qw: QuantizedWeight, device: torch.device) -> None:
     if qw.fmt not in FORMATS:
         raise ValueError(f"fmt: expected one of {FORMATS}, got {qw.fmt!r}")
     N, K = qw.shape

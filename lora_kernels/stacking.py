@@ -15,7 +15,8 @@ W0's bytes, before the kernel reads them again) and waits for the GPU once. Here
 
 Kept copies are built outside inference mode even when the call is inside it (a server's usual mode): an
 inference tensor could not be saved for a later backward (frozen adapters, input grads wanted), and the copy
-outlives the call. Neither cache is used while torch.compile traces (the graph stacks and converts; its guards handle reuse), for tensor
+outlives the call. Neither cache is used while torch.compile traces (the graph stacks and converts; its guards handle
+reuse), for tensor
 subclasses (DTensor, FakeTensor) or inference-mode tensors (no version counter): those take the plain path.
 """
 

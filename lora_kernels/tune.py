@@ -112,8 +112,8 @@ def main(argv=None) -> int:
         bar.step(f"M={call.M} K={call.K} N={call.N} r={call.r}")
     for call, chosen, us, seconds in results:
         mode = "train" + (" p>0" if call.dropout else "") if call.grads else "infer"
-        print(f"\nM={call.M} K={call.K} N={call.N} r={call.r} {args.dtype} {mode}: {chosen.spec if call.grads else chosen.forward}"
-              f"  (tuned in {seconds:.1f} s)")
+        print(f"\nM={call.M} K={call.K} N={call.N} r={call.r} {args.dtype} {mode}: "
+              f"{chosen.spec if call.grads else chosen.forward}  (tuned in {seconds:.1f} s)")
         for label, t in sorted(us.items(), key=lambda kv: (kv[0].split(":")[0], kv[1] if isinstance(kv[1], float)
                                                            else float("inf"))):
             kind, name = label.split(":")

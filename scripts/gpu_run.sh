@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a machine with a GPU (about 9 minutes): the test suite natively on the GPU (Triton and CUDA C++
-# backends), the decode benchmark, the benchmarks, the variant sweep and the demo, with logs, CSV, summary and plots left in one folder ready to commit.
+# backends, DoRA, QLoRA), the planner's tuning, the decode benchmark, the layer benchmarks (auto vs eager, DoRA,
+# QLoRA), a training step, the variant sweep and the demo, with logs, CSV, summary and plots left in one folder.
 #   bash scripts/gpu_run.sh [OUT_DIR]        (default: bench/results/gpu-<date>)
 # Works offline: uses the torch / triton / peft / transformers already installed (installs nothing new).
 # The GPU-compile test is left to CI (it needs no GPU). Each step has its own time limit, so a slow step
@@ -24,34 +25,38 @@ fi
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  $py -m pip list 2>/dev/null | grep -iE "^(torch|triton|peft|transformers|numpy) "
+  $py -m pip list 2>/dev/null | grep -iE "^(torch|triton|peft|transformers|bitsandbytes|numpy) "
   $py -m lora_kernels.info
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
-# Tests: the general files with one config per kernel (LORA_KERNELS_AUTOTUNE=0: no autotuning per test shape) and
+# Tests: the general files with one config per kernel (LORA_KERNELS_TUNE=off: no autotuning per test shape) and
 # tests/test_gpu.py with full autotuning, side by side in worker processes when pytest-xdist is there (Triton
 # compiles are CPU-bound). Failures are written to fail-*.log as they happen. About 2 minutes on an H100 machine.
 par() { $py -c "import xdist, pytest_timeout; print('-n $1 --timeout 170')" 2>/dev/null; }
 : > "$out/fail-general.log"; : > "$out/fail-gpu.log"
-( LORA_KERNELS_AUTOTUNE=0 LORA_KERNELS_FAIL_LOG="$out/fail-general.log" timeout "${TESTS_S:-200}" $py -m pytest -q -rfEs \
+( LORA_KERNELS_TUNE=off LORA_KERNELS_FAIL_LOG="$out/fail-general.log" timeout "${TESTS_S:-170}" $py -m pytest -q -rfEs \
     --durations=10 $(par 12) tests --deselect tests/test_kernels_compile.py --ignore tests/test_gpu.py \
     -p no:cacheprovider > "$out/tests-general.log" 2>&1; echo "general tests: exit $?" ) &
-( LORA_KERNELS_FAIL_LOG="$out/fail-gpu.log" timeout "${TESTS_S:-200}" $py -m pytest -q -rfEs --durations=10 $(par 4) \
+( LORA_KERNELS_FAIL_LOG="$out/fail-gpu.log" timeout "${TESTS_S:-170}" $py -m pytest -q -rfEs --durations=10 $(par 4) \
     tests/test_gpu.py -p no:cacheprovider > "$out/tests-gpu.log" 2>&1; echo "GPU tests: exit $?" ) &
 wait
 tail -n 2 "$out/tests-general.log" "$out/tests-gpu.log"
-# The torch provider is the reference formulas (its dropout mask is slow int64 math): left out of GPU timing.
-# The measured policy (where backend="auto" runs the CUDA C++ kernels) is updated in the results folder, from the
-# repository's copy: review it and copy it to lora_kernels/measured_policy.json with the results.
-cp lora_kernels/measured_policy.json "$out/measured_policy.json"
-timeout "${DECODE_S:-90}" $py -m bench.decode --out "$out" --policy "$out/measured_policy.json" \
-  --source "bench/results/$(basename "$out")" > "$out/decode.txt" 2>&1
+# The planner: the usual shapes measured into a fresh plan cache (every candidate's time and the tuning cost per key).
+export LORA_KERNELS_CACHE_DIR="$out/plan-cache"
+timeout "${TUNE_S:-45}" $py -m lora_kernels.tune --shapes 4096x4096x16,4096x14336x16 --tokens 1,16,1024,8192 \
+  > "$out/tune.txt" 2>&1
+echo "tune: exit $?"
+timeout "${DECODE_S:-60}" $py -m bench.decode --out "$out" --M 1,16 > "$out/decode.txt" 2>&1
 echo "decode bench: exit $?"; cat "$out/decode.txt"
-timeout "${BENCH_S:-200}" $py -m bench --out "$out" --max-minutes 2.8 --providers cublas,merged,eager,peft,triton,cuda \
-  --M 1,16,128,1024,4096,8192 --KN 4096x4096,4096x14336 > "$out/bench.log" 2>&1
+# The torch provider is the reference formulas (its dropout mask is slow int64 math): left out of GPU timing.
+timeout "${BENCH_S:-130}" $py -m bench --out "$out" --max-minutes 1.9 --no-table1 \
+  --providers cublas,eager,peft,aten,triton,auto,peft_dora,dora,peft_qlora,qlora \
+  --M 16,1024,8192 --KN 4096x4096,4096x14336 --r 16 > "$out/bench.log" 2>&1
 echo "bench: exit $?"
-timeout "${SWEEP_S:-90}" $py -m bench.sweep --M 8192,4096,1024,16 --out "$out" > "$out/sweep.txt" 2>&1
-echo "sweep: exit $?"
-timeout 40 $py -m bench.demo > "$out/demo.txt" 2>&1
+timeout "${TRAIN_S:-55}" $py -m bench.train --layers 2 --batch 8 --seq 2048 --r 16 --dropout 0.05 --steps 6 \
+  --out "$out" > "$out/train.txt" 2>&1
+echo "train: exit $?"; cat "$out/train.txt"
+# (python -m bench.sweep: every variant per shape with its tile configs; run it on its own when retuning defaults)
+timeout 25 $py -m bench.demo > "$out/demo.txt" 2>&1
 cat "$out/demo.txt"
 echo "results in $out"
