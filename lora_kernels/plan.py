@@ -149,20 +149,30 @@ def check_name(name: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Which variant fits which call (pure functions of the call)
 # --------------------------------------------------------------------------------------------------------------
+def _kind_unfit(kind: str, name: str, call: Call, single: tuple, mixed_names: tuple) -> str | None:
+    """What forward and backward variants share: the name of the call's kind (single adapter or mixed batch), the
+    unfused variants fitting everything, the kernels' dtypes, fp32 through cuBLAS. A reason, "" (fits, nothing more to
+    check) or None (the variant's own checks decide)."""
+    mixed = call.adapters > 0
+    names = mixed_names if mixed else single
+    if name not in names:
+        return f"{name!r} is not a {'mixed-batch ' if mixed else ''}{kind} variant (those are {names})"
+    if name in ("torch", "aten"):
+        return ""
+    if call.dtype not in backends.KERNEL_DTYPES:
+        return f"it supports float16, bfloat16 and float32, not {call.dtype}"
+    if name.startswith("triton_") and call.dtype == torch.float32 and not mixed:
+        return "fp32 runs through cuBLAS (Triton's fp32 dots sum in sequence: less accurate): use 'aten'"
+    return None
+
+
 def forward_unfit(name: str, call: Call) -> str | None:
     """Why forward variant `name` cannot run `call` (None: it can), from the call alone; the family's
     availability on this machine is ``family_unavailable``'s."""
-    mixed = call.adapters > 0
-    if name not in (MIXED_FORWARDS if mixed else FORWARDS):
-        return (f"{name!r} is not a {'mixed-batch ' if mixed else ''}forward variant (those are "
-                f"{MIXED_FORWARDS if mixed else FORWARDS})")
-    if name == "torch" or name == "aten":
-        return None
-    if call.dtype not in backends.KERNEL_DTYPES:
-        return f"it supports float16, bfloat16 and float32, not {call.dtype}"
+    why = _kind_unfit("forward", name, call, FORWARDS, MIXED_FORWARDS)
+    if why is not None:
+        return why or None
     if name.startswith("triton_"):
-        if call.dtype == torch.float32 and not mixed:
-            return "fp32 runs through cuBLAS (Triton's fp32 dots sum in sequence: less accurate): use 'aten'"
         if name == "triton_fused" and call.dropout:
             return "it runs without dropout (the mask would be drawn again by every column of programs)"
         if name == "triton_fused" and _padded_rank(call.r) > FUSED_MAX_RANK:
@@ -183,17 +193,10 @@ def forward_unfit(name: str, call: Call) -> str | None:
 
 def backward_unfit(name: str, call: Call) -> str | None:
     """Why backward variant `name` cannot run `call` (None: it can)."""
-    mixed = call.adapters > 0
-    if name not in (MIXED_BACKWARDS if mixed else BACKWARDS):
-        return (f"{name!r} is not a {'mixed-batch ' if mixed else ''}backward variant (those are "
-                f"{MIXED_BACKWARDS if mixed else BACKWARDS})")
-    if name in ("torch", "aten"):
-        return None
-    if call.dtype not in backends.KERNEL_DTYPES:
-        return f"it supports float16, bfloat16 and float32, not {call.dtype}"
+    why = _kind_unfit("backward", name, call, BACKWARDS, MIXED_BACKWARDS)
+    if why is not None:
+        return why or None
     if name.startswith("triton_"):
-        if call.dtype == torch.float32 and not mixed:
-            return "fp32 runs through cuBLAS (Triton's fp32 dots sum in sequence: less accurate): use 'aten'"
         if name == "triton_fused" and call.grads == 1:
             return "it computes dX, and x needs no grad in this call"
         return None

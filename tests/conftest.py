@@ -69,6 +69,20 @@ def make_inputs(M, K, N, r, dtype, device=DEVICE, bias=True, lead=None):
     return x, w, b, a, bb
 
 
+def lm_losses(model, ids, steps: int, lr: float = 1e-2) -> list[float]:
+    """`steps` AdamW steps of a causal LM on its trainable parameters, the batch `ids` as its own labels: the losses."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def seed_tensor(value, device=DEVICE):
     return torch.tensor([value], dtype=torch.int64, device=device)
 

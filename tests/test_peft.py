@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import DEVICE, CountOps, assert_parity
+from conftest import DEVICE, CountOps, assert_parity, lm_losses
 import lora_kernels
 from lora_kernels import inject, load_adapter, lora_layers, mark_only_lora_as_trainable, save_adapter
 from lora_kernels import peft_format
@@ -256,18 +256,7 @@ def test_training_follows_peft_loss_curve():
             layer.lora_B.copy_(src.lora_B["default"].weight)
     mark_only_lora_as_trainable(ours)
     ids = torch.randint(0, 64, (4, 12), device=DEVICE)
-    curves = []
-    for model in (ours, pm):
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        losses = []
-        for _ in range(24):
-            loss = model(ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        curves.append(losses)
+    curves = [lm_losses(model, ids, 24) for model in (ours, pm)]
     assert curves[0][-1] < curves[0][0] - 0.1  # it learns
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-4)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICE, assert_parity, seed_tensor
+from conftest import DEVICE, assert_parity, lm_losses, seed_tensor
 from lora_kernels import FusedLoRALinear, inject, plan, quantized, reference
 from lora_kernels.layers import QuantizedLoRALinear
 from lora_kernels.quantized import QuantizedWeight, qlora_linear
@@ -255,15 +255,7 @@ def test_inject_on_4bit_llama_trains_only_the_adapters():
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in trainable)
     before = {n: p.detach().clone() for n, p in trainable.items()}
-    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
-    ids = torch.randint(0, 64, (2, 12), device=DEVICE)
-    losses = []
-    for _ in range(3):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_losses(model, torch.randint(0, 64, (2, 12), device=DEVICE), 3)
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
     for n, t in model.state_dict().items():
         if n in frozen:
