@@ -11,6 +11,7 @@ adapters' A and B over the bytes of W0 (32 adapters of r = 16 at K = N = 4096: 1
 
 Providers: base / merged GEMV, eager, and this package's plans: "auto" (what the planner picks on this GPU), and each
 decode-sized forward variant forced (triton_fused, triton_xa_first, aten, cuda_decode where the extension is built).
+"dora": DoRA in inference, the norm kept as a layer keeps it (`dora_vs_lora` against "auto").
 QLoRA (with bitsandbytes): "bnb+eager" (bitsandbytes' NF4 layer, its gemv at M = 1, plus PEFT's LoRA term),
 "qlora_auto" and "qlora_quantized" (the 4-bit Triton kernel forced); W0 bandwidth fractions count bf16 bytes.
 """
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from lora_kernels import FusedLoRALinear, backends, lora_linear, plan, qlora_linear, quantized_weight
+from lora_kernels.dora import DoraNorms, dora_linear, dora_weight_norm
 from lora_kernels.quantized import quantize_linear
 
 from .mixed import SORTED
@@ -81,6 +83,10 @@ def providers(w, a, b, scaling):
         "eager": lambda x: nn.functional.linear(x, w) + nn.functional.linear(nn.functional.linear(x, a), b) * scaling,
         "auto": lambda x: lora_linear(x, w, None, a, b, scaling),
     }
+    # DoRA in inference: the norm kept between calls (DoraNorms), as a layer keeps it; compare with "auto" (LoRA)
+    magnitude = dora_weight_norm(w, a, b, scaling)[0].to(w.dtype) * 1.1
+    norms = DoraNorms()
+    out["dora"] = lambda x: dora_linear(x, w, None, a, b, magnitude, scaling, norms=norms)
     try:  # QLoRA: bitsandbytes' 4-bit layer (its gemv at M = 1) plus PEFT's LoRA term, against this package's
         dense = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         dense.weight = nn.Parameter(w, requires_grad=False)
@@ -177,6 +183,8 @@ def main(argv=None) -> int:
                         line[f"{name}_vs_merged"] = round(t[name] / t["merged"], 3)
                         line[f"{name}_W0_bw_frac"] = round(w_bytes / (t[name] * 1e-6) / bw, 3)
                 line["merged_W0_bw_frac"] = round(w_bytes / (t["merged"] * 1e-6) / bw, 3)
+                if "dora" in t and "auto" in t:  # DoRA's decode against LoRA's (target <= 1.1)
+                    line["dora_vs_lora"] = round(t["dora"] / t["auto"], 3)
                 for name in ("qlora_auto", "qlora_quantized"):  # QLoRA: speedup over bitsandbytes + PEFT's LoRA
                     if name in t and "bnb+eager" in t:
                         line[f"{name}_speedup_vs_bnb"] = round(t["bnb+eager"] / t[name], 3)

@@ -104,13 +104,12 @@ def main(argv=None) -> int:
     calls = keys(shapes, [int(t) for t in args.tokens.split(",")], DTYPES[args.dtype], device,
                  [m.strip() for m in args.modes.split(",")])
     print(f"{torch.cuda.get_device_name(device)}: tuning {len(calls)} keys into {plan.cache_path(device)}")
-    bar, results = Bar(len(calls)), []
-    for call in calls:
+    bar = Bar(len(calls))
+    for call in calls:  # each key printed as it is done (a time-boxed run keeps what it measured)
         t0 = time.time()
         chosen, us = plan.tune(call, args.backend)
-        results.append((call, chosen, us, time.time() - t0))
+        seconds = time.time() - t0
         bar.step(f"M={call.M} K={call.K} N={call.N} r={call.r}")
-    for call, chosen, us, seconds in results:
         mode = "train" + (" p>0" if call.dropout else "") if call.grads else "infer"
         print(f"\nM={call.M} K={call.K} N={call.N} r={call.r} {args.dtype} {mode}: "
               f"{chosen.spec if call.grads else chosen.forward}  (tuned in {seconds:.1f} s)")
