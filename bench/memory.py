@@ -121,7 +121,7 @@ def make_contender(name: str, contender: str, r: int, dropout: float, batch_toke
     plans = {}
     dora = contender.endswith("_dora")
     if contender.endswith("_qlora"):
-        quantize_on_meta(model)
+        quantized_decoder(model, meta_linear4bit)
         contender = contender[: -len("_qlora")]
     if contender in ("peft", "peft_dora"):
         from peft import LoraConfig, get_peft_model
@@ -141,31 +141,37 @@ def make_contender(name: str, contender: str, r: int, dropout: float, batch_toke
     return model.train(), plans
 
 
-def quantize_on_meta(model, dtype=torch.bfloat16) -> None:
-    """The decoder layer's linear layers as bitsandbytes Linear4bit (NF4, double quantization, blocks of 64 and 256,
-    compute dtype `dtype`) on the meta device: quantization state of the right shapes, nothing computed."""
+def quantized_decoder(model, quantize):
+    """The decoder layers' nn.Linear modules replaced by `quantize(linear)` (a bitsandbytes layer), the embeddings and
+    the LM head left dense (as QLoRA leaves them); returns the model."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for module_name, linear in list(decoder.named_modules()):
+        if type(linear) is nn.Linear:
+            parent, _, child = module_name.rpartition(".")
+            setattr(decoder.get_submodule(parent), child, quantize(linear))
+    return model
+
+
+def meta_linear4bit(linear: nn.Linear, dtype=torch.bfloat16):
+    """A bitsandbytes Linear4bit (NF4, double quantization, blocks of 64 and 256, compute dtype `dtype`) for `linear`
+    on the meta device: quantization state of the right shapes, nothing computed; the bias shared."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState
 
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else model
-    for module_name, linear in list(inner.named_modules()):
-        if type(linear) is not nn.Linear:
-            continue
-        N, K = linear.out_features, linear.in_features
-        blocks = -(-N * K // 64)
-        meta = dict(device="meta")
-        nested = QuantState(absmax=torch.empty(-(-blocks // 256), **meta), code=torch.empty(256, **meta),
-                            blocksize=256, dtype=torch.float32)
-        state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8, **meta), shape=torch.Size([N, K]),
-                           code=torch.empty(16, **meta), blocksize=64, quant_type="nf4", dtype=dtype,
-                           offset=torch.zeros((), **meta), state2=nested)
-        layer = bnb.nn.Linear4bit(K, N, bias=linear.bias is not None, compute_dtype=dtype, quant_type="nf4", **meta)
-        layer.weight = bnb.nn.Params4bit(torch.empty((N * K + 1) // 2, 1, dtype=torch.uint8, **meta),
-                                         requires_grad=False, quant_state=state, bnb_quantized=True, quant_type="nf4",
-                                         blocksize=64)
-        layer.bias = linear.bias
-        parent, _, child = module_name.rpartition(".")
-        setattr(inner.get_submodule(parent), child, layer)
+    N, K = linear.out_features, linear.in_features
+    blocks = -(-N * K // 64)
+    meta = dict(device="meta")
+    nested = QuantState(absmax=torch.empty(-(-blocks // 256), **meta), code=torch.empty(256, **meta),
+                        blocksize=256, dtype=torch.float32)
+    state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8, **meta), shape=torch.Size([N, K]),
+                       code=torch.empty(16, **meta), blocksize=64, quant_type="nf4", dtype=dtype,
+                       offset=torch.zeros((), **meta), state2=nested)
+    layer = bnb.nn.Linear4bit(K, N, bias=linear.bias is not None, compute_dtype=dtype, quant_type="nf4", **meta)
+    layer.weight = bnb.nn.Params4bit(torch.empty((N * K + 1) // 2, 1, dtype=torch.uint8, **meta),
+                                     requires_grad=False, quant_state=state, bnb_quantized=True, quant_type="nf4",
+                                     blocksize=64)
+    layer.bias = linear.bias
+    return layer
 
 
 class Tracker(TorchDispatchMode):

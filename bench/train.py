@@ -33,7 +33,7 @@ if not torch.cuda.is_available():
 
 import lora_kernels  # noqa: E402
 
-from .memory import DEFAULT_TARGETS, MODELS, TARGETS  # noqa: E402
+from .memory import DEFAULT_TARGETS, MODELS, TARGETS, quantized_decoder  # noqa: E402
 
 CONTENDERS = ("peft", "peft+fuse", "lora_kernels", "peft_dora", "lora_kernels_dora", "peft_qlora", "lora_kernels_qlora")
 # (widths multiples of 64: bitsandbytes' CPU kernels serve those exactly)
@@ -133,16 +133,10 @@ def contenders(name: str, layers: int, vocab, device, dtype, r: int, dropout: fl
 
 
 def quantized_model(model, dtype):
-    """The decoder layers' linear layers as bitsandbytes Linear4bit (NF4, double quantization, compute dtype `dtype`),
-    the embeddings and the LM head left dense (as QLoRA leaves them)."""
+    """The decoder's linear layers as bitsandbytes Linear4bit (NF4, double quantization, compute dtype `dtype`)."""
     from lora_kernels.quantized import quantize_linear
 
-    decoder = model.get_decoder()
-    for module_name, module in list(decoder.named_modules()):
-        if type(module) is torch.nn.Linear:
-            parent, _, child = module_name.rpartition(".")
-            setattr(decoder.get_submodule(parent), child, quantize_linear(module, compute_dtype=dtype))
-    return model
+    return quantized_decoder(model, lambda linear: quantize_linear(linear, compute_dtype=dtype))
 
 
 def batch(model, size: int, seq: int, device, seed: int = 1):

@@ -87,10 +87,19 @@ class AdapterSet(nn.ModuleDict):
     """A layer's adapters by name, in the order they were added (a mixed batch's adapter ids index this order)."""
 
 
-def adapter_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
-                    dropout_p: float, *, magnitude: Tensor | None = None, norms=None, backend: str = "auto") -> Tensor:
+def adapter_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                    scaling: float, dropout_p: float, *, magnitude: Tensor | None = None, norms=None,
+                    backend: str = "auto", quantized_base=None) -> Tensor:
     """One adapter over a base layer (W0 [N, K] and bias): LoRA, or DoRA when `magnitude` is given (`norms`: the
-    layer's DoraNorms, which keeps ||W0||^2 per row and, in inference, the whole norm)."""
+    layer's DoraNorms, which keeps ||W0||^2 per row and, in inference, the whole norm). `quantized_base`: a
+    bitsandbytes layer whose quantized weight is W0 (QLoRA; `weight` is then unused), computed in its compute dtype."""
+    if quantized_base is not None:
+        if magnitude is not None:
+            raise ValueError("magnitude: DoRA over a quantized base layer is not supported")
+        from .quantized import compute_dtype, qlora_linear, quantized_weight
+
+        return qlora_linear(x, quantized_weight(quantized_base), bias, lora_A, lora_B, scaling, dropout_p,
+                            backend=backend, compute_dtype=compute_dtype(quantized_base, x))
     if magnitude is None:
         from .ops import lora_linear
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import backends, plan
 from .adapters import DEFAULT, Adapter, AdapterSet, adapter_forward, init_lora
 from .ops import autocast_inputs, check_args, mixed_call
-from .quantized import is_quantized_linear
+from .quantized import dequantize, is_quantized_linear, quantized_weight
 from .stacking import AdapterStack, checked_ids
 
 __all__ = ["FusedLoRALinear", "QuantizedLoRALinear", "adapter_ids"]
@@ -474,8 +474,6 @@ class QuantizedLoRALinear(FusedLoRALinear):
                               ("fan_in_fan_out", "bitsandbytes layers store W0 as [out, in]")):
             if kwargs.get(name):
                 raise ValueError(f"{name}=True: {refused}")
-        from .quantized import quantized_weight
-
         quantized_weight(base_layer)  # raises now for a layer that is not quantized yet
         super().__init__(base_layer.in_features, base_layer.out_features, r, lora_alpha, lora_dropout,
                          bias=base_layer.bias is not None, _weight=base_layer, **kwargs)
@@ -497,14 +495,11 @@ class QuantizedLoRALinear(FusedLoRALinear):
 
     def quantized_weight(self):
         """The base layer's quantized W0 (``lora_kernels.quantized.QuantizedWeight``)."""
-        from .quantized import quantized_weight
-
         return quantized_weight(self.base_layer)
 
     def base_weight(self) -> Tensor:
-        """W0 dequantized, [out_features, in_features] in the base layer's dtype: a new tensor (the layer keeps none)."""
-        from .quantized import dequantize
-
+        """W0 dequantized, [out_features, in_features] in the base layer's dtype: a new tensor (the layer keeps
+        none)."""
         return dequantize(self.quantized_weight(), self._base_dtype())
 
     def forward(self, x: Tensor, adapter_ids: Tensor | None = None) -> Tensor:
@@ -512,12 +507,10 @@ class QuantizedLoRALinear(FusedLoRALinear):
             raise ValueError("adapter_ids: mixed-adapter batches run over dense base layers; this layer's base is "
                              f"quantized ({type(self.base_layer).__name__}): serve one adapter at a time "
                              "(set_adapter)")
-        from .quantized import compute_dtype, qlora_linear
-
         adapter = self.adapters[self.active_adapter]
-        return qlora_linear(x, self.quantized_weight(), self.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
-                            adapter.lora_dropout if self.training else 0.0, backend=self.backend,
-                            compute_dtype=compute_dtype(self.base_layer, x))
+        return adapter_forward(x, None, self.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
+                               adapter.lora_dropout if self.training else 0.0, backend=self.backend,
+                               quantized_base=self.base_layer)
 
     def merged_weight(self, adapter_name: str | None = None) -> Tensor:
         """W0 dequantized with an adapter folded in (fp32, [out, in]; the layer is unchanged)."""

@@ -94,8 +94,11 @@ class _FusedForward:
                 backends.warn_once(f"peft-fallback-{why}", f"lora_kernels.peft: PEFT's own forward serves {why}")
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        if is_quantized_linear(base):
-            return self._quantized_forward(x, base)
+        if is_quantized_linear(base):  # QLoRA: y in x's dtype, as PEFT's bitsandbytes layers return it
+            adapter = next(a for a in self.active_adapters if a in self.lora_A)
+            return adapter_forward(x, None, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                                   self.scaling[adapter], self._dropout_p(adapter), backend=self.fused_backend,
+                                   quantized_base=base)
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
         # torch.autocast: as PEFT's layers (nn.Linear under autocast) compute
         x, weight, bias = autocast_inputs(x, weight, base.bias)
@@ -114,16 +117,6 @@ class _FusedForward:
             norms = self._lk_norms.setdefault(adapter, DoraNorms())
         return adapter_forward(x, weight, bias, a, b, self.scaling[adapter], self._dropout_p(adapter),
                                magnitude=magnitude, norms=norms, backend=self.fused_backend)
-
-    def _quantized_forward(self, x, base):
-        """QLoRA: the base layer's quantized weight and the active adapter in the fused ops (y in x's dtype, as
-        PEFT's bitsandbytes layers return it)."""
-        from .quantized import compute_dtype, qlora_linear, quantized_weight
-
-        adapter = next(a for a in self.active_adapters if a in self.lora_A)
-        return qlora_linear(x, quantized_weight(base), base.bias, self.lora_A[adapter].weight,
-                            self.lora_B[adapter].weight, self.scaling[adapter], self._dropout_p(adapter),
-                            backend=self.fused_backend, compute_dtype=compute_dtype(base, x))
 
     def _mixed_forward(self, x, weight, bias, adapter_names):
         """PEFT's mixed batch (one adapter name per sample; "__base__" or an adapter this layer lacks: the base

@@ -179,11 +179,8 @@ def _read_layer(layer) -> QuantizedWeight:
 
 
 def compute_dtype(layer, x: Tensor) -> torch.dtype:
-    """The dtype the base product of `layer` runs in for input x: torch.autocast's inside a region; else a
-    Linear4bit's compute_dtype when set, else x's (bitsandbytes' rule)."""
-    dtype = autocast_dtype(x)
-    if dtype is not None and x.dtype != torch.float64:
-        return dtype
+    """The dtype the base product of `layer` runs in for input x outside torch.autocast (``qlora_linear`` gives
+    autocast's precedence): a Linear4bit's compute_dtype when set, else x's (bitsandbytes' rule)."""
     cd = getattr(layer, "compute_dtype", None)
     if cd is not None and getattr(layer, "compute_type_is_set", False) and x.dtype != torch.float64:
         return cd
