@@ -160,6 +160,13 @@ def _triton_import_error() -> str | None:
     return None
 
 
+def triton_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels run tensors of `dtype` on `device`: CUDA, or CPU under the interpreter (the passes
+    that have a plain-PyTorch twin, like DoRA's norm and QLoRA's dequantization, take it elsewhere)."""
+    return (dtype in KERNEL_DTYPES and _triton_import_error() is None
+            and (device.type == "cuda" or (triton_interpreting() and device.type == "cpu")))
+
+
 def triton_interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before triton was imported)."""
     if _triton_import_error() is not None:

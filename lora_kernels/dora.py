@@ -45,9 +45,8 @@ def _acc(dtype):
 # The weight norm
 # --------------------------------------------------------------------------------------------
 def _triton_norm(weight) -> bool:
-    """The one-pass Triton norm serves CUDA tensors (and CPU ones under the interpreter) of the kernels' dtypes."""
-    return (weight.dtype in backends.KERNEL_DTYPES and backends._triton_import_error() is None
-            and (weight.is_cuda or (backends.triton_interpreting() and weight.device.type == "cpu")))
+    """The one-pass Triton norm serves where the Triton kernels run."""
+    return backends.triton_serves(weight.device, weight.dtype)
 
 
 def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, w0_sq: Tensor | None = None):

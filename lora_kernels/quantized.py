@@ -190,14 +190,9 @@ def compute_dtype(layer, x: Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # Dequantization and the variants
 # --------------------------------------------------------------------------------------------
-def _triton_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    return (dtype in backends.KERNEL_DTYPES and backends._triton_import_error() is None
-            and (device.type == "cuda" or (backends.triton_interpreting() and device.type == "cpu")))
-
-
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> Tensor:
     """W0 [N, K] in `dtype`: one Triton pass where Triton runs, else the reference's formula."""
-    if _triton_runs(qw.device, dtype):
+    if backends.triton_serves(qw.device, dtype):
         from .kernels.quantized import dequantize as triton_dequantize
 
         return triton_dequantize(qw, dtype)
