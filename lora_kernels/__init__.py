@@ -3,7 +3,8 @@
 from . import ops  # registers the lora_kernels:: ops
 from ._report import info
 from .backends import BackendUnavailableError
-from .layers import FusedLoRALinear, QuantizedLoRALinear, adapter_ids
+from .layers import FusedLoRALinear, QuantizedLoRALinear
+from .stacking import adapter_ids
 from .models import (adapter_ids_for, add_adapter, delete_adapter, inject, lora_layers, lora_state_dict,
                      mark_only_lora_as_trainable, merge, set_adapter, unload, unmerge)
 from .ops import lora_linear, lora_linear_mixed, stack_adapters

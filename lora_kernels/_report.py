@@ -29,7 +29,7 @@ def _planner() -> dict:
         "forced backend (LORA_KERNELS_BACKEND)": settings.forced or "none (auto)",
         "plan cache (LORA_KERNELS_CACHE_DIR)": settings.cache_dir,
     }
-    if backends._triton_import_error() is None:
+    if backends.triton_import_error() is None:
         from .kernels import configs
 
         out["triton autotuning"] = (("on, timings kept in Triton's disk cache" if configs.AUTOTUNE_KWARGS else "on")

@@ -22,12 +22,12 @@ __all__ = ["Adapter", "AdapterSet", "adapter_forward", "check_hparams", "DEFAULT
 DEFAULT = "default"
 
 
-def check_hparams(r, lora_alpha, lora_dropout, in_features, out_features):
-    """Raise a ValueError naming the hyper-parameter and the expected value."""
+def check_hparams(r, lora_alpha, lora_dropout):
+    """Raise a ValueError naming the hyper-parameter and the expected value. Any rank >= 1 is valid, as in PEFT (a
+    rank above min(in_features, out_features) is not low-rank, but PEFT accepts it: heads with one or two outputs,
+    the summed ranks of add_weighted_adapter's "cat"); the planner runs such ranks on the variants that serve them."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r: expected an integer >= 1, got {r!r}")
-    if r > min(in_features, out_features):
-        raise ValueError(f"r = {r} must be <= min(in_features, out_features) = {min(in_features, out_features)}")
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha) \
             or lora_alpha <= 0:
         raise ValueError(f"lora_alpha: expected a finite number > 0, got {lora_alpha!r}")
@@ -58,7 +58,7 @@ class Adapter(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, use_dora: bool = False, device=None, dtype=None):
         super().__init__()
-        check_hparams(r, lora_alpha, lora_dropout, in_features, out_features)
+        check_hparams(r, lora_alpha, lora_dropout)
         self.r, self.use_dora = r, bool(use_dora)
         self.lora_A = nn.Parameter(torch.empty((r, in_features), device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty((out_features, r), device=device, dtype=dtype))
@@ -70,7 +70,7 @@ class Adapter(nn.Module):
 
     def set_hparams(self, lora_alpha: float, use_rslora: bool = False, lora_dropout: float | None = None) -> None:
         lora_dropout = getattr(self, "lora_dropout", 0.0) if lora_dropout is None else lora_dropout
-        check_hparams(self.r, lora_alpha, lora_dropout, self.lora_A.shape[1], self.lora_B.shape[0])
+        check_hparams(self.r, lora_alpha, lora_dropout)
         self.lora_alpha, self.use_rslora, self.lora_dropout = lora_alpha, bool(use_rslora), float(lora_dropout)
         self.scaling = lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
 
@@ -89,10 +89,19 @@ class AdapterSet(nn.ModuleDict):
 
 def adapter_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                     scaling: float, dropout_p: float, *, magnitude: Tensor | None = None, norms=None,
-                    backend: str = "auto", quantized_base=None) -> Tensor:
+                    backend: str = "auto", quantized_base=None, lora_bias: Tensor | None = None) -> Tensor:
     """One adapter over a base layer (W0 [N, K] and bias): LoRA, or DoRA when `magnitude` is given (`norms`: the
     layer's DoraNorms, which keeps ||W0||^2 per row and, in inference, the whole norm). `quantized_base`: a
-    bitsandbytes layer whose quantized weight is W0 (QLoRA; `weight` is then unused), computed in its compute dtype."""
+    bitsandbytes layer whose quantized weight is W0 (QLoRA; `weight` is then unused), computed in its compute dtype.
+    `lora_bias`: a bias of lora_B [N] (PEFT's ``lora_bias=True``): y gains scaling * lora_bias, which the kernels add
+    with the base bias (its grad is scaling times the bias's)."""
+    if lora_bias is not None:
+        if magnitude is not None:
+            raise ValueError("lora_bias: DoRA takes no bias on lora_B (PEFT refuses the combination too)")
+        term = lora_bias * scaling
+        bias = term if bias is None else bias + term
+        if weight is not None:  # the ops take the bias in the product's dtype (autocast casts it with the rest)
+            bias = bias.to(weight.dtype)
     if quantized_base is not None:
         if magnitude is not None:
             raise ValueError("magnitude: DoRA over a quantized base layer is not supported")

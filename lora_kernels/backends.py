@@ -23,9 +23,7 @@ import warnings
 import torch
 
 from . import reference
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ALL_DTYPES = KERNEL_DTYPES + (torch.float64,)
+from .contract import ALL_DTYPES, KERNEL_DTYPES, like_x, seed_int
 
 
 class BackendUnavailableError(RuntimeError):
@@ -36,20 +34,8 @@ def _xa_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _seed_int(seed):
-    return None if seed is None else int(seed.reshape(()).item())
-
-
 def _empty_like_none(x):
     return x.new_empty((0,))
-
-
-def _like_x(x, lora_A, lora_B):
-    """Adapters in x's dtype: fp32 master adapters next to a 16-bit x are rounded to it (what the kernels do as they
-    load them)."""
-    if lora_A.dtype == x.dtype:
-        return lora_A, lora_B
-    return lora_A.to(x.dtype), lora_B.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,47 +50,50 @@ class TorchBackend:
 
     @staticmethod
     def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0):
-        y, xa = reference.lora_forward(x, weight, bias, *_like_x(x, lora_A, lora_B), scaling, dropout_p,
-                                       _seed_int(seed))
+        y, xa = reference.lora_forward(x, weight, bias, *like_x(x, lora_A, lora_B), scaling, dropout_p,
+                                       seed_int(seed))
         xa = xa.to(_xa_dtype(x.dtype)) if save_xa else x.new_empty((0,), dtype=_xa_dtype(x.dtype))
         return y, xa
 
     @staticmethod
     def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
-        dx, da, db = reference.lora_backward(grad_y, x, weight, *_like_x(x, lora_A, lora_B), xa, scaling, dropout_p,
-                                             _seed_int(seed), need_dx)
+        dx, da, db = reference.lora_backward(grad_y, x, weight, *like_x(x, lora_A, lora_B), xa, scaling, dropout_p,
+                                             seed_int(seed), need_dx)
         return (dx if need_dx else _empty_like_none(x)), da.to(lora_A.dtype), db.to(lora_B.dtype)
 
     @staticmethod
     def mixed_forward(x, weight, bias, lora_A, lora_B, adapter_ids, rank_owner, scalings, dropout_ps, seed, save,
                       xa_splits=0):
-        y, xs = reference.lora_mixed_forward(x, weight, bias, *_like_x(x, lora_A, lora_B), adapter_ids, rank_owner,
-                                             scalings, dropout_ps, _seed_int(seed))
+        y, xs = reference.lora_mixed_forward(x, weight, bias, *like_x(x, lora_A, lora_B), adapter_ids, rank_owner,
+                                             scalings, dropout_ps, seed_int(seed))
         xs = xs.to(_xa_dtype(x.dtype)) if save else x.new_empty((0,), dtype=_xa_dtype(x.dtype))
         return y, xs
 
     @staticmethod
     def mixed_backward(grad_y, x, weight, lora_A, lora_B, xs, adapter_ids, rank_owner, scalings, dropout_ps, seed,
                        need_dx, deterministic):
-        dx, da, db = reference.lora_mixed_backward(grad_y, x, weight, *_like_x(x, lora_A, lora_B), xs, adapter_ids,
-                                                   rank_owner, scalings, dropout_ps, _seed_int(seed), need_dx)
+        dx, da, db = reference.lora_mixed_backward(grad_y, x, weight, *like_x(x, lora_A, lora_B), xs, adapter_ids,
+                                                   rank_owner, scalings, dropout_ps, seed_int(seed), need_dx)
         return (dx if need_dx else _empty_like_none(x)), da.to(lora_A.dtype), db.to(lora_B.dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # aten: every product by ATen (cuBLAS on a GPU), as PEFT's eager layer computes them, with the package's mask.
 # --------------------------------------------------------------------------------------------
-def dropped(t, seed, p: float, in_place: bool = False):
-    """Inverted dropout of a 2-D t [M, K] with the package's mask (t * keep / (1 - p), in t's dtype): by the Triton
-    kernel where it runs (CUDA, or CPU tensors under the interpreter), else the reference's bit-identical mask.
+def dropped(t, seed, p: float, in_place: bool = False, kernels: bool = False):
+    """Inverted dropout of a 2-D t [M, K] with the package's mask (t * keep / (1 - p), in t's dtype). `kernels`: by
+    the Triton kernel where it runs (the Triton and CUDA families' variants ask for it), else by the reference's
+    bit-identical mask in plain PyTorch (the torch and aten families never launch another family's kernels).
     in_place: t is a temporary the result may overwrite."""
     if p == 0.0:
         return t
-    if _triton_import_error() is None and (t.is_cuda or triton_interpreting()) and t.dtype in KERNEL_DTYPES:
+    if t.device.type == "meta":  # shapes only (bench.memory counts bytes on the meta device)
+        return t if in_place else torch.empty_like(t)
+    if kernels and triton_serves(t.device, t.dtype):
         from .kernels.dropout import dropout_apply
 
         return dropout_apply(t, seed, p, out=t if in_place and t.is_contiguous() else None)
-    keep = reference.dropout_keep_mask(_seed_int(seed), t.shape[0], t.shape[1], p, device=t.device)
+    keep = reference.dropout_keep_mask(seed_int(seed), t.shape[0], t.shape[1], p, device=t.device)
     return torch.where(keep, t * (1.0 / (1.0 - p)), 0.0).to(t.dtype)
 
 
@@ -121,7 +110,7 @@ class AtenBackend:
 
     @staticmethod
     def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0):
-        lora_A, lora_B = _like_x(x, lora_A, lora_B)
+        lora_A, lora_B = like_x(x, lora_A, lora_B)
         xa = torch.mm(dropped(x, seed, dropout_p), lora_A.t())
         xs = xa * scaling
         lora_b_t = lora_B.t()
@@ -131,7 +120,7 @@ class AtenBackend:
 
     @staticmethod
     def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
-        a, b = _like_x(x, lora_A, lora_B)
+        a, b = like_x(x, lora_A, lora_B)
         g = torch.mm(grad_y, b).mul_(scaling)
         grad_A = torch.mm(g.t(), dropped(x, seed, dropout_p))
         dx = _empty_like_none(x)
@@ -145,7 +134,7 @@ class AtenBackend:
 # triton: the fused kernels of lora_kernels.kernels.
 # --------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _triton_import_error() -> str | None:
+def triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
@@ -161,15 +150,16 @@ def _triton_import_error() -> str | None:
 
 
 def triton_serves(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the Triton kernels run tensors of `dtype` on `device`: CUDA, or CPU under the interpreter (the passes
-    that have a plain-PyTorch twin, like DoRA's norm and QLoRA's dequantization, take it elsewhere)."""
-    return (dtype in KERNEL_DTYPES and _triton_import_error() is None
+    """Whether the Triton kernels run tensors of `dtype` on `device`: CUDA, or CPU under the interpreter. The passes
+    that have a plain-PyTorch twin (the dropout mask, DoRA's norm and scale, QLoRA's dequantization) take the kernel
+    only next to a plan of the Triton or CUDA family (``plan.aux_kernels``) and where this holds."""
+    return (dtype in KERNEL_DTYPES and triton_import_error() is None
             and (device.type == "cuda" or (triton_interpreting() and device.type == "cpu")))
 
 
 def triton_interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before triton was imported)."""
-    if _triton_import_error() is not None:
+    if triton_import_error() is not None:
         return False
     from .kernels.configs import INTERPRET
 
@@ -191,7 +181,7 @@ class TritonBackend:
 
     @staticmethod
     def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-        err = _triton_import_error()
+        err = triton_import_error()
         if err:
             return err
         if dtype not in KERNEL_DTYPES:
@@ -287,7 +277,7 @@ class CudaBackend:
         from .kernels.memory import empty  # NaN-filled when the tests poison outputs
 
         M, r = x.shape[0], lora_A.shape[0]
-        lora_A, lora_B = _like_x(x, lora_A, lora_B)  # the CUDA C++ kernels take one dtype
+        lora_A, lora_B = like_x(x, lora_A, lora_B)  # the CUDA C++ kernels take one dtype
         x, weight, lora_A, lora_B = (t.contiguous() for t in (x, weight, lora_A, lora_B))
         bias = None if bias is None else bias.contiguous()
         y = empty((M, weight.shape[0]), x.device, x.dtype)
@@ -307,7 +297,7 @@ class CudaBackend:
 
         (M, K), N, r = x.shape, weight.shape[0], lora_A.shape[0]
         grad_dtype = lora_A.dtype
-        lora_A, lora_B = _like_x(x, lora_A, lora_B)  # the CUDA C++ kernels take one dtype
+        lora_A, lora_B = like_x(x, lora_A, lora_B)  # the CUDA C++ kernels take one dtype
         grad_y, x, weight, lora_A, lora_B = (t.contiguous() for t in (grad_y, x, weight, lora_A, lora_B))
         f32 = dict(dtype=torch.float32, device=x.device)
         if deterministic:  # one partial per row tile, summed in a fixed order: bitwise repeatable
@@ -358,9 +348,15 @@ _warned: set[str] = set()
 
 
 def warn_once(key: str, message: str) -> None:
+    """A warning once per process and key (a fallback's reason): loud, not repeated per call."""
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def reset_warnings() -> None:
+    """Let every warn_once key warn again (tests, or a long process that wants to see fallbacks anew)."""
+    _warned.clear()
 
 
 def status(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, str | None]:

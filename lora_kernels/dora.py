@@ -28,10 +28,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends, entry, reference
 from . import plan as planner
-from .ops import (_check_seed, _plain, _seed, _unflatten, adapters_for, autocast_inputs, check_args,
-                  master_adapters)
+from .contract import (adapters_for, autocast_inputs, check_args, check_seed, grads_needed, is_plain, like_x,
+                       master_adapters, resolve_seed, seed_int)
 from .plan import Call
 
 __all__ = ["dora_linear", "dora_weight_norm", "DoraNorms", "dora_linear_fwd", "dora_linear_bwd"]
@@ -44,16 +44,13 @@ def _acc(dtype):
 # --------------------------------------------------------------------------------------------
 # The weight norm
 # --------------------------------------------------------------------------------------------
-def _triton_norm(weight) -> bool:
-    """The one-pass Triton norm serves where the Triton kernels run."""
-    return backends.triton_serves(weight.device, weight.dtype)
-
-
-def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, w0_sq: Tensor | None = None):
+def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, w0_sq: Tensor | None = None,
+                     kernels: bool = True):
     """(||W0_n + s (B A)_n|| [N], ||W0_n||^2 [N]) in fp32 (fp64 for fp64 weights), detached, without an [N, K]
-    tensor besides W0: one Triton pass over W0 where it runs, else the reference's row chunks."""
+    tensor besides W0: one Triton pass over W0 where `kernels` asks for it and Triton runs, else the reference's row
+    chunks in plain PyTorch."""
     weight, lora_A, lora_B = weight.detach(), lora_A.detach(), lora_B.detach()
-    if _triton_norm(weight):
+    if kernels and backends.triton_serves(weight.device, weight.dtype):
         from .kernels.dora import weight_norm
 
         return weight_norm(weight, lora_A, lora_B, scaling, w0_sq)
@@ -64,13 +61,13 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
 
 
 @torch.library.custom_op("lora_kernels::dora_weight_norm", mutates_args=())
-def dora_weight_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+def dora_weight_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, kernels: bool) -> Tensor:
     """The row norms as an op (what graphs traced by torch.compile hold: the Triton pass is opaque to them)."""
-    return dora_weight_norm(weight, lora_A, lora_B, scaling)[0]
+    return dora_weight_norm(weight, lora_A, lora_B, scaling, kernels=kernels)[0]
 
 
 @dora_weight_norm_op.register_fake
-def _(weight, lora_A, lora_B, scaling):
+def _(weight, lora_A, lora_B, scaling, kernels):
     return weight.new_empty((weight.shape[0],), dtype=_acc(weight.dtype))
 
 
@@ -95,11 +92,12 @@ class DoraNorms:
     def __setstate__(self, state):
         self.clear()
 
-    def get(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-        if torch.compiler.is_compiling() or not _plain(weight, lora_A, lora_B) or weight.is_inference() \
+    def get(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, kernels: bool = True) -> Tensor:
+        """The norm for these tensors (`kernels`: ``plan.aux_kernels_for`` of the call's backend)."""
+        if torch.compiler.is_compiling() or not is_plain(weight, lora_A, lora_B) or weight.is_inference() \
                 or weight.device.type == "meta":
             return torch.ops.lora_kernels.dora_weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(),
-                                                           float(scaling))
+                                                           float(scaling), kernels)
         tensors = (weight, lora_A, lora_B)
         frozen = not (torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad))
         kept = self._norm
@@ -109,7 +107,7 @@ class DoraNorms:
         sq = self._sq
         w0_sq = sq[2] if sq is not None and sq[0]() is weight and sq[1] == _fingerprint(weight) else None
         with torch.no_grad(), torch.inference_mode(False):
-            norm, squares = dora_weight_norm(weight, lora_A, lora_B, scaling, w0_sq)
+            norm, squares = dora_weight_norm(weight, lora_A, lora_B, scaling, w0_sq, kernels)
         if w0_sq is None:
             self._sq = (weakref.ref(weight), _fingerprint(weight), squares)
         self._norm = ((tuple((weakref.ref(t), _fingerprint(t)) for t in tensors), scaling, norm) if frozen and
@@ -126,16 +124,16 @@ def _column_scale(magnitude, norm, dtype):
 
 
 def _triton_glue(plan, x) -> bool:
-    return planner.dora_glue(plan) == "triton" and _triton_norm(x)
+    return planner.aux_kernels(plan) and backends.triton_serves(x.device, x.dtype)
 
 
 def _forward(plan, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, save):
     acc = _acc(x.dtype)
     empty_xa = x.new_empty((0,), dtype=acc)
     if plan.forward == "torch":
-        a, b = backends._like_x(x, lora_A, lora_B)
+        a, b = like_x(x, lora_A, lora_B)
         y, xa, product = reference.dora_forward(x, weight, bias, a, b, magnitude, norm, scaling, dropout_p,
-                                                backends._seed_int(seed))
+                                                seed_int(seed))
         return y, (xa.to(acc) if save else empty_xa), (product if save else x.new_empty((0,)))
     g = _column_scale(magnitude, norm, x.dtype)
     forward = backends.FORWARD[plan.forward]
@@ -143,7 +141,7 @@ def _forward(plan, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scali
         product, xa = forward(x, weight, None, lora_A, lora_B, None, scaling, 0.0, save, plan.xa_splits)
         extra = None
     else:  # the LoRA product on dropout(x), and x W0^T - dropout(x) W0^T for the undropped base path
-        xd = backends.dropped(x, seed, dropout_p)
+        xd = backends.dropped(x, seed, dropout_p, kernels=planner.aux_kernels(plan))
         product, xa = forward(xd, weight, None, lora_A, lora_B, None, scaling, 0.0, save, plan.xa_splits)
         extra = torch.mm(torch.sub(x, xd, out=xd), weight.t())
     if _triton_glue(plan, x):
@@ -163,9 +161,9 @@ def _forward(plan, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scali
 def _backward(plan, grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed, scaling, dropout_p,
               need_dx, deterministic):
     if plan.backward == "torch":
-        a, b = backends._like_x(x, lora_A, lora_B)
+        a, b = like_x(x, lora_A, lora_B)
         dx, da, db, dm = reference.dora_backward(grad_y, x, weight, a, b, magnitude, norm, xa, product, scaling,
-                                                 dropout_p, backends._seed_int(seed), need_dx)
+                                                 dropout_p, seed_int(seed), need_dx)
         return (dx if need_dx else x.new_empty((0,))), da.to(lora_A.dtype), db.to(lora_B.dtype), dm
     g = _column_scale(magnitude, norm, x.dtype)
     rest = dropout_p > 0.0 and need_dx
@@ -183,7 +181,8 @@ def _backward(plan, grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, prod
                                                   need_dx, deterministic)
     if rest:  # dropout's base path: + (dY (1 - g)) W0 outside the mask, (the mask's part is in LoRA's dX)
         extra = torch.mm(grad_rest, weight)
-        dx = dx.add_(extra).sub_(backends.dropped(extra, seed, dropout_p, in_place=True))
+        dx = dx.add_(extra).sub_(backends.dropped(extra, seed, dropout_p, in_place=True,
+                                                  kernels=planner.aux_kernels(plan)))
     return dx, da, db, (dm / norm.to(dm.dtype)).to(magnitude.dtype)
 
 
@@ -204,27 +203,50 @@ def check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, d
         raise ValueError(f"norm: expected the [{N}] row norms on x's device (dora_weight_norm)")
 
 
-def _call(x, weight, lora_A, dropout_p, grads) -> Call:
+# The DoRA kind: args = (x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p). Its forward runs
+# LoRA's forward variant without dropout (on dropout(x)), its backward LoRA's backward with it: the key says so.
+def _call(args, grads) -> Call:
+    x, weight, _, lora_A, _, _, _, _, _, dropout_p = args
     return Call(x.device, x.dtype, x.shape[0], weight.shape[1], weight.shape[0], lora_A.shape[0], dropout_p > 0.0,
-                grads, torch.are_deterministic_algorithms_enabled(), 0)
+                grads, torch.are_deterministic_algorithms_enabled(), dora=True)
+
+
+def _kind_forward(plan, args, save):
+    return _forward(plan, *args, save)
+
+
+def _kind_backward(plan, grad_y, args, saved, need_dx, deterministic):
+    x, weight, _, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p = args
+    return _backward(plan, grad_y, x, weight, lora_A, lora_B, magnitude, norm, *saved, seed, scaling, dropout_p,
+                     need_dx, deterministic)
+
+
+def _kind_backward_op(grad_y, args, saved, need_dx, deterministic, spec):
+    x, weight, _, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p = args
+    return torch.ops.lora_kernels.dora_linear_bwd(grad_y, x, weight, lora_A, lora_B, magnitude, norm, *saved, seed,
+                                                  scaling, dropout_p, need_dx, deterministic, spec)
+
+
+DORA = entry.register(entry.Kind("dora", "dora_linear_fwd", _kind_forward, _kind_backward, _kind_backward_op, _call,
+                                 trained=(3, 4, 5), kept=(0, 1, 3, 4, 5, 6, 7), bias=2))
 
 
 @torch.library.custom_op("lora_kernels::dora_linear_fwd", mutates_args=())
 def dora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                     magnitude: Tensor, norm: Tensor, seed: Optional[Tensor], scaling: float, dropout_p: float,
-                    save: bool, plan: str) -> tuple[Tensor, Tensor, Tensor]:
+                    grads: int, plan: str) -> tuple[Tensor, Tensor, Tensor]:
     check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p)
-    _check_seed(seed, x.device, dropout_p)
-    chosen = planner.resolve_spec(plan, _call(x, weight, lora_A, dropout_p, 2 if save else 0))
-    return _forward(chosen, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, save)
+    check_seed(seed, x.device, dropout_p)
+    args = (x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p)
+    return _kind_forward(planner.resolve_spec(plan, _call(args, grads)), args, grads > 0)
 
 
 @dora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, save, plan):
+def _(x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, grads, plan):
     check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p)
     M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
-    return (x.new_empty((M, N)), x.new_empty((M, r) if save else (0,), dtype=_acc(x.dtype)),
-            x.new_empty((M, N) if save else (0,)))
+    return (x.new_empty((M, N)), x.new_empty((M, r) if grads else (0,), dtype=_acc(x.dtype)),
+            x.new_empty((M, N) if grads else (0,)))
 
 
 @torch.library.custom_op("lora_kernels::dora_linear_bwd", mutates_args=())
@@ -236,10 +258,10 @@ def dora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, l
     for name, t, shape in (("grad_y", grad_y, (M, N)), ("xa", xa, (M, r)), ("product", product, (M, N))):
         if tuple(t.shape) != shape:
             raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
-    _check_seed(seed, x.device, dropout_p)
-    chosen = planner.resolve_spec(plan, _call(x, weight, lora_A, dropout_p, 2 if need_dx else 1))
-    return _backward(chosen, grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed, scaling,
-                     dropout_p, need_dx, deterministic)
+    check_seed(seed, x.device, dropout_p)
+    args = (x, weight, None, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p)
+    chosen = planner.resolve_spec(plan, _call(args, 2 if need_dx else 1))
+    return _kind_backward(chosen, grad_y, args, (xa, product), need_dx, deterministic)
 
 
 @dora_linear_bwd.register_fake
@@ -249,56 +271,7 @@ def _(grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed, sca
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), torch.empty_like(magnitude)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, save, plan = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, norm, output[1], output[2], seed)
-    ctx.scaling, ctx.dropout_p, ctx.plan, ctx.has_bias = scaling, dropout_p, plan, bias is not None
-
-
-def _dora_grads(ctx, grad_y, call_bwd):
-    """Grads of (x, weight, bias, lora_A, lora_B, magnitude); the base weight is frozen (refused in the forward)."""
-    x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
-    if need_w:
-        raise RuntimeError("dora_linear: the base weight must be frozen (DoRA trains the adapters and the magnitude)")
-    grad_x = grad_a = grad_b = grad_m = grad_bias = None
-    if need_x or need_a or need_b or need_m:
-        dx, grad_a, grad_b, grad_m = call_bwd(grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed,
-                                              ctx.scaling, ctx.dropout_p, need_x,
-                                              torch.are_deterministic_algorithms_enabled(), ctx.plan)
-        grad_x = dx if need_x else None
-    if need_bias and ctx.has_bias:
-        grad_bias = grad_y.sum(0)
-    return grad_x, None, grad_bias, grad_a, grad_b, grad_m
-
-
-def _backward_op(ctx, grad_y, grad_xa, grad_product):
-    return *_dora_grads(ctx, grad_y, torch.ops.lora_kernels.dora_linear_bwd), None, None, None, None, None, None
-
-
-dora_linear_fwd.register_autograd(_backward_op, setup_context=_setup_context)
-
-
-class _EagerDoraLinear(torch.autograd.Function):
-    """The ops' forward/backward without the custom-op dispatcher, running a Plan (as ops._EagerLoRALinear)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, plan):
-        y, xa, product = _forward(plan, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p,
-                                  True)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed)
-        ctx.scaling, ctx.dropout_p, ctx.plan, ctx.has_bias = scaling, dropout_p, plan, bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        return *_dora_grads(ctx, grad_y, _eager_bwd), None, None, None, None, None
-
-
-def _eager_bwd(grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed, scaling, dropout_p, need_dx,
-               deterministic, plan):
-    return _backward(plan, grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed, scaling, dropout_p,
-                     need_dx, deterministic)
+entry.register_op_autograd(dora_linear_fwd, DORA)
 
 
 def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
@@ -318,22 +291,7 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
         raise ValueError("weight: DoRA needs a frozen base weight (requires_grad=False); it trains the adapters and "
                          "the magnitude")
     scaling, dropout_p = float(scaling), float(dropout_p)
-    norm = (norms or DoraNorms()).get(weight, lora_A, lora_B, scaling)
-    grad = torch.is_grad_enabled()
-    need_x = grad and x.requires_grad
-    save = need_x or (grad and any(t is not None and t.requires_grad for t in (lora_A, lora_B, magnitude, weight,
-                                                                                bias)))
-    seed = _seed(seed, x, dropout_p)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    grads = 2 if need_x else (1 if save else 0)
-    if torch.compiler.is_compiling() or not _plain(x, weight, bias, lora_A, lora_B, magnitude):
-        y, _, _ = torch.ops.lora_kernels.dora_linear_fwd(x2, weight, bias, lora_A, lora_B, magnitude, norm, seed,
-                                                         scaling, dropout_p, save, backend)
-        return _unflatten(y, lead)
-    chosen = planner.choose(_call(x2, weight, lora_A, dropout_p, grads), backend)
-    if save:
-        y = _EagerDoraLinear.apply(x2, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, chosen)
-    else:
-        y, _, _ = _forward(chosen, x2, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, False)
-    return _unflatten(y, lead)
+    norm = (norms or DoraNorms()).get(weight, lora_A, lora_B, scaling, planner.aux_kernels_for(backend, x.device))
+    seed = resolve_seed(seed, x, dropout_p)
+    args = (x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p)
+    return entry.run(DORA, args, x.shape[:-1], backend, grads_needed(x, lora_A, lora_B, magnitude, bias))

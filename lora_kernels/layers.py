@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -13,39 +12,11 @@ from . import backends, plan
 from .adapters import DEFAULT, Adapter, AdapterSet, adapter_forward, init_lora
 from .ops import autocast_inputs, check_args, mixed_call
 from .quantized import dequantize, is_quantized_linear, quantized_weight
-from .stacking import AdapterStack, checked_ids
+from .stacking import AdapterStack, adapter_ids, checked_ids, current_adapter_ids, expand_ids
 
-__all__ = ["FusedLoRALinear", "QuantizedLoRALinear", "adapter_ids"]
+__all__ = ["FusedLoRALinear", "QuantizedLoRALinear"]
 
-# The ids of the enclosing `with adapter_ids(...)` block. A plain module global rather than a ContextVar:
-# torch.compile reads (and guards on) globals, it cannot trace ContextVar.get.
-_ADAPTER_IDS: Tensor | None = None
-
-
-@contextlib.contextmanager
-def adapter_ids(ids: Tensor):
-    """Within the block, every FusedLoRALinear that is called without ``adapter_ids=`` serves a mixed batch:
-    ``ids`` gives each row's adapter (an index into the layer's ``adapter_names``, -1 for the base layer alone),
-    per token (shape = the input's leading dims) or per sequence (a prefix of them, broadcast over the rest).
-    This is how a whole model from ``inject`` serves requests for different adapters in one forward."""
-    global _ADAPTER_IDS
-    outer, _ADAPTER_IDS = _ADAPTER_IDS, ids
-    try:
-        yield
-    finally:
-        _ADAPTER_IDS = outer
-
-
-def _expand_ids(ids: Tensor, lead: torch.Size) -> Tensor:
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"adapter_ids: expected an integer tensor, got {type(ids).__name__}")
-    if ids.dim() > len(lead) or tuple(ids.shape) != tuple(lead[: ids.dim()]):
-        raise ValueError(f"adapter_ids: expected shape {list(lead)} (one id per row) or a prefix of it (one per "
-                         f"sequence), got {list(ids.shape)}")
-    return ids.reshape(tuple(ids.shape) + (1,) * (len(lead) - ids.dim())).expand(lead)  # (0-d for a 1-D x)
-
-
-def _full(t: Tensor) -> Tensor:
+def full_tensor(t: Tensor) -> Tensor:
     """The whole tensor behind a parameter: a DTensor (FSDP2 shards, tensor parallel) is gathered (a collective:
     every rank must call); a plain tensor is returned as is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -224,10 +195,7 @@ class FusedLoRALinear(nn.Module):
         adapter = self._named(adapter_name)
         init_lora(adapter.lora_A, adapter.lora_B, adapter.r, init_lora_weights)
         if adapter.use_dora:
-            from .dora import dora_weight_norm
-
-            norm = dora_weight_norm(_full(self.base_weight().detach()), _full(adapter.lora_A.detach()),
-                                    _full(adapter.lora_B.detach()), adapter.scaling)[0]
+            norm = self._unmerged_norm(adapter)
             adapter.lora_magnitude_vector.copy_(_like(norm.to(adapter.lora_magnitude_vector.dtype),
                                                       adapter.lora_magnitude_vector))
 
@@ -236,7 +204,7 @@ class FusedLoRALinear(nn.Module):
         """adapter_ids (or an enclosing ``with adapter_ids(ids):``): a mixed batch, each row through its own
         adapter (index into ``adapter_names``; -1 = base layer only), in one launch. Otherwise the active
         adapter (``set_adapter``)."""
-        ids = adapter_ids if adapter_ids is not None else _ADAPTER_IDS
+        ids = adapter_ids if adapter_ids is not None else current_adapter_ids()
         if ids is not None:
             return self._mixed_forward(x, ids)
         if self.merged:
@@ -272,7 +240,7 @@ class FusedLoRALinear(nn.Module):
         r0 = As[0].shape[0]
         first = (As[0], Bs[0]) if As[0].dtype == weight.dtype else (lora_A[:r0], lora_B[:, :r0])
         check_args(x, weight, bias, *first, 1.0, 0.0)
-        flat = checked_ids(ids, _expand_ids(ids, x.shape[:-1]), len(As), x.device)
+        flat = checked_ids(ids, expand_ids(ids, x.shape[:-1]), len(As), x.device)
         return mixed_call(x, weight, bias, lora_A, lora_B, owner, flat, scalings, ps, self.backend, None)
 
     # ------------------------------------------------------------------ named adapters
@@ -338,12 +306,12 @@ class FusedLoRALinear(nn.Module):
         """scaling * B A of an adapter (the active one by default) in fp32, laid out like ``weight``. Sharded
         parameters (FSDP2) are gathered first, so every rank must call it."""
         adapter = self._named(adapter_name or getattr(self, "active_adapter", DEFAULT))
-        delta = (_full(adapter.lora_B.detach()).float() @ _full(adapter.lora_A.detach()).float()) * adapter.scaling
+        delta = (full_tensor(adapter.lora_B.detach()).float() @ full_tensor(adapter.lora_A.detach()).float()) * adapter.scaling
         return delta.t() if self.fan_in_fan_out else delta
 
     def _dora_factor(self, adapter: Adapter, norm: Tensor) -> Tensor:
         """m / norm as a column (fp32), laid out like ``weight``: rows of W0, columns of a fan_in_fan_out weight."""
-        factor = _full(adapter.lora_magnitude_vector.detach()).float() / norm.float()
+        factor = full_tensor(adapter.lora_magnitude_vector.detach()).float() / norm.float()
         return factor[None, :] if self.fan_in_fan_out else factor[:, None]
 
     def merged_weight(self, adapter_name: str | None = None) -> Tensor:
@@ -353,16 +321,18 @@ class FusedLoRALinear(nn.Module):
             raise RuntimeError("merged_weight: the layer is merged already (its weight is the merged one)")
         name = adapter_name or self.active_adapter
         adapter = self._named(name)
-        w = _full(self.weight.detach()).float() + self.delta_weight(name)
+        w = full_tensor(self.weight.detach()).float() + self.delta_weight(name)
         if adapter.use_dora:
             w = w * self._dora_factor(adapter, self._unmerged_norm(adapter))
         return w
 
     def _unmerged_norm(self, adapter: Adapter) -> Tensor:
+        """||W0 + s B A||_row of an adapter, by the layer's backend family's implementation."""
         from .dora import dora_weight_norm
 
-        return dora_weight_norm(_full(self.base_weight().detach()), _full(adapter.lora_A.detach()),
-                                _full(adapter.lora_B.detach()), adapter.scaling)[0]
+        weight = full_tensor(self.base_weight().detach())
+        return dora_weight_norm(weight, full_tensor(adapter.lora_A.detach()), full_tensor(adapter.lora_B.detach()),
+                                adapter.scaling, kernels=plan.aux_kernels_for(self.backend, weight.device))[0]
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -374,9 +344,9 @@ class FusedLoRALinear(nn.Module):
         if adapter.use_dora:
             norm = self._unmerged_norm(adapter)
             self._merged_norms[self.active_adapter] = norm
-            w = (_full(self.weight.detach()).float() + self.delta_weight()) * self._dora_factor(adapter, norm)
+            w = (full_tensor(self.weight.detach()).float() + self.delta_weight()) * self._dora_factor(adapter, norm)
         else:
-            w = _full(self.weight.detach()).float() + self.delta_weight()
+            w = full_tensor(self.weight.detach()).float() + self.delta_weight()
         self.weight.copy_(_like(w.to(self.weight.dtype), self.weight))
         self.merged = True
 
@@ -387,7 +357,7 @@ class FusedLoRALinear(nn.Module):
         if not self.merged:
             return
         adapter = self.adapters[self.active_adapter]
-        w = _full(self.weight.detach()).float()
+        w = full_tensor(self.weight.detach()).float()
         if adapter.use_dora:
             w = w / self._dora_factor(adapter, self._merged_norms.pop(self.active_adapter))
         w = w - self.delta_weight()
@@ -406,7 +376,7 @@ class FusedLoRALinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding W0 with the active adapter merged (new tensors; this layer is left as it is)."""
-        w = _full(self.weight.detach()).float() if self.merged else self.merged_weight()
+        w = full_tensor(self.weight.detach()).float() if self.merged else self.merged_weight()
         if self.fan_in_fan_out:
             w = w.t()
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -414,7 +384,7 @@ class FusedLoRALinear(nn.Module):
         with torch.no_grad():
             out.weight.copy_(w)
             if self.bias is not None:
-                out.bias.copy_(_full(self.bias.detach()))
+                out.bias.copy_(full_tensor(self.bias.detach()))
         return out
 
     def to_base_layer(self, merge: bool = True) -> nn.Module:
@@ -427,7 +397,7 @@ class FusedLoRALinear(nn.Module):
                 w = self.merged_weight()
             else:
                 adapter = self.adapters[self.active_adapter]
-                w = _full(self.weight.detach()).float()
+                w = full_tensor(self.weight.detach()).float()
                 if adapter.use_dora:
                     w = w / self._dora_factor(adapter, self._merged_norms[self.active_adapter])
                 w = w - self.delta_weight()
@@ -503,7 +473,7 @@ class QuantizedLoRALinear(FusedLoRALinear):
         return dequantize(self.quantized_weight(), self._base_dtype())
 
     def forward(self, x: Tensor, adapter_ids: Tensor | None = None) -> Tensor:
-        if adapter_ids is not None or _ADAPTER_IDS is not None:
+        if adapter_ids is not None or current_adapter_ids() is not None:
             raise ValueError("adapter_ids: mixed-adapter batches run over dense base layers; this layer's base is "
                              f"quantized ({type(self.base_layer).__name__}): serve one adapter at a time "
                              "(set_adapter)")

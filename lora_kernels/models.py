@@ -18,7 +18,7 @@ from .layers import FusedLoRALinear
 from .quantized import is_quantized_linear
 
 __all__ = ["inject", "lora_layers", "mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "unload",
-           "add_adapter", "set_adapter", "delete_adapter", "adapter_ids_for"]
+           "add_adapter", "set_adapter", "delete_adapter", "adapter_ids_for", "pattern_value", "is_plain_linear"]
 
 
 _ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude_vector")
@@ -52,7 +52,7 @@ def _matches(name: str, targets: str | Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _pattern_value(name: str, pattern: dict | None, default):
+def pattern_value(name: str, pattern: dict | None, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the module name."""
     for key, value in (pattern or {}).items():
         if re.match(rf"(.*\.)?{key}$", name):
@@ -81,8 +81,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], r: int = 8, lo
             continue
         if exclude_modules is not None and _matches(name, exclude_modules):
             continue
-        module_r = _pattern_value(name, rank_pattern, r)
-        module_alpha = _pattern_value(name, alpha_pattern, lora_alpha)
+        module_r = pattern_value(name, rank_pattern, r)
+        module_alpha = pattern_value(name, alpha_pattern, lora_alpha)
         if type(module) is nn.Linear or is_quantized_linear(module):
             new = FusedLoRALinear.from_linear(module, module_r, module_alpha, lora_dropout, **layer_kwargs)
         elif _is_conv1d(module):

@@ -1,9 +1,12 @@
 """A one-call swap inside an existing Hugging Face PeftModel: ``fuse(peft_model)``.
 
 The LoRA Linear layers of the model become ``FusedPeftLinear``, a subclass of PEFT's own LoRA Linear whose
-forward runs the fused ops (LoRA, and DoRA through ``dora_linear``): same parameters, state dict, ``save_pretrained``
-and ``merge_and_unload``. What the fused path does not cover (other LoRA variants, several active adapters at once)
-falls back to PEFT's forward with a one-time warning. Mixed-adapter batches (``adapter_names=`` in forward) run the
+forward runs the fused ops (LoRA, ``lora_bias``, any rank, and DoRA through ``dora_linear``): same parameters, state
+dict, ``save_pretrained``, merging and repr. The rule: every call is served exactly (PEFT's outputs and gradients) or
+handed to PEFT's own forward, with one warning per reason (none for PEFT's normal states: merged, adapters disabled, no
+active adapter on the layer). Handed back: LoRA variants other than DoRA, several active adapters at once, forward
+hooks other than accelerate's device placement / offloading (which the fused path enters itself), and every other LoRA
+layer type; ``fuse_report(model)`` lists them. Mixed-adapter batches (``adapter_names=`` in forward) run the
 one-launch mixed kernels. ``register(lora_config)`` puts the fused layer into PEFT's
 custom-module hook (``LoraConfig._register_custom_module``) so PEFT builds fused layers itself (plain ``nn.Linear``
 and ``Conv1D`` bases). ``fuse`` also takes PEFT's LoRA layers over bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` bases
@@ -16,19 +19,20 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import backends, plan
 from .adapters import adapter_forward
-from .layers import _expand_ids
 from .models import is_plain_linear
 from .ops import autocast_dtype, autocast_inputs, check_mixed_args, mixed_call
 from .quantized import is_quantized_linear
-from .stacking import AdapterStack, checked_ids
+from .stacking import AdapterStack, checked_ids, expand_ids
 
-__all__ = ["fuse", "register", "FusedPeftLinear"]
+__all__ = ["fuse", "fuse_report", "FuseReport", "register", "FusedPeftLinear"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -40,30 +44,84 @@ def _peft_linear_cls():
     return Linear
 
 
+def _accelerate_hook_fused(module: nn.Module) -> bool | None:
+    """How accelerate's hook on `module` (``add_hook_to_module``: device_map dispatch, ``cpu_offload``) stands to the
+    fused path: None when there is none; True when it only moves tensors (``AlignDevicesHook``, alone or in a
+    ``SequentialHook``: inputs to the execution device, offloaded weights loaded before and released after, the output
+    moved back), so the fused path runs inside its pre_forward / post_forward; False for any other hook."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        return None if "forward" not in module.__dict__ else False
+    hooks = getattr(hook, "hooks", (hook,)) if type(hook).__name__ == "SequentialHook" else (hook,)
+    return all(type(h).__name__ == "AlignDevicesHook" and not h.no_grad for h in hooks) and not hook.no_grad
+
+
+def _has_torch_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _hooks_unsupported(layer, adapters) -> str | None:
+    """Why hooks around a LoRA layer's parts keep it on PEFT's forward (None: the fused path honours them). PEFT calls
+    the base layer and the adapters' modules, so their hooks run there; the fused path computes the whole layer at
+    once and serves only hooks that move tensors (accelerate's device placement and offloading), entering them
+    around the fused computation."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return "global module forward hooks (registered with torch.nn.modules.module)"
+    base = layer.get_base_layer()
+    if _has_torch_hooks(base) or _accelerate_hook_fused(base) is False:
+        return "forward hooks on the base layer"
+    for a in adapters:
+        for part in (layer.lora_A[a], layer.lora_B[a], layer.lora_dropout[a]):
+            if _has_torch_hooks(part) or _accelerate_hook_fused(part) is False:
+                return "forward hooks on the adapters' modules"
+    return None
+
+
+def _hooked_parts(layer, base, adapters) -> list:
+    """The parts of a LoRA layer that carry accelerate's device hook (base layer first)."""
+    parts = [base] + [m for a in adapters for m in (layer.lora_A[a], layer.lora_B[a])]
+    return [m for m in parts if "_hf_hook" in m.__dict__]
+
+
 class _FusedForward:
-    """The forward that FusedPeftLinear puts in front of PEFT's LoRA Linear."""
+    """The forward that FusedPeftLinear puts in front of PEFT's LoRA Linear. It serves exactly what PEFT's forward
+    computes, or hands the call to PEFT's forward (one warning per reason; none for PEFT's normal states)."""
 
     fused_backend = "auto"
     _lk_stack = None  # mixed batches: the adapters stacked (and cast), kept in inference
     _lk_norms = None  # DoRA adapters: their DoraNorms by name
 
+    def _get_name(self):
+        # print(model) and PEFT's tooling read the layer as PEFT's own (lora.Linear(...)); the marking is inside
+        return next(c for c in type(self).__mro__[1:] if c is not _FusedForward).__name__
+
+    def extra_repr(self) -> str:
+        return f"fused=True, backend={self.fused_backend!r}"
+
     def _fused_unsupported(self, x, args, kwargs) -> str | None:
-        """Why this call cannot take the fused path (None if it can). Normal states (merged, adapters disabled)
-        return an empty string: they fall back silently."""
+        """Why this call cannot take the fused path (None if it can). Normal states (merged, adapters disabled, no
+        active adapter on this layer) return an empty string: they go to PEFT's forward silently."""
         if self.disable_adapters or self.merged:
             return ""
         if args or set(kwargs) - {"adapter_names"}:
             return f"extra forward arguments {sorted(kwargs) or len(args)} (variants)"
-        if kwargs.get("adapter_names") is not None:
-            if len(kwargs["adapter_names"]) != x.shape[0]:
+        names = kwargs.get("adapter_names")
+        if names is not None:
+            if len(names) != x.shape[0]:
                 return ""  # PEFT raises its own error for this
             # names of adapters this layer does not have mean the base layer here, as in PEFT's own path
-            here = sorted(set(kwargs["adapter_names"]) & set(self.lora_A))
-            return next((why for a in here if (why := self._adapter_unsupported(a, x, mixed=True))), None)
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if len(active) != 1:
-            return f"{len(active)} active adapters at once"
-        return self._adapter_unsupported(active[0], x)
+            used = sorted(set(names) & set(self.lora_A))
+            why = next((why for a in used if (why := self._adapter_unsupported(a, x, mixed=True))), None)
+        else:
+            used = [a for a in self.active_adapters if a in self.lora_A]
+            if not used:
+                return ""  # PEFT returns the base layer's output
+            if len(used) > 1:
+                return f"{len(used)} active adapters at once"
+            why = self._adapter_unsupported(used[0], x)
+        return why or _hooks_unsupported(self, used)
 
     def _adapter_unsupported(self, adapter, x, mixed=False) -> str | None:
         if adapter in self.lora_variant:
@@ -76,6 +134,8 @@ class _FusedForward:
             return f"the base layer type {type(base).__name__}"
         if quantized and (mixed or adapter in self.lora_variant):
             return f"{'a mixed batch' if mixed else 'DoRA'} over a quantized base layer"
+        if mixed and self.lora_bias.get(adapter):
+            return "lora_bias in a mixed batch"
         dropout = self.lora_dropout[adapter]
         if not isinstance(dropout, (nn.Dropout, nn.Identity)):
             return f"the dropout module {type(dropout).__name__}"
@@ -94,16 +154,30 @@ class _FusedForward:
                 backends.warn_once(f"peft-fallback-{why}", f"lora_kernels.peft: PEFT's own forward serves {why}")
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
+        names = kwargs.get("adapter_names")
+        hooked = _hooked_parts(self, base, set(names) & set(self.lora_A) if names is not None else
+                               [a for a in self.active_adapters if a in self.lora_A])
+        if not hooked:
+            return self._fused_forward(base, x, names)
+        # accelerate's device hooks, as PEFT's calls of the parts run them: x to the execution device and offloaded
+        # weights loaded before; the weights released and the output moved back (the base layer's hook last) after
+        moved = [m._hf_hook.pre_forward(m, x)[0][0] for m in hooked]
+        y = self._fused_forward(base, moved[0], names)
+        for m in reversed(hooked):
+            y = m._hf_hook.post_forward(m, y)
+        return y
+
+    def _fused_forward(self, base, x, adapter_names):
         if is_quantized_linear(base):  # QLoRA: y in x's dtype, as PEFT's bitsandbytes layers return it
             adapter = next(a for a in self.active_adapters if a in self.lora_A)
             return adapter_forward(x, None, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                                    self.scaling[adapter], self._dropout_p(adapter), backend=self.fused_backend,
-                                   quantized_base=base)
+                                   quantized_base=base, lora_bias=self.lora_B[adapter].bias)
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
         # torch.autocast: as PEFT's layers (nn.Linear under autocast) compute
         x, weight, bias = autocast_inputs(x, weight, base.bias)
-        if kwargs.get("adapter_names") is not None:
-            return self._mixed_forward(x, weight, bias, kwargs["adapter_names"])
+        if adapter_names is not None:
+            return self._mixed_forward(x, weight, bias, adapter_names)
         adapter = next(a for a in self.active_adapters if a in self.lora_A)
         # PEFT keeps adapters in fp32 next to a 16-bit base (its autocast_adapter_dtype): the ops take them as they are
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
@@ -116,7 +190,8 @@ class _FusedForward:
                 self._lk_norms = {}
             norms = self._lk_norms.setdefault(adapter, DoraNorms())
         return adapter_forward(x, weight, bias, a, b, self.scaling[adapter], self._dropout_p(adapter),
-                               magnitude=magnitude, norms=norms, backend=self.fused_backend)
+                               magnitude=magnitude, norms=norms, backend=self.fused_backend,
+                               lora_bias=self.lora_B[adapter].bias)
 
     def _mixed_forward(self, x, weight, bias, adapter_names):
         """PEFT's mixed batch (one adapter name per sample; "__base__" or an adapter this layer lacks: the base
@@ -125,7 +200,7 @@ class _FusedForward:
         if not used:
             return nn.functional.linear(x, weight, bias)
         ids = _sample_ids(tuple(adapter_names), tuple(used), x.device)  # the same tensor for every layer
-        expanded = _expand_ids(ids, x.shape[:-1])  # one id per sample, broadcast over its tokens
+        expanded = expand_ids(ids, x.shape[:-1])  # one id per sample, broadcast over its tokens
         if self._lk_stack is None:
             self._lk_stack = AdapterStack()  # inference reuses the stacked (and cast) adapters
         a, b, owner = self._lk_stack.get([self.lora_A[n].weight for n in used],
@@ -212,26 +287,87 @@ def register(config, backend: str = "auto"):
     return config
 
 
+class FuseReport(NamedTuple):
+    """What ``fuse`` made of a model's LoRA layers (module names): ``fused``, and ``handed_back`` {reason: names} for
+    the layers whose forward stays PEFT's. Calls of a fused layer that it cannot serve (a variant, several active
+    adapters at once, hooks added later, ...) go to PEFT's forward too, with one warning per reason."""
+
+    fused: list
+    handed_back: dict
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.fused)} LoRA layers fused"]
+        for why, names in self.handed_back.items():
+            lines.append(f"{len(names)} stay with PEFT's forward ({why}): {', '.join(names[:4])}"
+                         + (" ..." if len(names) > 4 else ""))
+        return "; ".join(lines)
+
+
+def _static_reason(module) -> str | None:
+    """Why a fused layer will hand every call back to PEFT, known without a call (None: it serves its calls)."""
+    variants = sorted({type(v).__name__ for v in module.lora_variant.values()} - {"DoraLinearVariant"})
+    if variants:
+        return f"the LoRA variant {', '.join(variants)}"
+    return _hooks_unsupported(module, list(module.lora_A))
+
+
+def fuse_report(peft_model: nn.Module) -> FuseReport:
+    """Which LoRA layers of `peft_model` run the fused kernels and which stay with PEFT's forward, and why."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    fused, back = [], {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if isinstance(module, _FusedForward):
+            why = _static_reason(module)
+            if why is None:
+                fused.append(name)
+                continue
+        else:
+            base = module.get_base_layer()
+            kind = type(module).__name__
+            if kind == "ParamWrapper":
+                why = "LoRA on a parameter (target_parameters)"
+            elif type(module) in _fusable_classes() and not (is_plain_linear(base) or is_quantized_linear(base)):
+                why = f"the base layer type {type(base).__name__}"
+            else:
+                why = f"PEFT's layer type lora.{kind}"
+        back.setdefault(why, []).append(name)
+    return FuseReport(fused, back)
+
+
+def _fusable_classes() -> dict:
+    """{PEFT's LoRA layer class: its fused subclass} for Linear and, where bitsandbytes is imported, its layers."""
+    fused = {_peft_linear_cls(): _fused_cls()}
+    fused.update((cls, _fused_cls(cls)) for cls in _peft_quantized_classes())
+    return fused
+
+
 def fuse(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
     """Make every LoRA Linear layer of `peft_model` run the fused kernels, in place (returns the model).
 
-    Existing layers become FusedPeftLinear (a subclass of PEFT's LoRA Linear: same parameters, state dict,
-    saving, merge_and_unload). Layers that adapters create later are PEFT's own unless their config went
+    Existing layers over an nn.Linear, Conv1D or bitsandbytes Linear4bit / Linear8bitLt base become FusedPeftLinear
+    (a subclass of PEFT's LoRA Linear: same parameters, state dict, saving, merging, repr). Everything else stays
+    PEFT's and computes as before: other LoRA layer types (Embedding, Conv2d, MultiheadAttention, target_parameters),
+    other base layers, LoRA variants other than DoRA, layers with forward hooks other than accelerate's device
+    placement. One warning says which and why (``fuse_report(model)`` gives the same as data); a model without any
+    fusable layer is returned as it is. Layers that adapters create later are PEFT's own unless their config went
     through ``register``; calling ``fuse`` again converts them."""
     plan.check_name(backend)
-    linear_cls = _peft_linear_cls()
-    fused = {linear_cls: _fused_cls()}
-    fused.update((cls, _fused_cls(cls)) for cls in _peft_quantized_classes())
+    fused = _fusable_classes()
     own = {f: f for f in fused.values()}
-    count = 0
     for module in peft_model.modules():
         target = fused.get(type(module)) or own.get(type(module))
         base = module.get_base_layer() if target is not None else None
         if target is not None and (is_plain_linear(base) or is_quantized_linear(base)):
             module.__class__ = target
             module.fused_backend = backend
-            count += 1
-    if count == 0:
-        raise ValueError("fuse: the model has no PEFT LoRA Linear layer over a plain nn.Linear, Conv1D or bitsandbytes "
-                         "Linear4bit / Linear8bitLt")
+    report = fuse_report(peft_model)
+    for why, names in report.handed_back.items():  # the same key as a call's hand-back: one warning per reason
+        backends.warn_once(f"peft-fallback-{why}", f"lora_kernels.peft: PEFT's own forward serves {why} "
+                           f"({len(names)} layers: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''})")
+    if not report.fused and not report.handed_back:
+        warnings.warn("lora_kernels.peft.fuse: the model has no PEFT LoRA layer; nothing to fuse", UserWarning,
+                      stacklevel=2)
     return peft_model

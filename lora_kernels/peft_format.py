@@ -21,8 +21,8 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .layers import _full
-from .models import _pattern_value, lora_layers
+from .layers import full_tensor
+from .models import pattern_value, lora_layers
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -109,11 +109,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
     tensors = {}
     for name, layer in layers.items():
         adapter = layer._named(adapter_name)
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(adapter.lora_A.detach()).contiguous().cpu()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = _full(adapter.lora_B.detach()).contiguous().cpu()
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = full_tensor(adapter.lora_A.detach()).contiguous().cpu()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = full_tensor(adapter.lora_B.detach()).contiguous().cpu()
         if adapter.use_dora:  # PEFT's key for DoRA's magnitude (no .weight)
             magnitude = adapter.lora_magnitude_vector.detach()
-            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = _full(magnitude).contiguous().cpu()
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = full_tensor(magnitude).contiguous().cpu()
     config = _adapter_config(layers, adapter_name, base_model_name_or_path, task_type)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and torch.distributed.get_rank() != 0:
@@ -185,8 +185,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
     expected = {f"{_PREFIX}{name}.lora_{ab}.weight" for name in layers for ab in "AB"}
     if dora:
         expected |= {f"{_PREFIX}{name}.lora_magnitude_vector" for name in layers}
-    # PEFT may write the adapter name into keys of non-default adapters: lora_A.<name>.weight
     found = set(tensors)
+    if any(k.endswith(".lora_B.bias") for k in found):
+        raise ValueError(f"load_adapter: {path} was trained with PEFT's lora_bias=True (lora_B has a bias), which the "
+                         "layers of inject() do not hold; load it with PEFT (PeftModel.from_pretrained) and "
+                         "lora_kernels.peft.fuse() the model, which serves lora_bias")
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
         raise ValueError(f"load_adapter: the adapter does not match the model's LoRA layers; "
@@ -200,7 +203,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
     for name, layer in layers.items():
         a = tensors[f"{_PREFIX}{name}.lora_A.weight"]
         b = tensors[f"{_PREFIX}{name}.lora_B.weight"]
-        r = _pattern_value(name, config.get("rank_pattern"), r_default)
+        r = pattern_value(name, config.get("rank_pattern"), r_default)
         expected = ((r, layer.in_features), (layer.out_features, r)) if new else \
             tuple(tuple(t.shape) for t in layer._adapter(adapter_name)[:2])
         if not new and layer._named(adapter_name).use_dora != dora:
@@ -211,7 +214,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
                              f"(config rank {r}); the layer has lora_A {list(expected[0])}, "
                              f"lora_B {list(expected[1])}")
     for name, layer in layers.items():
-        alpha = _pattern_value(name, config.get("alpha_pattern"), alpha_default)
+        alpha = pattern_value(name, config.get("alpha_pattern"), alpha_default)
         if new:
             layer.add_adapter(adapter_name, r=tensors[f"{_PREFIX}{name}.lora_A.weight"].shape[0], lora_alpha=alpha,
                               lora_dropout=dropout, use_rslora=rslora, use_dora=dora)

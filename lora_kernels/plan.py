@@ -84,6 +84,7 @@ SPLIT_MIN_N = 8192  # out_features from which the split Triton backward beat eag
 DECODE_MAX_ROWS = 16  # the CUDA C++ one-pass decode kernel (csrc/lora_launch.h kDecodeMaxM)
 CUDA_MAX_RANK = 256
 FUSED_MAX_RANK = 64  # the one-launch Triton forward keeps a [BLOCK_M, r] accumulator next to the output tile
+TRITON_MAX_RANK = 256  # the largest padded rank of the Triton kernels' tile tables (kernels/configs.py)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -101,6 +102,7 @@ class Call(NamedTuple):
     deterministic: bool
     adapters: int = 0  # 0: one adapter; n >= 1: a mixed batch over n adapters
     quant: str = ""  # a quantized W0 (QLoRA): "nf4", "fp4", "int8", "_dq" appended for double quantization
+    dora: bool = False  # DoRA: LoRA's variants around its column scale, the forward's on dropout(x) without dropout
 
 
 class Plan(NamedTuple):
@@ -173,7 +175,9 @@ def forward_unfit(name: str, call: Call) -> str | None:
     if why is not None:
         return why or None
     if name.startswith("triton_"):
-        if name == "triton_fused" and call.dropout:
+        if _padded_rank(call.r) > TRITON_MAX_RANK:
+            return f"its tiles serve ranks up to {TRITON_MAX_RANK} (r = {call.r})"
+        if name == "triton_fused" and call.dropout and not call.dora:
             return "it runs without dropout (the mask would be drawn again by every column of programs)"
         if name == "triton_fused" and _padded_rank(call.r) > FUSED_MAX_RANK:
             return f"it serves ranks up to {FUSED_MAX_RANK} (r = {call.r})"
@@ -197,6 +201,8 @@ def backward_unfit(name: str, call: Call) -> str | None:
     if why is not None:
         return why or None
     if name.startswith("triton_"):
+        if _padded_rank(call.r) > TRITON_MAX_RANK:
+            return f"its tiles serve ranks up to {TRITON_MAX_RANK} (r = {call.r})"
         if name == "triton_fused" and call.grads == 1:
             return "it computes dX, and x needs no grad in this call"
         return None
@@ -331,10 +337,22 @@ def static_plan(call: Call) -> Plan:
     return Plan(fwd, bwd, splits)
 
 
-def dora_glue(plan: Plan) -> str:
-    """How DoRA's passes around a plan's LoRA variants run (the weight norm, the column scale, the scaled dY with the
-    magnitude's grad): Triton kernels next to the GPU families' variants, ATen ops next to `aten` and `torch`."""
-    return "triton" if plan.forward.startswith(("triton_", "cuda_")) else "aten"
+def aux_kernels(plan: Plan) -> bool:
+    """Whether the auxiliary passes around a plan's variants (the dropout mask of a dropped x, DoRA's weight norm,
+    column scale and magnitude grad, QLoRA's dequantization) run as Triton kernels: next to the Triton and CUDA
+    families' variants; the torch and aten families run their plain-PyTorch twins and never launch a kernel of
+    another family. (Where Triton cannot run the tensors, the twins serve anyway: ``backends.triton_serves``.)"""
+    return plan.forward.startswith(("triton_", "cuda_"))
+
+
+def aux_kernels_for(backend: str, device: torch.device) -> bool:
+    """``aux_kernels`` for a backend name before a call's plan is known (DoRA's norm is an input of its op): the
+    forced plan's or family's, and for `auto` the Triton kernels on CUDA (where `auto` runs the fused families)."""
+    if backend == "auto":
+        backend = settings().forced or ("triton" if device.type == "cuda" else "torch")
+    if backend in FAMILIES:
+        return backend in ("triton", "cuda")
+    return aux_kernels(parse_spec(backend))
 
 
 # the forward variants whose thin xa kernel may split K (triton_cublas stores a rounded copy of s xa, which needs the
@@ -357,19 +375,26 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def check_forced(plan: Plan, call: Call) -> Plan:
-    """A plan the caller forced: raise BackendUnavailableError naming why it cannot run the call (before any kernel),
-    else the plan."""
+def plan_unfit(plan: Plan, call: Call) -> str | None:
+    """Why `plan` cannot run `call` here (None: it can): a variant that does not fit the call, or whose family is
+    unavailable on this machine now."""
     why = forward_unfit(plan.forward, call) or family_unavailable(_family_of(plan.forward), call.device, call.dtype)
     if why:
-        raise backends.BackendUnavailableError(f"backend {plan.spec!r}: forward {plan.forward!r} cannot run this call: "
-                                               f"{why}")
+        return f"forward {plan.forward!r} cannot run this call: {why}"
     if call.grads:
         why = backward_unfit(plan.backward, call) or family_unavailable(_family_of(plan.backward), call.device,
                                                                        call.dtype)
         if why:
-            raise backends.BackendUnavailableError(f"backend {plan.spec!r}: backward {plan.backward!r} cannot run this "
-                                                   f"call: {why}")
+            return f"backward {plan.backward!r} cannot run this call: {why}"
+    return None
+
+
+def check_forced(plan: Plan, call: Call) -> Plan:
+    """A plan the caller forced: raise BackendUnavailableError naming why it cannot run the call (before any kernel),
+    else the plan."""
+    why = plan_unfit(plan, call)
+    if why:
+        raise backends.BackendUnavailableError(f"backend {plan.spec!r}: {why}")
     return plan
 
 
@@ -466,22 +491,25 @@ def _driver_version() -> str:
         return "unknown"
 
 
-@functools.lru_cache(maxsize=None)
 def context(device: torch.device) -> dict:
     """What a cached plan was measured on: a plan measured elsewhere (another GPU model, driver, CUDA, torch, Triton
-    or lora-kernels version, the CUDA C++ extension present or not) is never used."""
-    from . import __version__
-
+    or lora-kernels version, the CUDA C++ extension present or not) is never used. The extension's state is read
+    now, not once: a just-in-time build (backend='cuda') changes it within the process."""
+    ext = "absent"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(_index(device))
         from . import cuda_ext
 
         ext = "built" if cuda_ext.built() else "absent"
-    else:
-        name, ext = device.type, "absent"
+    return dict(_fixed_context(device), cuda_ext=ext)
+
+
+@functools.lru_cache(maxsize=None)
+def _fixed_context(device: torch.device) -> dict:
+    from . import __version__
+
+    name = torch.cuda.get_device_name(_index(device)) if device.type == "cuda" else device.type
     return {"device": name, "cuda": torch.version.cuda or "none", "driver": _driver_version() if device.type == "cuda"
-            else "none", "torch": torch.__version__, "triton": _version("triton"), "lora_kernels": __version__,
-            "cuda_ext": ext}
+            else "none", "torch": torch.__version__, "triton": _version("triton"), "lora_kernels": __version__}
 
 
 def cache_path(device: torch.device) -> str:
@@ -496,7 +524,7 @@ def entry_key(family: str, call: Call) -> str:
     """The cache key of a call: the family asked for and the call, rows rounded up to a power of two."""
     return (f"{family}|{str(call.dtype).replace('torch.', '')}|M{bucket(call.M)}|K{call.K}|N{call.N}|r{call.r}|"
             f"p{int(call.dropout)}|g{call.grads}|d{int(call.deterministic)}|a{call.adapters}"
-            + (f"|q{call.quant}" if call.quant else ""))
+            + (f"|q{call.quant}" if call.quant else "") + ("|dora" if call.dora else ""))
 
 
 def _read(path: str, device: torch.device) -> dict:
@@ -525,9 +553,9 @@ def _read(path: str, device: torch.device) -> dict:
 
 
 class _DiskCache:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, path: str):
         self.device = device
-        self.path = cache_path(device)
+        self.path = path
         self.entries = _read(self.path, device)
 
     def put(self, key: str, entry: dict) -> None:
@@ -579,12 +607,14 @@ _CACHES: dict = {}
 
 
 def _cache(device: torch.device) -> _DiskCache:
-    c = _CACHES.get(device)
+    """The cache of `device` in the present context (a cold lookup's path: the context is read again each time)."""
+    path = cache_path(device)
+    c = _CACHES.get(path)
     if c is None:
         with _lock:
-            c = _CACHES.get(device)
+            c = _CACHES.get(path)
             if c is None:
-                c = _CACHES[device] = _DiskCache(device)
+                c = _CACHES[path] = _DiskCache(device, path)
     return c
 
 
@@ -592,6 +622,15 @@ def _cache(device: torch.device) -> _DiskCache:
 # Choosing
 # --------------------------------------------------------------------------------------------------------------
 _MEMO: dict = {}
+# Cold lookups (a key not in the memo: cache read, measuring) run one at a time: two threads never time the same new
+# key at once, and the memo is written under it. Warm lookups read the memo without it.
+_CHOOSE_LOCK = threading.RLock()
+
+
+def memo_key(backend: str, call: Call) -> tuple:
+    """The memo's key of a call: everything about it, rows rounded to their bucket."""
+    return (backend, call.device, call.dtype, bucket(call.M), call.K, call.N, call.r, call.dropout, call.grads,
+            call.deterministic, call.adapters, call.quant, call.dora)
 
 
 def why_not_measure(call: Call) -> str | None:
@@ -614,14 +653,16 @@ def why_not_measure(call: Call) -> str | None:
 def choose(call: Call, backend: str = "auto", measure: bool = True, timer=None) -> Plan:
     """The plan for `call` under `backend` ('auto', a family, or a plan spec). Kept in memory per (backend, key), so
     a warm call costs one dictionary lookup. `measure=False`: the cached entry or the static default."""
-    memo_key = (backend, call.device, call.dtype, bucket(call.M), call.K, call.N, call.r, call.dropout, call.grads,
-                call.deterministic, call.adapters, call.quant)
-    plan = _MEMO.get(memo_key)
+    key = memo_key(backend, call)
+    plan = _MEMO.get(key)
     if plan is not None:
         return plan
-    plan, final = _choose(call, backend, measure, timer)
-    if final:
-        _MEMO[memo_key] = plan
+    with _CHOOSE_LOCK:
+        plan = _MEMO.get(key)  # another thread may have chosen it meanwhile
+        if plan is None:
+            plan, final = _choose(call, backend, measure, timer)
+            if final:
+                _MEMO[key] = plan
     return plan
 
 
@@ -648,7 +689,12 @@ def _choose(call: Call, backend: str, measure: bool, timer) -> tuple[Plan, bool]
     key = entry_key(backend, call)
     entry = _cache(call.device).entries.get(key)
     if entry is not None:
-        return parse_spec(entry["plan"]), True
+        cached = parse_spec(entry["plan"])
+        why = plan_unfit(cached, call)
+        if why is None:
+            return cached, True
+        _warn_once(f"stale-{key}", f"lora_kernels: the cached plan {cached.spec} for {key} cannot run here now ({why}); "
+                                   "chosen again")
     blocked = why_not_measure(call) if measure else "measuring not asked for"
     if blocked is None:
         return tune_call(call, backend, timer)[0], True
@@ -751,7 +797,8 @@ def run_forward(variant: str, s: _Scratch, save: bool, xa_splits: int = 0):
     if s.qweight is not None:
         from . import quantized
 
-        return quantized.forward(variant, s.x, s.qweight, None, s.lora_A, s.lora_B, s.seed, 2.0, s.p, save, xa_splits)
+        return quantized.forward(Plan(variant, "aten", xa_splits), s.x, s.qweight, None, s.lora_A, s.lora_B, s.seed,
+                                 2.0, s.p, save)
     if s.mixed is None:
         return backends.FORWARD[variant](s.x, s.weight, None, s.lora_A, s.lora_B, s.seed, 2.0, s.p, save, xa_splits)
     return backends.MIXED_FORWARD[variant](s.x, s.weight, None, s.lora_A, s.lora_B, *s.mixed, s.seed, save,
@@ -763,8 +810,9 @@ def run_backward(variant: str, s: _Scratch, xa: torch.Tensor, need_dx: bool):
     if s.qweight is not None:
         from . import quantized
 
-        return quantized.backward(variant, s.grad_y, s.x, s.qweight, s.lora_A, s.lora_B, xa, s.seed, 2.0, s.p,
-                                  need_dx, False)
+        # (the plan's auxiliary passes follow its family: here the backward variant's)
+        return quantized.backward(Plan(variant, variant), s.grad_y, s.x, s.qweight, s.lora_A, s.lora_B, xa, s.seed,
+                                  2.0, s.p, need_dx, False)
     if s.mixed is None:
         return backends.BACKWARD[variant](s.grad_y, s.x, s.weight, s.lora_A, s.lora_B, xa, s.seed, 2.0, s.p,
                                           need_dx, False)
@@ -788,9 +836,11 @@ def tune_call(call: Call, backend: str = "auto", timer=None) -> tuple[Plan, dict
     times: dict = {}
     with torch.no_grad(), _autocast_off(call.device):
         inputs = _scratch(call)
+        # DoRA's forward runs LoRA's forward variant on dropout(x) without dropout; its backward with it
+        fwd_inputs = inputs._replace(p=0.0, seed=None) if call.dora else inputs
         for v in fwds:
             times[f"forward:{v}"] = _timed(timer, f"forward:{v}",
-                                           lambda v=v: run_forward(v, inputs, call.grads > 0, splits))
+                                           lambda v=v: run_forward(v, fwd_inputs, call.grads > 0, splits))
         if call.grads and bwds:
             xa = run_forward("torch" if call.adapters else "aten", inputs, True)[1]
             for v in bwds:
@@ -804,14 +854,24 @@ def tune_call(call: Call, backend: str = "auto", timer=None) -> tuple[Plan, dict
     bwd = fastest("backward", bwds, default.backward) if call.grads else default.backward
     plan = Plan(fwd, bwd, _splits(call, fwd))
     us = {k: (round(v * 1e6, 2) if isinstance(v, float) else v) for k, v in times.items()}
-    _cache(call.device).put(entry_key(backend, call), {
-        "plan": plan.spec, "us": us, "tuned": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    failed = [k for k, v in times.items() if not isinstance(v, float)]
+    if failed:  # a failure may be transient (memory taken by others, a busy GPU): the key stays unmeasured on disk
+        _warn_once(f"failed-{entry_key(backend, call)}", f"lora_kernels: measuring {entry_key(backend, call)}: "
+                   f"{', '.join(f'{k} failed ({times[k]})' for k in failed)}; the plan of the others serves this "
+                   "process and nothing is written to the cache")
+    else:
+        _cache(call.device).put(entry_key(backend, call), {
+            "plan": plan.spec, "us": us,
+            "tuned": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     return plan, us
 
 
 def _timed(timer, label, fn):
     try:
         return float(timer(label, fn))
+    except torch.cuda.OutOfMemoryError as e:  # free what the failed candidate left, and leave it out
+        torch.cuda.empty_cache()
+        return f"OutOfMemoryError: {str(e)[:160]}"
     except Exception as e:  # a candidate that cannot run this shape here (resources, compilation) is left out
         return f"{type(e).__name__}: {str(e)[:160]}"
 
@@ -825,11 +885,9 @@ def _autocast_off(device: torch.device):
 def tune(call: Call, backend: str = "auto", timer=None) -> tuple[Plan, dict]:
     """Measure `call` now, whatever the device (``python -m lora_kernels.tune``; tests on CPU with their own timer),
     and keep the result; the memory memo of that key is replaced."""
-    plan, us = tune_call(call, backend, timer)
-    for memo_key in [k for k in _MEMO if k[0] == backend and k[1:] == (
-            call.device, call.dtype, bucket(call.M), call.K, call.N, call.r, call.dropout, call.grads,
-            call.deterministic, call.adapters, call.quant)]:
-        del _MEMO[memo_key]
+    with _CHOOSE_LOCK:
+        plan, us = tune_call(call, backend, timer)
+        _MEMO.pop(memo_key(backend, call), None)
     return plan, us
 
 

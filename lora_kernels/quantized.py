@@ -27,15 +27,15 @@ offset) (``QuantizedWeight``).
 from __future__ import annotations
 
 import sys
-import weakref
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
-from . import backends, reference
+from . import backends, entry, reference
 from . import plan as planner
-from .ops import (_check_seed, _plain, _seed, _unflatten, adapters_for, autocast_dtype, check_args)
+from .contract import (adapters_for, autocast_dtype, check_args, check_seed, grads_needed, is_plain, resolve_seed)
 from .plan import Call
 
 __all__ = ["QuantizedWeight", "FORMATS", "is_quantized_linear", "quantized_weight", "compute_dtype", "dequantize",
@@ -123,7 +123,9 @@ def quantize_linear(linear: torch.nn.Module, quant_type: str = "nf4", double_qua
     return layer.to(weight.device)
 
 
-_WEIGHTS: dict = {}  # id(weight) -> (weak ref to it, fingerprint, QuantizedWeight)
+# Weakly held, by the weight object: a deleted layer's quantized storage is freed with it (the QuantizedWeight holds
+# views of that storage, never the weight object itself).
+_WEIGHTS = WeakIdKeyDictionary()  # weight -> (fingerprint, QuantizedWeight)
 
 
 def quantized_weight(layer) -> QuantizedWeight:
@@ -132,13 +134,11 @@ def quantized_weight(layer) -> QuantizedWeight:
     weight = layer.weight
     state = getattr(weight, "quant_state", None) if hasattr(weight, "quant_state") else getattr(layer, "state", None)
     key = (weight.data_ptr(), weight._version, id(state), getattr(weight, "SCB", None) is not None)
-    kept = _WEIGHTS.get(id(weight))
-    if kept is not None and kept[0]() is weight and kept[1] == key:
-        return kept[2]
+    kept = _WEIGHTS.get(weight)
+    if kept is not None and kept[0] == key:
+        return kept[1]
     qw = _read_layer(layer)
-    if len(_WEIGHTS) >= 4096:
-        _WEIGHTS.clear()
-    _WEIGHTS[id(weight)] = (weakref.ref(weight), key, qw)
+    _WEIGHTS[weight] = (key, qw)
     return qw
 
 
@@ -190,9 +190,10 @@ def compute_dtype(layer, x: Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # Dequantization and the variants
 # --------------------------------------------------------------------------------------------
-def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> Tensor:
-    """W0 [N, K] in `dtype`: one Triton pass where Triton runs, else the reference's formula."""
-    if backends.triton_serves(qw.device, dtype):
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype, kernels: bool = True) -> Tensor:
+    """W0 [N, K] in `dtype`: one Triton pass where `kernels` asks for it (``plan.aux_kernels``) and Triton runs,
+    else the reference's formula in plain PyTorch."""
+    if kernels and backends.triton_serves(qw.device, dtype):
         from .kernels.quantized import dequantize as triton_dequantize
 
         return triton_dequantize(qw, dtype)
@@ -205,7 +206,7 @@ _STAND_INS: dict = {}
 def _no_weight(qw: QuantizedWeight, x: Tensor) -> Tensor:
     """A stand-in [N, K] of x's dtype and device on one element (stride 0), where W0 is not read: the grads of the
     adapters, the argument checks. Kept per shape, dtype and device (no allocation per call)."""
-    if x.device.type == "meta" or not _plain(x):
+    if x.device.type == "meta" or not is_plain(x):
         return x.new_zeros(()).expand(*qw.shape)
     key = (qw.shape, x.dtype, x.device)
     stand_in = _STAND_INS.get(key)
@@ -216,39 +217,45 @@ def _no_weight(qw: QuantizedWeight, x: Tensor) -> Tensor:
     return stand_in
 
 
-def forward(variant: str, x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0):
-    """Forward variant `variant` over a quantized W0: (y, xa) as ``backends.FORWARD``'s."""
-    if variant == "triton_quantized":
+def forward(plan, x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa):
+    """The plan's forward over a quantized W0: (y, xa) as ``backends.FORWARD``'s."""
+    if plan.forward == "triton_quantized":
         from .kernels.quantized import lora_forward_quantized
 
-        return lora_forward_quantized(x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits)
-    weight = dequantize(qw, x.dtype)  # transient: freed when this returns
-    return backends.FORWARD[variant](x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits)
+        return lora_forward_quantized(x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, plan.xa_splits)
+    weight = dequantize(qw, x.dtype, planner.aux_kernels(plan))  # transient: freed when this returns
+    return backends.FORWARD[plan.forward](x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa,
+                                          plan.xa_splits)
 
 
-def backward(variant: str, grad_y, x, qw, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
-    """Backward variant `variant` over a quantized W0 (dequantized again for dX only): (dx or empty, dA, dB)."""
-    weight = dequantize(qw, x.dtype) if need_dx else _no_weight(qw, x)
-    return backends.BACKWARD[variant](grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx,
-                                      deterministic)
+def backward(plan, grad_y, x, qw, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
+    """The plan's backward over a quantized W0 (dequantized again for dX only): (dx or empty, dA, dB)."""
+    weight = dequantize(qw, x.dtype, planner.aux_kernels(plan)) if need_dx else _no_weight(qw, x)
+    return backends.BACKWARD[plan.backward](grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx,
+                                            deterministic)
 
 
 # --------------------------------------------------------------------------------------------
 # Argument checks and ops
 # --------------------------------------------------------------------------------------------
-_CHECKED: dict = {}  # id -> (QuantizedWeight, device): weights checked already (quantized_weight returns the same one)
+# Weights checked already, weakly held by their codes tensor (the value holds the other parts, never the key).
+_CHECKED = WeakIdKeyDictionary()
+
+
+def _checked_as(qw: QuantizedWeight, device: torch.device) -> tuple:
+    return (qw.absmax, qw.code, qw.absmax2, qw.code2, qw.fmt, qw.blocksize, qw.blocksize2, qw.offset, qw.shape, device)
 
 
 def check_quantized(qw: QuantizedWeight, device: torch.device) -> None:
     """The quantized weight's parts: format, sizes, dtypes, device (x's); once per weight and device."""
-    kept = _CHECKED.get(id(qw))
-    if kept is not None and kept[0] is qw and kept[1] == device:
+    if torch.compiler.is_compiling() or not isinstance(qw.data, Tensor):
+        return _check_quantized(qw, device)
+    kept = _CHECKED.get(qw.data)
+    if kept is not None and all(a is b if isinstance(a, Tensor) else a == b
+                                for a, b in zip(kept, _checked_as(qw, device))):
         return
     _check_quantized(qw, device)
-    if not torch.compiler.is_compiling():
-        if len(_CHECKED) >= 4096:
-            _CHECKED.clear()
-        _CHECKED[id(qw)] = (qw, device)
+    _CHECKED[qw.data] = _checked_as(qw, device)
 
 
 def _check_quantized(qw: QuantizedWeight, device: torch.device) -> None:
@@ -299,28 +306,53 @@ def check_qargs(x, qw, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     check_args(x, _no_weight(qw, x), bias, lora_A, lora_B, scaling, dropout_p)
 
 
-def _call(x, qw, lora_A, dropout_p, grads) -> Call:
-    return Call(x.device, x.dtype, x.shape[0], qw.shape[1], qw.shape[0], lora_A.shape[0], dropout_p > 0.0, grads,
-                torch.are_deterministic_algorithms_enabled(), 0, qw.quant)
+# The QLoRA kind: args = (x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, seed, scaling, dropout_p), the
+# quantized weight as the op takes it (``unpack``).
+def _call(args, grads) -> Call:
+    x, qdata, qstate, fmt, sizes, offset, _, lora_A, _, _, _, dropout_p = args
+    nested = qstate[2].numel() > 0
+    return Call(x.device, x.dtype, x.shape[0], sizes[1], sizes[0], lora_A.shape[0], dropout_p > 0.0, grads,
+                torch.are_deterministic_algorithms_enabled(), 0, fmt + ("_dq" if nested else ""))
+
+
+def _kind_forward(plan, args, save):
+    x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, seed, scaling, dropout_p = args
+    return forward(plan, x, pack(qdata, qstate, fmt, sizes, offset), bias, lora_A, lora_B, seed, scaling, dropout_p,
+                   save)
+
+
+def _kind_backward(plan, grad_y, args, saved, need_dx, deterministic):
+    x, qdata, qstate, fmt, sizes, offset, _, lora_A, lora_B, seed, scaling, dropout_p = args
+    return backward(plan, grad_y, x, pack(qdata, qstate, fmt, sizes, offset), lora_A, lora_B, saved[0], seed,
+                    scaling, dropout_p, need_dx, deterministic)
+
+
+def _kind_backward_op(grad_y, args, saved, need_dx, deterministic, spec):
+    x, qdata, qstate, fmt, sizes, offset, _, lora_A, lora_B, seed, scaling, dropout_p = args
+    return torch.ops.lora_kernels.qlora_linear_bwd(grad_y, x, qdata, qstate, fmt, sizes, offset, lora_A, lora_B,
+                                                   saved[0], seed, scaling, dropout_p, need_dx, deterministic, spec)
+
+
+QLORA = entry.register(entry.Kind("qlora", "qlora_linear_fwd", _kind_forward, _kind_backward, _kind_backward_op,
+                                  _call, trained=(7, 8), kept=(0, 1, 2, 7, 8, 9), bias=6))
 
 
 @torch.library.custom_op("lora_kernels::qlora_linear_fwd", mutates_args=())
 def qlora_linear_fwd(x: Tensor, qdata: Tensor, qstate: list[Tensor], fmt: str, sizes: list[int], offset: float,
                      bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, seed: Optional[Tensor], scaling: float,
-                     dropout_p: float, save_xa: bool, plan: str) -> tuple[Tensor, Tensor]:
-    qw = pack(qdata, qstate, fmt, sizes, offset)
-    check_qargs(x, qw, bias, lora_A, lora_B, scaling, dropout_p)
-    _check_seed(seed, x.device, dropout_p)
-    chosen = planner.resolve_spec(plan, _call(x, qw, lora_A, dropout_p, 2 if save_xa else 0))
-    return forward(chosen.forward, x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, chosen.xa_splits)
+                     dropout_p: float, grads: int, plan: str) -> tuple[Tensor, Tensor]:
+    check_qargs(x, pack(qdata, qstate, fmt, sizes, offset), bias, lora_A, lora_B, scaling, dropout_p)
+    check_seed(seed, x.device, dropout_p)
+    args = (x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, seed, scaling, dropout_p)
+    return _kind_forward(planner.resolve_spec(plan, _call(args, grads)), args, grads > 0)
 
 
 @qlora_linear_fwd.register_fake
-def _(x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, plan):
+def _(x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, seed, scaling, dropout_p, grads, plan):
     check_qargs(x, pack(qdata, qstate, fmt, sizes, offset), bias, lora_A, lora_B, scaling, dropout_p)
     xa_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (x.new_empty((x.shape[0], sizes[0])),
-            x.new_empty((x.shape[0], lora_A.shape[0]) if save_xa else (0,), dtype=xa_dtype))
+            x.new_empty((x.shape[0], lora_A.shape[0]) if grads else (0,), dtype=xa_dtype))
 
 
 @torch.library.custom_op("lora_kernels::qlora_linear_bwd", mutates_args=())
@@ -328,15 +360,14 @@ def qlora_linear_bwd(grad_y: Tensor, x: Tensor, qdata: Tensor, qstate: list[Tens
                      offset: float, lora_A: Tensor, lora_B: Tensor, xa: Tensor, seed: Optional[Tensor],
                      scaling: float, dropout_p: float, need_dx: bool, deterministic: bool,
                      plan: str) -> tuple[Tensor, Tensor, Tensor]:
-    qw = pack(qdata, qstate, fmt, sizes, offset)
-    M, N, r = x.shape[0], qw.shape[0], lora_A.shape[0]
+    M, N, r = x.shape[0], sizes[0], lora_A.shape[0]
     for name, t, shape in (("grad_y", grad_y, (M, N)), ("xa", xa, (M, r))):
         if tuple(t.shape) != shape:
             raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
-    _check_seed(seed, x.device, dropout_p)
-    chosen = planner.resolve_spec(plan, _call(x, qw, lora_A, dropout_p, 2 if need_dx else 1))
-    return backward(chosen.backward, grad_y, x, qw, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx,
-                    deterministic)
+    check_seed(seed, x.device, dropout_p)
+    args = (x, qdata, qstate, fmt, sizes, offset, None, lora_A, lora_B, seed, scaling, dropout_p)
+    chosen = planner.resolve_spec(plan, _call(args, 2 if need_dx else 1))
+    return _kind_backward(chosen, grad_y, args, (xa,), need_dx, deterministic)
 
 
 @qlora_linear_bwd.register_fake
@@ -346,56 +377,7 @@ def _(grad_y, x, qdata, qstate, fmt, sizes, offset, lora_A, lora_B, xa, seed, sc
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
-def _setup_context(ctx, inputs, output):
-    x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, plan = inputs
-    ctx.save_for_backward(x, qdata, *qstate, lora_A, lora_B, output[1], seed)
-    ctx.fmt, ctx.sizes, ctx.offset = fmt, sizes, offset
-    ctx.scaling, ctx.dropout_p, ctx.plan, ctx.has_bias = scaling, dropout_p, plan, bias is not None
-
-
-def _grads(ctx, grad_y, run_bwd):
-    """Grads of (x, bias, lora_A, lora_B); run_bwd(need_dx, deterministic) -> (dx, dA, dB)."""
-    need_x, need_bias, need_a, need_b = ctx.grad_needs
-    grad_x = grad_a = grad_b = grad_bias = None
-    if need_x or need_a or need_b:
-        dx, grad_a, grad_b = run_bwd(need_x, torch.are_deterministic_algorithms_enabled())
-        grad_x = dx if need_x else None
-    if need_bias and ctx.has_bias:
-        grad_bias = grad_y.sum(0)
-    return grad_x, grad_bias, grad_a, grad_b
-
-
-def _backward_op(ctx, grad_y, grad_xa):
-    x, qdata, absmax, code, absmax2, code2, lora_A, lora_B, xa, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    ctx.grad_needs = (need[0], need[6], need[7], need[8])
-    grad_x, grad_bias, grad_a, grad_b = _grads(ctx, grad_y, lambda need_x, det: torch.ops.lora_kernels.qlora_linear_bwd(
-        grad_y, x, qdata, [absmax, code, absmax2, code2], ctx.fmt, ctx.sizes, ctx.offset, lora_A, lora_B, xa, seed,
-        ctx.scaling, ctx.dropout_p, need_x, det, ctx.plan))
-    return grad_x, None, [None] * 4, None, None, None, grad_bias, grad_a, grad_b, None, None, None, None, None
-
-
-qlora_linear_fwd.register_autograd(_backward_op, setup_context=_setup_context)
-
-
-class _EagerQLoRALinear(torch.autograd.Function):
-    """The ops' forward/backward without the custom-op dispatcher, running a Plan (as ops._EagerLoRALinear). The
-    quantized weight rides on the context as it is: the layer's own tensors, nothing copied."""
-
-    @staticmethod
-    def forward(ctx, x, bias, lora_A, lora_B, qw, seed, scaling, dropout_p, plan):
-        y, xa = forward(plan.forward, x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, True, plan.xa_splits)
-        ctx.save_for_backward(x, lora_A, lora_B, xa, seed)
-        ctx.qw, ctx.scaling, ctx.dropout_p, ctx.plan, ctx.has_bias = qw, scaling, dropout_p, plan, bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, lora_A, lora_B, xa, seed = ctx.saved_tensors
-        ctx.grad_needs = ctx.needs_input_grad[:4]
-        grad_x, grad_bias, grad_a, grad_b = _grads(ctx, grad_y, lambda need_x, det: backward(
-            ctx.plan.backward, grad_y, x, ctx.qw, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, need_x, det))
-        return grad_x, grad_bias, grad_a, grad_b, None, None, None, None, None
+entry.register_op_autograd(qlora_linear_fwd, QLORA)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,22 +405,7 @@ def qlora_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor], lo
     check_qargs(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
     planner.check_name(backend)
     scaling, dropout_p = float(scaling), float(dropout_p)
-    grad = torch.is_grad_enabled()
-    need_x = grad and x.requires_grad
-    save = need_x or (grad and any(t is not None and t.requires_grad for t in (lora_A, lora_B, bias)))
-    seed = _seed(seed, x, dropout_p)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    grads = 2 if need_x else (1 if save else 0)
-    if torch.compiler.is_compiling() or not _plain(x, bias, lora_A, lora_B, qweight.data):
-        y, _ = torch.ops.lora_kernels.qlora_linear_fwd(x2, *unpack(qweight), bias, lora_A, lora_B, seed, scaling,
-                                                       dropout_p, save, backend)
-    else:
-        chosen = planner.choose(_call(x2, qweight, lora_A, dropout_p, grads), backend)
-        if save:
-            y = _EagerQLoRALinear.apply(x2, bias, lora_A, lora_B, qweight, seed, scaling, dropout_p, chosen)
-        else:  # inference: no autograd node at all
-            y, _ = forward(chosen.forward, x2, qweight, bias, lora_A, lora_B, seed, scaling, dropout_p, False,
-                           chosen.xa_splits)
-    y = _unflatten(y, lead)
+    seed = resolve_seed(seed, x, dropout_p)
+    args = (x.reshape(-1, x.shape[-1]), *unpack(qweight), bias, lora_A, lora_B, seed, scaling, dropout_p)
+    y = entry.run(QLORA, args, x.shape[:-1], backend, grads_needed(x, lora_A, lora_B, bias))
     return y if y.dtype == out_dtype else y.to(out_dtype)

@@ -90,9 +90,11 @@ def dropout_keep_mask(seed: int, m: int, k: int, p: float, device=None) -> torch
     keep = torch.empty((m, k), dtype=torch.bool, device=device)
     threshold = dropout_threshold(p)
     cols = torch.arange(k4, device=device, dtype=torch.int64)[None, :]
-    # Blocks of rows with about 2**16 counters each: the ~120 passes of the rounds then run over data in cache (on a
-    # CPU several times faster than one pass over a large mask; the bits are the same either way).
-    step = max(1, (1 << 16) // max(k4, 1))
+    # On a CPU, blocks of rows with about 2**16 counters each: the ~120 passes of the rounds then run over data in
+    # cache (several times faster than one pass over a large mask); on a GPU one block (each pass is a kernel
+    # launch). The bits are the same either way.
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    step = max(1, m) if on_gpu else max(1, (1 << 16) // max(k4, 1))
     for r0 in range(0, m, step):
         rows = torch.arange(r0, min(m, r0 + step), device=device, dtype=torch.int64)[:, None]
         counter = rows * k4 + cols

@@ -22,18 +22,21 @@ subclasses (DTensor, FakeTensor) or inference-mode tensors (no version counter):
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
 
 import torch
 from torch import Tensor
 
-from .ops import _plain, check_index_tensor, check_mixed_values, stack_adapters
+from .contract import check_index_tensor, is_plain
+from .ops import check_mixed_values, stack_adapters
 
-__all__ = ["AdapterStack", "checked_ids", "rank_owner"]
+__all__ = ["AdapterStack", "checked_ids", "rank_owner", "expand_ids", "adapter_ids", "current_adapter_ids"]
 
 def _trackable(t: Tensor) -> bool:
     """A plain tensor (the ops' own test) with a version counter (inference-mode tensors have none)."""
-    return _plain(t) and not t.is_inference()
+    return is_plain(t) and not t.is_inference()
 
 
 def _fingerprint(t: Tensor):
@@ -147,3 +150,66 @@ def checked_ids(ids: Tensor, expanded: Tensor, n_adapters: int, device: torch.de
     if not capturing:  # ...so only a checked batch is remembered
         _LAST_IDS = (weakref.ref(ids), key, flat)
     return flat
+
+
+def expand_ids(ids: Tensor, lead: torch.Size) -> Tensor:
+    """The ids of a mixed batch for x's leading dims `lead`: one per row, or a prefix of them broadcast."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"adapter_ids: expected an integer tensor, got {type(ids).__name__}")
+    if ids.dim() > len(lead) or tuple(ids.shape) != tuple(lead[: ids.dim()]):
+        raise ValueError(f"adapter_ids: expected shape {list(lead)} (one id per row) or a prefix of it (one per "
+                         f"sequence), got {list(ids.shape)}")
+    return ids.reshape(tuple(ids.shape) + (1,) * (len(lead) - ids.dim())).expand(lead)  # (0-d for a 1-D x)
+
+
+# The ids of the enclosing `with adapter_ids(...)` block, per thread: a threaded server serves different batches
+# through one model at once. torch.compile cannot read thread-local state (it would bake in the value seen while
+# tracing) nor trace ContextVar.get, so compiled code reads a module global instead (dynamo guards on it): the
+# ids of the one thread inside a block, or a marker that refuses the call while blocks of several threads overlap.
+_LOCAL = threading.local()
+_HELD: dict = {}  # thread ident -> that thread's innermost ids
+_HELD_LOCK = threading.Lock()
+_SEVERAL = object()
+_COMPILED_VIEW = None
+
+
+def _publish() -> None:
+    global _COMPILED_VIEW
+    held = list(_HELD.values())
+    _COMPILED_VIEW = held[0] if len(held) == 1 else (None if not held else _SEVERAL)
+
+
+@contextlib.contextmanager
+def adapter_ids(ids: Tensor):
+    """Within the block, every FusedLoRALinear that is called without ``adapter_ids=`` serves a mixed batch:
+    ``ids`` gives each row's adapter (an index into the layer's ``adapter_names``, -1 for the base layer alone),
+    per token (shape = the input's leading dims) or per sequence (a prefix of them, broadcast over the rest).
+    This is how a whole model from ``inject`` serves requests for different adapters in one forward. The block
+    holds for the calling thread only; under torch.compile, pass ``adapter_ids=`` to the layers' forward where
+    several threads serve at once."""
+    outer = getattr(_LOCAL, "ids", None)
+    me = threading.get_ident()
+    _LOCAL.ids = ids
+    with _HELD_LOCK:
+        _HELD[me] = ids
+        _publish()
+    try:
+        yield
+    finally:
+        _LOCAL.ids = outer
+        with _HELD_LOCK:
+            if outer is None:
+                _HELD.pop(me, None)
+            else:
+                _HELD[me] = outer
+            _publish()
+
+
+def current_adapter_ids():
+    """The ids of this thread's enclosing ``adapter_ids`` block, or None."""
+    if torch.compiler.is_compiling():
+        if _COMPILED_VIEW is _SEVERAL:
+            raise RuntimeError("adapter_ids: blocks of several threads overlap, and compiled code cannot tell "
+                               "threads apart; under torch.compile pass adapter_ids= to the forward instead")
+        return _COMPILED_VIEW
+    return getattr(_LOCAL, "ids", None)

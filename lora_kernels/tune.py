@@ -1,6 +1,6 @@
 """Tune plans ahead of time: ``python -m lora_kernels.tune``.
 
-    python -m lora_kernels.tune --shapes 4096x4096x16,4096x14336x16 --tokens 1,16,2048,8192
+    python -m lora_kernels.tune --shapes 4096x4096x16,4096x14336x16 --tokens 1,16,2048,8192 [--kinds lora,dora,nf4_dq]
     python -m lora_kernels.tune --model my_pkg.models:build_model --tokens 16,4096 [--dropout 0.05]
 
 Each (rows, K, N, rank) key is timed as the first call of that key would time it (``lora_kernels.plan``): every
@@ -25,22 +25,37 @@ from . import plan
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def model_shapes(model: torch.nn.Module) -> list[tuple[int, int, int, float]]:
-    """(K, N, r, dropout) of every LoRA layer of `model` (each adapter of a layer), without duplicates."""
-    from .layers import FusedLoRALinear
+KINDS = ("lora", "dora", "nf4", "nf4_dq", "fp4", "fp4_dq", "int8")  # and "mixed<n>": a mixed batch over n adapters
+
+
+def _quant_kind(base) -> str:
+    from .quantized import is_quantized_linear, quantized_weight
+
+    return quantized_weight(base).quant if is_quantized_linear(base) else ""
+
+
+def model_shapes(model: torch.nn.Module) -> list[tuple[int, int, int, float, str]]:
+    """(K, N, r, dropout, kind) of every LoRA layer of `model` (each adapter of a layer; kind: "lora", "dora", the
+    quantized format of a QLoRA base, "mixed<n>" for the layer's n adapters stacked), without duplicates."""
+    from .layers import FusedLoRALinear, QuantizedLoRALinear
 
     out = []
     for module in model.modules():
         if isinstance(module, FusedLoRALinear):
-            for name in module.adapter_names:
-                hp = module._adapter(name)[2]
-                out.append((module.in_features, module.out_features, hp["r"], hp["lora_dropout"]))
+            quant = _quant_kind(module.base_layer) if isinstance(module, QuantizedLoRALinear) else ""
+            for adapter in module.adapters.values():
+                kind = quant or ("dora" if adapter.use_dora else "lora")
+                out.append((module.in_features, module.out_features, adapter.r, adapter.lora_dropout, kind))
+            if len(module.adapters) > 1 and not quant:
+                out.append((module.in_features, module.out_features, sum(a.r for a in module.adapters.values()),
+                            max(a.lora_dropout for a in module.adapters.values()), f"mixed{len(module.adapters)}"))
         elif hasattr(module, "lora_A") and hasattr(module, "get_base_layer") and hasattr(module, "fused_backend"):
             base = module.get_base_layer()
             k, n = (base.in_features, base.out_features) if hasattr(base, "in_features") else base.weight.shape[::-1]
             for name, a in module.lora_A.items():
                 drop = module.lora_dropout[name]
-                out.append((k, n, a.weight.shape[0], getattr(drop, "p", 0.0)))
+                kind = _quant_kind(base) or ("dora" if name in module.lora_variant else "lora")
+                out.append((k, n, a.weight.shape[0], getattr(drop, "p", 0.0), kind))
     return list(dict.fromkeys(out))
 
 
@@ -53,13 +68,19 @@ def load_model(path: str) -> torch.nn.Module:
 
 
 def keys(shapes, tokens, dtype, device, modes, deterministic=False):
-    """The calls to tune: each shape at each row count, per mode (train: with dX, dropout as given; infer)."""
+    """The calls to tune: each (K, N, r, dropout, kind) at each row count, per mode (train: with dX, dropout as given;
+    infer), keyed as the layers of that kind key them (``plan.Call``)."""
     calls = []
-    for K, N, r, p in shapes:
+    for K, N, r, p, kind in shapes:
+        if kind not in KINDS and not (kind.startswith("mixed") and kind[5:].isdigit()):
+            raise ValueError(f"kind: expected one of {KINDS} or mixed<n>, got {kind!r}")
+        extra = dict(dora=kind == "dora", quant=kind if kind not in ("lora", "dora") and not kind.startswith("mixed")
+                     else "", adapters=int(kind[5:]) if kind.startswith("mixed") else 0)
         for M in tokens:
             for mode in modes:
                 grads = 2 if mode == "train" else 0
-                calls.append(plan.Call(device, dtype, M, K, N, r, p > 0 and mode == "train", grads, deterministic))
+                calls.append(plan.Call(device, dtype, M, K, N, r, p > 0 and mode == "train", grads, deterministic,
+                                       **extra))
     return list(dict.fromkeys(calls))
 
 
@@ -83,6 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="module:callable returning a model with LoRA layers")
     ap.add_argument("--tokens", default="1,16,1024,4096,8192", help="rows per call (batch x sequence) to tune")
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout of --shapes in training (0: none)")
+    ap.add_argument("--kinds", default="lora", help=f"kinds of call for --shapes: {', '.join(KINDS)}, mixed<n>")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--modes", default="train,infer", help="train (forward+backward) and/or infer (forward)")
     ap.add_argument("--backend", default="auto", help="the backend whose plans to tune (default auto)")
@@ -94,7 +116,7 @@ def main(argv=None) -> int:
     if args.shapes:
         for s in args.shapes.split(","):
             K, N, r = (int(v) for v in s.lower().split("x"))
-            shapes.append((K, N, r, args.dropout))
+            shapes += [(K, N, r, args.dropout, kind.strip()) for kind in args.kinds.split(",")]
     if args.model:
         shapes += model_shapes(load_model(args.model))
     if not shapes:
@@ -111,7 +133,8 @@ def main(argv=None) -> int:
         seconds = time.time() - t0
         bar.step(f"M={call.M} K={call.K} N={call.N} r={call.r}")
         mode = "train" + (" p>0" if call.dropout else "") if call.grads else "infer"
-        print(f"\nM={call.M} K={call.K} N={call.N} r={call.r} {args.dtype} {mode}: "
+        kind = "dora" if call.dora else call.quant or (f"mixed{call.adapters}" if call.adapters else "lora")
+        print(f"\nM={call.M} K={call.K} N={call.N} r={call.r} {args.dtype} {kind} {mode}: "
               f"{chosen.spec if call.grads else chosen.forward}  (tuned in {seconds:.1f} s)")
         for label, t in sorted(us.items(), key=lambda kv: (kv[0].split(":")[0], kv[1] if isinstance(kv[1], float)
                                                            else float("inf"))):

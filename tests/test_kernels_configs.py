@@ -11,7 +11,7 @@ PROBE = """
 import json
 from lora_kernels import plan, backends
 from lora_kernels.kernels import backward, configs, forward
-backends._triton_import_error()
+backends.triton_import_error()
 kernels = (forward.lora_fwd_kernel, forward.lora_xa_kernel, backward.lora_bwd_dx_kernel,
            backward.lora_bwd_lowrank_kernel)
 print(json.dumps([[k.cache_results for k in kernels], configs.AUTOTUNE]))
