@@ -99,7 +99,7 @@ def providers(w, a, b, scaling):
     except ImportError as e:
         print(f"QLoRA rows skipped: {e}")
     for name in FORWARDS:
-        family = plan._family_of(name)
+        family = plan.family_of(name)
         reason = plan.family_unavailable(family, w.device, w.dtype)
         if reason:
             print(f"{name}: unavailable ({reason})")

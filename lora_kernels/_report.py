@@ -17,7 +17,7 @@ def _version(module: str) -> str:
 
 
 def _planner() -> dict:
-    """How the planner chooses (lora_kernels/plan.py): its knobs and the Triton autotuner's state."""
+    """How the planner chooses (lora_kernels/plan/): its knobs and the Triton autotuner's state."""
     try:
         settings = plan.settings()
     except ValueError as e:  # a wrong knob: say so here rather than fail the report

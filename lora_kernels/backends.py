@@ -3,9 +3,12 @@
 Which variant runs a call is the planner's decision (``lora_kernels.plan``); everything here runs what it is told.
 Every single-adapter variant has the same signature on 2-D inputs (see ``lora_kernels.ops`` for the contract):
 
-    FORWARD[v](x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits) -> (y, xa)
-    BACKWARD[v](grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic)
+    FORWARD[v](x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits, aux) -> (y, xa)
+    BACKWARD[v](grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic, aux)
         -> (dx or empty, dA, dB)
+
+``aux`` (the plan's): whether the variant's auxiliary passes (aten's dropout mask) may run as Triton kernels; a
+family forced by name (torch, aten) never launches another family's kernels.
 
 and mixed batches ``MIXED_FORWARD`` / ``MIXED_BACKWARD`` likewise. ``seed`` is a one-element int64 tensor on the
 inputs' device (None when dropout_p == 0); ``xa`` is the fp32 (fp64 for fp64 inputs) product dropout(x) A^T that
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -49,14 +53,14 @@ class TorchBackend:
         return None
 
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0):
+    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0, aux=False):
         y, xa = reference.lora_forward(x, weight, bias, *like_x(x, lora_A, lora_B), scaling, dropout_p,
                                        seed_int(seed))
         xa = xa.to(_xa_dtype(x.dtype)) if save_xa else x.new_empty((0,), dtype=_xa_dtype(x.dtype))
         return y, xa
 
     @staticmethod
-    def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
+    def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic, aux=False):
         dx, da, db = reference.lora_backward(grad_y, x, weight, *like_x(x, lora_A, lora_B), xa, scaling, dropout_p,
                                              seed_int(seed), need_dx)
         return (dx if need_dx else _empty_like_none(x)), da.to(lora_A.dtype), db.to(lora_B.dtype)
@@ -109,9 +113,9 @@ class AtenBackend:
         return None
 
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0):
+    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0, aux=False):
         lora_A, lora_B = like_x(x, lora_A, lora_B)
-        xa = torch.mm(dropped(x, seed, dropout_p), lora_A.t())
+        xa = torch.mm(dropped(x, seed, dropout_p, kernels=aux), lora_A.t())
         xs = xa * scaling
         lora_b_t = lora_B.t()
         y = torch.addmm(bias, xs, lora_b_t) if bias is not None else torch.mm(xs, lora_b_t)
@@ -119,13 +123,13 @@ class AtenBackend:
         return y, (xa.to(_xa_dtype(x.dtype)) if save_xa else x.new_empty((0,), dtype=_xa_dtype(x.dtype)))
 
     @staticmethod
-    def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
+    def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic, aux=False):
         a, b = like_x(x, lora_A, lora_B)
         g = torch.mm(grad_y, b).mul_(scaling)
-        grad_A = torch.mm(g.t(), dropped(x, seed, dropout_p))
+        grad_A = torch.mm(g.t(), dropped(x, seed, dropout_p, kernels=aux))
         dx = _empty_like_none(x)
         if need_dx:
-            dx = dropped(torch.mm(g, a), seed, dropout_p, in_place=True).addmm_(grad_y, weight)
+            dx = dropped(torch.mm(g, a), seed, dropout_p, in_place=True, kernels=aux).addmm_(grad_y, weight)
         grad_B = torch.mm(grad_y.t(), (xa * scaling).to(grad_y.dtype))
         return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
 
@@ -200,7 +204,7 @@ class TritonBackend:
 
     @staticmethod
     def forward_as(variant):
-        def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0):
+        def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0, aux=False):
             from .kernels.forward import lora_forward
 
             return lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, variant, xa_splits)
@@ -208,7 +212,8 @@ class TritonBackend:
 
     @staticmethod
     def backward_as(variant):
-        def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
+        def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic,
+                     aux=False):
             from .kernels.backward import lora_backward
 
             return lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx,
@@ -272,7 +277,8 @@ class CudaBackend:
         return None
 
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0, *, decode: bool):
+    def forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0, aux=False, *,
+                decode: bool):
         """decode: the one-pass decode kernel (M <= 16; the planner's cuda_decode) instead of the tiled one."""
         from .kernels.memory import empty  # NaN-filled when the tests poison outputs
 
@@ -292,7 +298,7 @@ class CudaBackend:
         return y, (xa if save_xa else x.new_empty((0,), dtype=torch.float32))
 
     @staticmethod
-    def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
+    def backward(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic, aux=False):
         from .kernels.memory import empty
 
         (M, K), N, r = x.shape, weight.shape[0], lora_A.shape[0]
@@ -314,31 +320,60 @@ class CudaBackend:
         return (dx if need_dx else x.new_empty((0,))), da.to(grad_dtype), db.to(grad_dtype)
 
 
+def _quantized_forward(x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits=0, aux=False):
+    from .kernels.quantized import lora_forward_quantized
+
+    return lora_forward_quantized(x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits)
+
+
 BACKENDS = {b.name: b for b in (TorchBackend, AtenBackend, TritonBackend, CudaBackend)}
 
-FORWARD = {
-    "torch": TorchBackend.forward,
-    "aten": AtenBackend.forward,
-    "triton_fused": TritonBackend.forward_as("fused"),
-    "triton_xa_first": TritonBackend.forward_as("xa_first"),
-    "triton_cublas": TritonBackend.forward_as("cublas"),
-    "cuda_tiled": functools.partial(CudaBackend.forward, decode=False),
-    "cuda_decode": functools.partial(CudaBackend.forward, decode=True),
-}
-BACKWARD = {
-    "torch": TorchBackend.backward,
-    "aten": AtenBackend.backward,
-    "triton_split": TritonBackend.backward_as("split"),
-    "triton_fused": TritonBackend.backward_as("fused"),
-    "cuda": CudaBackend.backward,
-}
-MIXED_FORWARD = {
-    "torch": TorchBackend.mixed_forward,
-    "triton_gated": TritonBackend.mixed_forward_as("gated"),
-    "triton_gated_cublas": TritonBackend.mixed_forward_as("gated_cublas"),
-    "triton_sorted": TritonBackend.mixed_forward_as("sorted"),
-}
-MIXED_BACKWARD = {"torch": TorchBackend.mixed_backward, "triton_split": TritonBackend.mixed_backward}
+
+class Variant(NamedTuple):
+    """One implementation of a pass. `takes`: "dense" (a single adapter over W0 [N, K]: LoRA, DoRA's inner passes,
+    QLoRA over a dequantized W0), "quantized" (a single adapter over the quantized W0 itself) or "mixed" (stacked
+    adapters, one per row)."""
+
+    name: str
+    family: str
+    direction: str
+    takes: str
+    run: Callable
+
+
+# The one table of variants: the planner's names, families and fit rules (lora_kernels.plan) and every kind's
+# forward and backward read it; launchers take the variant they are given and decide nothing.
+VARIANTS = (
+    Variant("torch", "torch", "forward", "dense", TorchBackend.forward),
+    Variant("aten", "aten", "forward", "dense", AtenBackend.forward),
+    Variant("triton_fused", "triton", "forward", "dense", TritonBackend.forward_as("fused")),
+    Variant("triton_xa_first", "triton", "forward", "dense", TritonBackend.forward_as("xa_first")),
+    Variant("triton_cublas", "triton", "forward", "dense", TritonBackend.forward_as("cublas")),
+    Variant("cuda_tiled", "cuda", "forward", "dense", functools.partial(CudaBackend.forward, decode=False)),
+    Variant("cuda_decode", "cuda", "forward", "dense", functools.partial(CudaBackend.forward, decode=True)),
+    Variant("triton_quantized", "triton", "forward", "quantized", _quantized_forward),
+    Variant("torch", "torch", "backward", "dense", TorchBackend.backward),
+    Variant("aten", "aten", "backward", "dense", AtenBackend.backward),
+    Variant("triton_split", "triton", "backward", "dense", TritonBackend.backward_as("split")),
+    Variant("triton_fused", "triton", "backward", "dense", TritonBackend.backward_as("fused")),
+    Variant("cuda", "cuda", "backward", "dense", CudaBackend.backward),
+    Variant("torch", "torch", "forward", "mixed", TorchBackend.mixed_forward),
+    Variant("triton_gated", "triton", "forward", "mixed", TritonBackend.mixed_forward_as("gated")),
+    Variant("triton_gated_cublas", "triton", "forward", "mixed", TritonBackend.mixed_forward_as("gated_cublas")),
+    Variant("triton_sorted", "triton", "forward", "mixed", TritonBackend.mixed_forward_as("sorted")),
+    Variant("torch", "torch", "backward", "mixed", TorchBackend.mixed_backward),
+    Variant("triton_split", "triton", "backward", "mixed", TritonBackend.mixed_backward),
+)
+
+
+def _table(direction: str, takes: str) -> dict:
+    return {v.name: v.run for v in VARIANTS if v.direction == direction and v.takes == takes}
+
+
+FORWARD, BACKWARD = _table("forward", "dense"), _table("backward", "dense")
+QUANTIZED_FORWARD = _table("forward", "quantized")
+MIXED_FORWARD, MIXED_BACKWARD = _table("forward", "mixed"), _table("backward", "mixed")
+FAMILY_OF = {v.name: v.family for v in VARIANTS}
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from . import cuda_build
+from . import cuda_build, settings
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 SOURCE_ROOT = os.path.dirname(PACKAGE_DIR)
@@ -73,11 +73,7 @@ def _jit_build() -> None:
 
 
 def _mode() -> str:
-    mode = os.environ.get("LORA_KERNELS_CUDA_EXT", "") or "auto"
-    if mode not in ("auto", "0", "prebuilt"):
-        raise ValueError(f"LORA_KERNELS_CUDA_EXT: expected 0 (ignore the extension), prebuilt (no just-in-time build) "
-                         f"or unset, got {mode!r}")
-    return mode
+    return settings.cuda_ext_mode()
 
 
 def built() -> bool:

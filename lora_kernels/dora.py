@@ -124,7 +124,7 @@ def _column_scale(magnitude, norm, dtype):
 
 
 def _triton_glue(plan, x) -> bool:
-    return planner.aux_kernels(plan) and backends.triton_serves(x.device, x.dtype)
+    return plan.aux and backends.triton_serves(x.device, x.dtype)
 
 
 def _forward(plan, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, save):
@@ -138,11 +138,11 @@ def _forward(plan, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scali
     g = _column_scale(magnitude, norm, x.dtype)
     forward = backends.FORWARD[plan.forward]
     if dropout_p == 0.0:
-        product, xa = forward(x, weight, None, lora_A, lora_B, None, scaling, 0.0, save, plan.xa_splits)
+        product, xa = forward(x, weight, None, lora_A, lora_B, None, scaling, 0.0, save, plan.xa_splits, plan.aux)
         extra = None
     else:  # the LoRA product on dropout(x), and x W0^T - dropout(x) W0^T for the undropped base path
-        xd = backends.dropped(x, seed, dropout_p, kernels=planner.aux_kernels(plan))
-        product, xa = forward(xd, weight, None, lora_A, lora_B, None, scaling, 0.0, save, plan.xa_splits)
+        xd = backends.dropped(x, seed, dropout_p, kernels=plan.aux)
+        product, xa = forward(xd, weight, None, lora_A, lora_B, None, scaling, 0.0, save, plan.xa_splits, plan.aux)
         extra = torch.mm(torch.sub(x, xd, out=xd), weight.t())
     if _triton_glue(plan, x):
         from .kernels.dora import scale
@@ -178,11 +178,11 @@ def _backward(plan, grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, prod
         grad_g = (dy * g).to(x.dtype)
         grad_rest = (dy - dy * g).to(x.dtype) if rest else None
     dx, da, db = backends.BACKWARD[plan.backward](grad_g, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p,
-                                                  need_dx, deterministic)
+                                                  need_dx, deterministic, plan.aux)
     if rest:  # dropout's base path: + (dY (1 - g)) W0 outside the mask, (the mask's part is in LoRA's dX)
         extra = torch.mm(grad_rest, weight)
         dx = dx.add_(extra).sub_(backends.dropped(extra, seed, dropout_p, in_place=True,
-                                                  kernels=planner.aux_kernels(plan)))
+                                                  kernels=plan.aux))
     return dx, da, db, (dm / norm.to(dm.dtype)).to(magnitude.dtype)
 
 
@@ -227,8 +227,8 @@ def _kind_backward_op(grad_y, args, saved, need_dx, deterministic, spec):
                                                   scaling, dropout_p, need_dx, deterministic, spec)
 
 
-DORA = entry.register(entry.Kind("dora", "dora_linear_fwd", _kind_forward, _kind_backward, _kind_backward_op, _call,
-                                 trained=(3, 4, 5), kept=(0, 1, 3, 4, 5, 6, 7), bias=2))
+DORA = entry.Kind("dora", "dora_linear_fwd", _kind_forward, _kind_backward, _kind_backward_op, _call, n_args=10,
+                  tensors=(0, 1, 2, 3, 4, 5, 6, 7), trained=(3, 4, 5), kept=(0, 1, 3, 4, 5, 6, 7), bias=2)
 
 
 @torch.library.custom_op("lora_kernels::dora_linear_fwd", mutates_args=())

@@ -18,53 +18,63 @@ preparation (autocast, argument checks, the seed, flattening x to [M, K]) and ca
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 
 from . import plan as planner
-from .contract import is_plain, unflatten
+from .contract import unflatten
 
-__all__ = ["Kind", "run", "EagerCall", "setup_context", "backward_grads", "register"]
+__all__ = ["Kind", "run", "EagerCall", "setup_context", "backward_grads", "register_op_autograd"]
 
 
-class Kind(NamedTuple):
+class Kind:
     """One kind of call. ``args`` are its forward op's arguments without the trailing (grads, plan): x [M, K] first.
 
     forward(plan, args, save) -> (y, *saved): the plan's forward; `saved` are the products the backward reads
     backward(plan, grad_y, args, saved, need_dx, deterministic) -> (dx, *grads of args[trained])
     backward_op(grad_y, args, saved, need_dx, deterministic, spec) -> the same through the kind's backward op
     call(args, grads) -> plan.Call: how the planner keys the call (grads: 0 inference, 1 parameters, 2 and x)
-    trained: positions in args of the tensors whose grads the backward returns (after dx)
-    kept: positions in args the backward reads (tensors, None, or lists of tensors)
+    tensors: positions in args of tensors (or None, or lists of tensors: `lists`); the others are hyper-parameters
+    trained: positions of the tensors whose grads the backward returns (after dx)
+    kept: positions the backward reads
     bias / weight: positions of the base bias and weight (-1: none): the bias's grad is grad_y summed over rows;
     a weight that requires grad gets grad_y^T x (LoRA trains a frozen W0 only when a caller asks)
     """
 
-    name: str
-    op: str
-    forward: Callable
-    backward: Callable
-    backward_op: Callable
-    call: Callable
-    trained: tuple
-    kept: tuple
-    bias: int = -1
-    weight: int = -1
+    def __init__(self, name: str, op: str, forward: Callable, backward: Callable, backward_op: Callable,
+                 call: Callable, *, n_args: int, tensors: tuple, trained: tuple, kept: tuple, lists: tuple = (),
+                 bias: int = -1, weight: int = -1):
+        self.name, self.op, self.forward, self.backward, self.backward_op, self.call = (
+            name, op, forward, backward, backward_op, call)
+        self.n_args, self.tensors, self.trained, self.lists, self.bias, self.weight = (
+            n_args, tensors, trained, lists, bias, weight)
+        self.kept_tensors = tuple(i for i in kept if i not in lists)
+        self.hparams = tuple(i for i in range(n_args) if i not in tensors)
+
+    def __repr__(self) -> str:
+        return f"Kind({self.name!r})"
 
 
-_KINDS: dict = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def register(kind: Kind) -> Kind:
-    _KINDS[kind.name] = kind
-    return kind
+def _plain(args, positions) -> bool:
+    """No tensor subclass (DTensor, FakeTensor) among the tensors of args (such calls take the custom op)."""
+    for i in positions:
+        t = args[i]
+        if t is None or type(t) in _PLAIN:
+            continue
+        if type(t) is list and all(type(e) in _PLAIN for e in t):
+            continue
+        return False
+    return True
 
 
 def run(kind: Kind, args: tuple, lead, backend: str, grads: int):
     """y of one call of `kind` on `args` (x flattened to [M, K]) as [*lead, N]; `grads` from
     ``contract.grads_needed`` (what the backward will need, which the plan is chosen for)."""
-    if torch.compiler.is_compiling() or not is_plain(*_tensors(args)):
+    if torch.compiler.is_compiling() or not _plain(args, kind.tensors):
         # the op looks the plan up (cached or static, never timed) for its concrete shapes when it runs
         y = getattr(torch.ops.lora_kernels, kind.op)(*args, grads, backend)[0]
     else:
@@ -76,51 +86,42 @@ def run(kind: Kind, args: tuple, lead, backend: str, grads: int):
     return unflatten(y, lead)
 
 
-def _tensors(args):
-    for a in args:
-        if isinstance(a, (list, tuple)):
-            yield from (t for t in a if isinstance(t, torch.Tensor))
-        elif isinstance(a, torch.Tensor):
-            yield a
-
-
 def setup_context(ctx, kind: Kind, args: tuple, saved: tuple, spec, lists_on_ctx: bool = False) -> None:
-    """Keep what the backward reads: the kept arguments and the forward's products. Lists of tensors (QLoRA's
-    quantization state: the layer's own tensors) are flattened into the saved tensors under the custom op (what
-    torch.compile traces), and ride on the context as they are with `lists_on_ctx` (the eager Function)."""
-    flat, layout, lists = [], [], {}
-    for i in kind.kept:
-        a = args[i]
-        if isinstance(a, (list, tuple)) and not lists_on_ctx:
-            layout.append(len(a))
-            flat.extend(a)
-        elif isinstance(a, (list, tuple)):
-            layout.append(None)
-            lists[i] = a
+    """Keep what the backward reads: the kept arguments and the forward's products, and the hyper-parameters. Lists
+    of tensors (QLoRA's quantization state: the layer's own tensors) are flattened into the saved tensors under the
+    custom op (what torch.compile traces), and ride on the context as they are with `lists_on_ctx` (the eager
+    Function)."""
+    kept = [args[i] for i in kind.kept_tensors]
+    ctx.list_lengths = None
+    if kind.lists:
+        lists = [args[i] for i in kind.lists]
+        if lists_on_ctx:
+            ctx.lists = lists
         else:
-            layout.append(-1)
-            flat.append(a)
-    ctx.save_for_backward(*flat, *saved)
-    ctx.kind, ctx.layout, ctx.spec, ctx.lists = kind, layout, spec, lists
-    ctx.static = {i: a for i, a in enumerate(args) if i not in kind.kept and not isinstance(a, torch.Tensor)}
-    ctx.n_args = len(args)
+            ctx.list_lengths = [len(a) for a in lists]
+            kept += [t for a in lists for t in a]
+    ctx.save_for_backward(*kept, *saved)
+    ctx.kind, ctx.spec = kind, spec
+    ctx.hparams = [args[i] for i in kind.hparams]
     ctx.has_bias = kind.bias >= 0 and args[kind.bias] is not None
 
 
 def _restore(ctx) -> tuple[list, tuple]:
-    """(args with the kept ones restored, None elsewhere but for the non-tensor ones, saved products)."""
-    flat = ctx.saved_tensors
-    args = [ctx.static.get(i) for i in range(ctx.n_args)]
-    pos = 0
-    for i, n in zip(ctx.kind.kept, ctx.layout):
-        if n is None:
-            args[i] = ctx.lists[i]
-        elif n < 0:
-            args[i] = flat[pos]
-            pos += 1
-        else:
+    """(args with the kept ones and the hyper-parameters restored, None elsewhere; the saved products)."""
+    kind, flat = ctx.kind, ctx.saved_tensors
+    args = [None] * kind.n_args
+    for i, v in zip(kind.hparams, ctx.hparams):
+        args[i] = v
+    for i, t in zip(kind.kept_tensors, flat):
+        args[i] = t
+    pos = len(kind.kept_tensors)
+    if ctx.list_lengths is not None:
+        for i, n in zip(kind.lists, ctx.list_lengths):
             args[i] = list(flat[pos:pos + n])
             pos += n
+    elif kind.lists:
+        for i, a in zip(kind.lists, ctx.lists):
+            args[i] = a
     return args, flat[pos:]
 
 
@@ -130,7 +131,7 @@ def backward_grads(ctx, grad_y, needs, through_op: bool) -> list:
     that requires one."""
     kind = ctx.kind
     args, saved = _restore(ctx)
-    out = [None] * ctx.n_args
+    out = [None] * kind.n_args
     need_x = needs[0]
     if need_x or any(needs[i] for i in kind.trained):
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -155,7 +156,7 @@ class EagerCall(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kind, plan, *args):
         y, *saved = kind.forward(plan, args, True)
-        setup_context(ctx, kind, args, tuple(saved), plan, lists_on_ctx=True)
+        setup_context(ctx, kind, args, saved, plan, lists_on_ctx=True)
         return y
 
     @staticmethod
@@ -169,12 +170,10 @@ def register_op_autograd(op, kind: Kind) -> None:
 
     def setup(ctx, inputs, output):
         setup_context(ctx, kind, tuple(inputs[:-2]), tuple(output[1:]), inputs[-1])
-        ctx.tensor_lists = {i: len(a) for i, a in enumerate(inputs[:-2])
-                            if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in a)}
 
     def backward(ctx, grad_y, *unused):
         grads = backward_grads(ctx, grad_y, ctx.needs_input_grad[:-2], through_op=True)
-        for i, n in ctx.tensor_lists.items():  # an input list of tensors takes a list of grads
+        for i, n in zip(kind.lists, ctx.list_lengths or ()):  # an input list of tensors takes a list of grads
             grads[i] = [None] * n
         return *grads, None, None
 

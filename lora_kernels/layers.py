@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -12,7 +11,7 @@ from . import backends, plan
 from .adapters import DEFAULT, Adapter, AdapterSet, adapter_forward, init_lora
 from .ops import autocast_inputs, check_args, mixed_call
 from .quantized import dequantize, is_quantized_linear, quantized_weight
-from .stacking import AdapterStack, adapter_ids, checked_ids, current_adapter_ids, expand_ids
+from .stacking import AdapterStack, checked_ids, current_adapter_ids, expand_ids
 
 __all__ = ["FusedLoRALinear", "QuantizedLoRALinear"]
 
@@ -306,7 +305,8 @@ class FusedLoRALinear(nn.Module):
         """scaling * B A of an adapter (the active one by default) in fp32, laid out like ``weight``. Sharded
         parameters (FSDP2) are gathered first, so every rank must call it."""
         adapter = self._named(adapter_name or getattr(self, "active_adapter", DEFAULT))
-        delta = (full_tensor(adapter.lora_B.detach()).float() @ full_tensor(adapter.lora_A.detach()).float()) * adapter.scaling
+        b, a = full_tensor(adapter.lora_B.detach()).float(), full_tensor(adapter.lora_A.detach()).float()
+        delta = (b @ a) * adapter.scaling
         return delta.t() if self.fan_in_fan_out else delta
 
     def _dora_factor(self, adapter: Adapter, norm: Tensor) -> Tensor:

@@ -57,13 +57,13 @@ def _lora_call(args, grads) -> Call:
 
 
 def _lora_forward(plan, args, save):
-    return backends.FORWARD[plan.forward](*args, save, plan.xa_splits)
+    return backends.FORWARD[plan.forward](*args, save, plan.xa_splits, plan.aux)
 
 
 def _lora_backward(plan, grad_y, args, saved, need_dx, deterministic):
     x, weight, _, lora_A, lora_B, seed, scaling, dropout_p = args
     return backends.BACKWARD[plan.backward](grad_y, x, weight, lora_A, lora_B, saved[0], seed, scaling, dropout_p,
-                                            need_dx, deterministic)
+                                            need_dx, deterministic, plan.aux)
 
 
 def _lora_backward_op(grad_y, args, saved, need_dx, deterministic, spec):
@@ -72,8 +72,8 @@ def _lora_backward_op(grad_y, args, saved, need_dx, deterministic, spec):
                                                   dropout_p, need_dx, deterministic, spec)
 
 
-LORA = entry.register(entry.Kind("lora", "lora_linear_fwd", _lora_forward, _lora_backward, _lora_backward_op,
-                                 _lora_call, trained=(3, 4), kept=(0, 1, 3, 4, 5), bias=2, weight=1))
+LORA = entry.Kind("lora", "lora_linear_fwd", _lora_forward, _lora_backward, _lora_backward_op, _lora_call, n_args=8,
+                  tensors=(0, 1, 2, 3, 4, 5), trained=(3, 4), kept=(0, 1, 3, 4, 5), bias=2, weight=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,8 +236,9 @@ def _mixed_backward_op(grad_y, args, saved, need_dx, deterministic, spec):
                                                  dropout_ps, seed, need_dx, deterministic, spec)
 
 
-MIXED = entry.register(entry.Kind("mixed", "lora_mixed_fwd", _mixed_forward, _mixed_backward, _mixed_backward_op,
-                                  _mixed_call, trained=(3, 4), kept=(0, 1, 3, 4, 5, 6, 9), bias=2, weight=1))
+MIXED = entry.Kind("mixed", "lora_mixed_fwd", _mixed_forward, _mixed_backward, _mixed_backward_op, _mixed_call,
+                   n_args=10, tensors=(0, 1, 2, 3, 4, 5, 6, 9), trained=(3, 4), kept=(0, 1, 3, 4, 5, 6, 9), bias=2,
+                   weight=1)
 
 
 @torch.library.custom_op("lora_kernels::lora_mixed_fwd", mutates_args=())

@@ -219,20 +219,20 @@ def _no_weight(qw: QuantizedWeight, x: Tensor) -> Tensor:
 
 def forward(plan, x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa):
     """The plan's forward over a quantized W0: (y, xa) as ``backends.FORWARD``'s."""
-    if plan.forward == "triton_quantized":
-        from .kernels.quantized import lora_forward_quantized
-
-        return lora_forward_quantized(x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, plan.xa_splits)
-    weight = dequantize(qw, x.dtype, planner.aux_kernels(plan))  # transient: freed when this returns
+    reads_quantized = backends.QUANTIZED_FORWARD.get(plan.forward)
+    if reads_quantized is not None:
+        return reads_quantized(x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, plan.xa_splits,
+                               plan.aux)
+    weight = dequantize(qw, x.dtype, plan.aux)  # transient: freed when this returns
     return backends.FORWARD[plan.forward](x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa,
-                                          plan.xa_splits)
+                                          plan.xa_splits, plan.aux)
 
 
 def backward(plan, grad_y, x, qw, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
     """The plan's backward over a quantized W0 (dequantized again for dX only): (dx or empty, dA, dB)."""
-    weight = dequantize(qw, x.dtype, planner.aux_kernels(plan)) if need_dx else _no_weight(qw, x)
+    weight = dequantize(qw, x.dtype, plan.aux) if need_dx else _no_weight(qw, x)
     return backends.BACKWARD[plan.backward](grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx,
-                                            deterministic)
+                                            deterministic, plan.aux)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,8 +333,8 @@ def _kind_backward_op(grad_y, args, saved, need_dx, deterministic, spec):
                                                    saved[0], seed, scaling, dropout_p, need_dx, deterministic, spec)
 
 
-QLORA = entry.register(entry.Kind("qlora", "qlora_linear_fwd", _kind_forward, _kind_backward, _kind_backward_op,
-                                  _call, trained=(7, 8), kept=(0, 1, 2, 7, 8, 9), bias=6))
+QLORA = entry.Kind("qlora", "qlora_linear_fwd", _kind_forward, _kind_backward, _kind_backward_op, _call, n_args=12,
+                   tensors=(0, 1, 2, 6, 7, 8, 9), trained=(7, 8), kept=(0, 1, 2, 7, 8, 9), lists=(2,), bias=6)
 
 
 @torch.library.custom_op("lora_kernels::qlora_linear_fwd", mutates_args=())

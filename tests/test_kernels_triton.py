@@ -96,8 +96,8 @@ def test_every_forward_variant(dtype, variant, p):
     dropout); the Triton ones in fp32 too (the planner sends fp32 to cuBLAS, the kernels still serve mixed batches)."""
     if variant == "triton_fused" and p > 0:
         pytest.skip("the fused forward runs without dropout only")
-    if backends.BACKENDS[plan._family_of(variant)].unavailable_reason(DEVICE, dtype):
-        pytest.skip(f"{variant}: {backends.BACKENDS[plan._family_of(variant)].unavailable_reason(DEVICE, dtype)}")
+    if backends.BACKENDS[plan.family_of(variant)].unavailable_reason(DEVICE, dtype):
+        pytest.skip(f"{variant}: {backends.BACKENDS[plan.family_of(variant)].unavailable_reason(DEVICE, dtype)}")
     x, w, b, a, bb = make_inputs(41, 72, 66, 12, dtype)
     seed = seed_tensor(SEED) if p > 0 else None
     y, xa = backends.FORWARD[variant](x, w, b, a, bb, seed, SCALING, p, True, 0)
@@ -150,9 +150,9 @@ def test_xa_kernel_does_not_split_when_it_must_not(monkeypatch):
     call = plan.Call(torch.device("cuda", 0), torch.bfloat16, 5, 100, 66, 12, False, 2, False)
     assert plan.xa_split_target(call, 132) == 264
     assert plan.xa_split_target(call._replace(deterministic=True), 132) == 0
-    monkeypatch.setattr(plan, "_sm_count", lambda device: 132)
-    assert plan._splits(call, "triton_xa_first") == 264 and plan._splits(call, "triton_cublas") == 0
-    assert plan._splits(call._replace(deterministic=True), "triton_xa_first") == 0
+    monkeypatch.setattr(plan.rules, "sm_count", lambda device: 132)
+    assert plan.launch_splits(call, "triton_xa_first") == 264 and plan.launch_splits(call, "triton_cublas") == 0
+    assert plan.launch_splits(call._replace(deterministic=True), "triton_xa_first") == 0
 
 
 @pytest.mark.parametrize("need_dx", [True, False])

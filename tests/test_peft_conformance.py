@@ -65,7 +65,8 @@ MODELS = {
     "mlp": (MLP, ["lin0", "lin1", "lin2"], lambda: torch.randn(3, 10, device=DEVICE)),
     "embed": (EmbedMLP, ["emb", "conv", "lin0", "lin1"], lambda: torch.randint(0, 30, (3, 5), device=DEVICE)),
     "gpt2": (_gpt2, ["c_attn", "c_proj"], lambda: torch.randint(0, 64, (2, 7), device=DEVICE)),
-    "llama": (_llama, ["q_proj", "v_proj", "down_proj", "lm_head"], lambda: torch.randint(0, 64, (2, 7), device=DEVICE)),
+    "llama": (_llama, ["q_proj", "v_proj", "down_proj", "lm_head"],
+              lambda: torch.randint(0, 64, (2, 7), device=DEVICE)),
 }
 
 
@@ -265,7 +266,7 @@ def test_repr_reads_as_peft_layer():
 def _same_files(a, b):
     from safetensors.torch import load_file
 
-    ta, tb = load_file(os.path.join(a, "adapter_model.safetensors")), load_file(os.path.join(b, "adapter_model.safetensors"))
+    ta, tb = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (a, b))
     assert sorted(ta) == sorted(tb)
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k

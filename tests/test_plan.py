@@ -152,7 +152,7 @@ def test_cache_round_trips_through_the_file(cache_dir, monkeypatch):
     def no_timing(*args, **kwargs):
         raise AssertionError("a cached key was measured again")
 
-    monkeypatch.setattr(plan, "tune_call", no_timing)
+    monkeypatch.setattr(plan.lookup, "tune_call", no_timing)
     assert plan.choose(call) == chosen
     assert plan.choose(call._replace(M=50)) == chosen  # the same power-of-two bucket of rows
     assert plan.choose(call._replace(M=65)) == plan.default_plan(call._replace(M=65))  # another bucket: not measured
@@ -244,17 +244,17 @@ def measurable(monkeypatch, cache_dir):
     monkeypatch.setattr(backends, "triton_interpreting", lambda: False)
     monkeypatch.setattr(backends.TritonBackend, "unavailable_reason", staticmethod(lambda d, t: None))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(plan, "_cuda_unavailable_without_build", lambda d, t: "not built")
+    monkeypatch.setattr(plan.rules, "cuda_unavailable_without_build", lambda d, t: "not built")
     timed = []
-    monkeypatch.setattr(plan, "tune_call", lambda call, backend="auto", timer=None: timed.append(call) or (
+    monkeypatch.setattr(plan.lookup, "tune_call", lambda call, backend="auto", timer=None: timed.append(call) or (
         plan.Plan("aten", "aten"), {}))
-    monkeypatch.setattr(plan, "_cache", lambda device: type("C", (), {"entries": {}})())
+    monkeypatch.setattr(plan.lookup, "cache_for", lambda device: type("C", (), {"entries": {}})())
     return timed
 
 
 def test_guards_open_measures(measurable):
     assert plan.why_not_measure(_cuda_call()) is None
-    assert plan.choose(_cuda_call()) == plan.Plan("aten", "aten") and len(measurable) == 1
+    assert plan.choose(_cuda_call()).spec == "aten+aten" and len(measurable) == 1
     plan.choose(_cuda_call(M=3000))  # the same bucket: remembered, not measured again
     assert len(measurable) == 1
 
@@ -278,7 +278,7 @@ def test_each_guard_stops_measuring(guard, measurable, monkeypatch):
         call = call._replace(device=torch.device("cpu"))
     assert plan.why_not_measure(call) is not None
     chosen = plan.choose(call)
-    assert measurable == [] and chosen == plan.default_plan(call)
+    assert measurable == [] and chosen.spec == plan.default_plan(call).spec
     if guard in ("compiling", "capturing"):  # a passing state: the key is measured once it is over
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
@@ -288,7 +288,7 @@ def test_each_guard_stops_measuring(guard, measurable, monkeypatch):
 
 def test_compiled_graphs_hold_the_backend_and_never_time(cache_dir, monkeypatch):
     """Under torch.compile the op gets the backend name and resolves the plan when it runs, without timing."""
-    monkeypatch.setattr(plan, "tune_call", lambda *a, **k: (_ for _ in ()).throw(AssertionError("timed")))
+    monkeypatch.setattr(plan.lookup, "tune_call", lambda *a, **k: (_ for _ in ()).throw(AssertionError("timed")))
     seen = []
     real = plan.resolve_spec
     monkeypatch.setattr(plan, "resolve_spec", lambda spec, call: seen.append(spec) or real(spec, call))
@@ -328,7 +328,7 @@ def test_forced_plan_from_the_environment(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton_xa_first+triton_split")
     plan.reset()
     try:
-        assert plan.choose(_call()) == plan.Plan("triton_xa_first", "triton_split")
+        assert plan.choose(_call()).spec == "triton_xa_first+triton_split"
         with pytest.raises(BackendUnavailableError, match="forward 'triton_xa_first' cannot run this call"):
             plan.choose(_call(dtype=torch.float64))
     finally:
@@ -339,7 +339,7 @@ def test_forced_plan_from_the_environment(monkeypatch):
 def test_static_defaults_follow_the_h100_figures():
     """The first fitting variant of the order of preference (availability aside)."""
     def first(call):
-        pf, pb = plan._preferences(call)
+        pf, pb = plan.preferences(call)
         f = next(v for v in pf if not plan.forward_unfit(v, call))
         b = next(v for v in pb if not plan.backward_unfit(v, call))
         return f, b
@@ -375,7 +375,7 @@ def test_a_warm_call_costs_one_lookup(monkeypatch):
     """Plans are kept per key in memory: the second call of a key does not choose again."""
     x, w, b, a, bb = make_inputs(9, 16, 12, 2, torch.bfloat16)
     lora_linear(x, w, b, a, bb, 1.0, backend="triton")
-    monkeypatch.setattr(plan, "_choose", lambda *a, **k: (_ for _ in ()).throw(AssertionError("chose again")))
+    monkeypatch.setattr(plan.lookup, "choose_uncached", lambda *a, **k: (_ for _ in ()).throw(AssertionError("chose again")))
     lora_linear(x, w, b, a, bb, 1.0, backend="triton")
     x2 = make_inputs(11, 16, 12, 2, torch.bfloat16)[0]
     lora_linear(x2, w, b, a, bb, 1.0, backend="triton")  # rows 11 and 9 share the bucket of 16

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from conftest import DEVICE, assert_parity, lm_losses, seed_tensor
-from lora_kernels import FusedLoRALinear, inject, plan, quantized, reference
+from lora_kernels import BackendUnavailableError, FusedLoRALinear, inject, plan, quantized, reference
 from lora_kernels.layers import QuantizedLoRALinear
 from lora_kernels.quantized import QuantizedWeight, qlora_linear
 
@@ -366,7 +366,7 @@ def test_refusals_name_the_argument():
         qlora_linear(x, qw, None, a, b[:, :3], 1.0)
     with pytest.raises(TypeError, match="qweight"):
         qlora_linear(x, base.weight, None, a, b, 1.0)
-    with pytest.raises(plan.backends.BackendUnavailableError, match="quantized"):
+    with pytest.raises(BackendUnavailableError, match="quantized"):
         from lora_kernels import lora_linear
 
         lora_linear(x, torch.randn(40, 72, device=DEVICE), None, a, b, 1.0, backend="triton_quantized+aten")

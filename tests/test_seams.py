@@ -77,6 +77,7 @@ def test_adapter_ids_blocks_of_two_threads_do_not_mix():
 
 def test_adapter_ids_under_torch_compile():
     """Compiled code reads the one thread's block; blocks of several threads at once are refused there by name."""
+    torch._dynamo.reset()  # other tests compiled the same forward: count this test's compilations alone
     torch.manual_seed(0)
     layer = FusedLoRALinear(16, 12, r=2, init_lora_weights=False, backend="torch").to(DEVICE).eval()
     layer.add_adapter("other", r=3, init_lora_weights=False)
@@ -201,9 +202,9 @@ def test_two_threads_measure_a_new_key_once(fresh_plans, monkeypatch):
         timed.append(label)
         return 1.0
 
-    monkeypatch.setattr(plan, "why_not_measure", lambda call: None)  # measure on CPU as on a GPU
-    monkeypatch.setattr(plan, "cuda_event_timer", timer)
-    monkeypatch.setattr(plan, "run_forward", lambda *a, **k: None)
+    monkeypatch.setattr(plan.lookup, "why_not_measure", lambda call: None)  # measure on CPU as on a GPU
+    monkeypatch.setattr(plan.measure, "cuda_event_timer", timer)
+    monkeypatch.setattr(plan.measure, "run_forward", lambda *a, **k: None)
     plans = []
 
     def lookup():
@@ -259,3 +260,14 @@ def test_the_triton_family_does_launch_its_kernels(monkeypatch):
     layer = FusedLoRALinear(64, 64, r=4, lora_dropout=0.1, use_dora=True, backend="triton", dtype=torch.bfloat16)
     layer(x).float().sum().backward()
     assert calls
+    calls.clear()  # the aten composition picked within the Triton family keeps the family's mask kernel
+    x.requires_grad_(True)
+    lora_kernels.lora_linear(x, w, b, a, bb, 2.0, 0.1, backend="triton_xa_first+aten").float().sum().backward()
+    assert len(calls) == 2  # the backward's two regenerated masks (dA and dX); the forward's is in its own kernel
+
+
+def test_aux_kernels_follow_the_backend_asked_for():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert all(plan.aux_kernels_for(b, cuda) for b in ("auto", "triton", "cuda", "triton_xa_first+aten"))
+    assert not any(plan.aux_kernels_for(b, cuda) for b in ("aten", "torch", "aten+aten", "torch+torch"))
+    assert not plan.aux_kernels_for("auto", cpu)  # auto runs the torch reference on CPU

@@ -3,7 +3,7 @@
 With G = scaling * dY B [M, r] and D the dropout mask scaled by 1 / (1 - p):
     dX = dY W0 + (G A) * D,   dA = G^T (X * D),   dB = scaling * dY^T XA.
 
-Two variants; which one runs is the planner's choice (lora_kernels/plan.py), passed in as ``variant``
+Two variants; which one runs is the planner's choice (lora_kernels/plan/), passed in as ``variant``
 (every product by cuBLAS is the ``aten`` variant of lora_kernels/backends.py):
 
 * ``split``: one Triton launch does all the low-rank work, ``lora_bwd_lowrank_kernel``:

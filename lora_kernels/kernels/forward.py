@@ -1,6 +1,6 @@
 """Fused LoRA forward in Triton: y = x W0^T + bias + scaling * (dropout(x) A^T) B^T.
 
-Three variants; which one runs is the planner's choice (lora_kernels/plan.py), passed in as ``variant``:
+Three variants; which one runs is the planner's choice (lora_kernels/plan/), passed in as ``variant``:
 
 * ``fused`` (one launch; dropout off, r <= 64): each (m, n) tile program streams its x tile once and
   feeds it to two dots, x W0^T and x A^T. x A^T is recomputed by every column of programs, which costs
