@@ -39,10 +39,10 @@ def cuda_extension():
     ext = CUDAExtension(
         cuda_build.EXT_NAME, cuda_build.sources(ROOT), py_limited_api=True,
         extra_compile_args={"cxx": cuda_build.cxx_flags(), "nvcc": cuda_build.nvcc_flags(cuda_home)})
-    # The stable ABI ties the binary to the CUDA major only: the local version says which (0.1.0+cu13).
-    version = f"{base_version()}+cu{torch.version.cuda.split('.')[0]}"
+    # The stable ABI ties the binary to the CUDA major only; a source build's _C.abi3.so serves the local CUDA, and
+    # scripts/build_wheel.sh puts one library per CUDA major (_C_cu12, _C_cu13) into the released wheel.
     return ([ext], {"build_ext": BuildExtension.with_options(use_ninja=True)},
-            {"bdist_wheel": {"py_limited_api": "cp310"}}, version)
+            {"bdist_wheel": {"py_limited_api": "cp310"}}, base_version())
 
 
 def base_version():

@@ -34,9 +34,24 @@ def _registered() -> bool:
         return False
 
 
+def prebuilt_libraries() -> list[str]:
+    """Every prebuilt library next to the package: a wheel's ``_C_cu<major>.abi3.so`` (one per CUDA major), or the
+    ``_C.abi3.so`` of a source build."""
+    return sorted(glob.glob(os.path.join(PACKAGE_DIR, "_C*.so")) + glob.glob(os.path.join(PACKAGE_DIR, "_C*.pyd")))
+
+
+def library_major(path: str) -> str | None:
+    """The CUDA major a wheel's library was built for (None: a source build's, for the local CUDA)."""
+    name = os.path.basename(path)
+    return name[len("_C_cu"):].split(".")[0] if name.startswith("_C_cu") else None
+
+
 def prebuilt_library() -> str | None:
-    found = sorted(glob.glob(os.path.join(PACKAGE_DIR, "_C*.so")) + glob.glob(os.path.join(PACKAGE_DIR, "_C*.pyd")))
-    return found[0] if found else None
+    """The library that serves this torch: the one built for its CUDA major, else a source build's."""
+    found = prebuilt_libraries()
+    major = torch.version.cuda.split(".")[0] if torch.version.cuda else None
+    return next((p for p in found if library_major(p) == major), None) or \
+        next((p for p in found if library_major(p) is None), None)
 
 
 def has_sources() -> bool:
@@ -92,6 +107,12 @@ def _load_prebuilt() -> str | None:
     global _loaded_from
     library = prebuilt_library()
     if not library:
+        others = [os.path.basename(p) for p in prebuilt_libraries()]
+        if others:  # a wheel whose libraries are for other CUDA majors than torch's
+            error = (f"the installed libraries ({', '.join(others)}) are built for other CUDA majors than torch's "
+                     f"CUDA {torch.version.cuda}")
+            _warn(error)
+            return error
         return "no prebuilt library"
     try:
         torch.ops.load_library(library)
@@ -139,6 +160,11 @@ def load() -> str | None:
 
 
 def describe() -> str:
-    """One line for `python -m lora_kernels.info`: where the extension came from, or why it is unavailable."""
+    """One line for `python -m lora_kernels.info`: where the extension came from (for torch's CUDA major), the other
+    libraries the wheel holds and why they are not loaded, or why it is unavailable."""
     reason = load()
-    return f"unavailable: {reason}" if reason else f"loaded ({_loaded_from})"
+    chosen = prebuilt_library()
+    others = [f"{os.path.basename(p)} not loaded (built for CUDA {library_major(p)}, torch has CUDA "
+              f"{torch.version.cuda or 'none'})" for p in prebuilt_libraries() if p != chosen and library_major(p)]
+    head = f"unavailable: {reason}" if reason else f"loaded ({_loaded_from})"
+    return "; ".join([head] + others)

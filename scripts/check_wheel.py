@@ -1,8 +1,12 @@
 """Checks an installed lora-kernels wheel with the CUDA extension (run by scripts/build_wheel.sh in a fresh venv,
-outside the source tree): it imports, its library loads into torch.ops, its Philox dropout mask is bit-identical to
-the torch reference, clear errors, and, on a machine with a GPU, one forward/backward against the reference."""
+outside the source tree): the wheel's tag (cp310-abi3-manylinux, no local version), it imports, the library of
+torch's CUDA major loads into torch.ops and the process maps that major's CUDA runtime (EXPECT_CUDA_MAJOR: the
+major the venv's torch must have), its Philox dropout mask is bit-identical to the torch reference, its machine code
+(every architecture asked for, spills bounded, the decode kernels' loads in flight), clear errors, and, on a machine
+with a GPU, one forward/backward against the reference."""
 
 import os
+import re
 import sys
 
 import torch
@@ -20,12 +24,38 @@ def check(ok, what):
         failures.append(what)
 
 
-check(not wheel or ("-cp310-abi3-" in wheel and "+cu" in wheel), f"wheel tag: {wheel} (cp310-abi3, +cuXY)")
+check(not wheel or (re.search(r"-cp310-abi3-manylinux_\d+_\d+_x86_64\.whl$", wheel) is not None and "+" not in wheel),
+      f"wheel tag: {wheel} (cp310-abi3-manylinux, no local version label)")
 check("site-packages" in lora_kernels.__file__, f"imported from the install: {lora_kernels.__file__}")
+major = torch.version.cuda.split(".")[0] if torch.version.cuda else None
+expected = os.environ.get("EXPECT_CUDA_MAJOR")
+check(not expected or major == expected, f"torch {torch.__version__} has CUDA {torch.version.cuda} (expected {expected})")
+built = os.environ.get("EXPECT_LIBRARIES", "12 13").split()  # the majors the wheel holds a library for
+shipped = sorted(os.path.basename(p) for p in cuda_ext.prebuilt_libraries())
+check(shipped == sorted(f"_C_cu{m}.abi3.so" for m in built), f"the wheel holds {shipped} (CUDA {', '.join(built)})")
+if major not in built:  # no library for this torch: one warning, the reason in info(), the other backends serve
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reason = cuda_ext.load()
+    check(reason is not None and f"CUDA {torch.version.cuda}" in reason and len(caught) == 1,
+          f"no library for CUDA {major}: warned once ({len(caught)}), reason: {reason}")
+    y = lora_kernels.lora_linear(torch.randn(3, 8), torch.randn(4, 8), None, torch.randn(2, 8), torch.randn(4, 2), 1.0)
+    check(tuple(y.shape) == (3, 4), "backend='auto' serves without the library")
+    lora_kernels.info()
+    sys.exit(1 if failures else 0)
 reason = cuda_ext.load()
 check(reason is None, f"extension loaded: {cuda_ext.describe()}")
 library = cuda_ext.prebuilt_library()
-check(library is not None and "site-packages" in library, f"library shipped in the wheel: {library}")
+check(library is not None and "site-packages" in library and os.path.basename(library).startswith(f"_C_cu{major}."),
+      f"the library of torch's CUDA {major} shipped in the wheel: {library}")
+if reason is None:  # which CUDA runtime the process really maps (a system toolkit on the loader's path would hide a
+    # missing one): torch's, of its CUDA major, from its own wheels
+    maps = open("/proc/self/maps").read()
+    runtimes = sorted({line.split()[-1] for line in maps.splitlines() if "libcudart.so" in line})
+    check(bool(runtimes) and all(f"libcudart.so.{major}" in r for r in runtimes),
+          f"CUDA runtime mapped: {runtimes}")
 check(cuda_ext.built() == (reason is None), f"the planner sees the prebuilt extension (built() = {cuda_ext.built()})")
 if reason is None:
     ops = torch.ops.lora_kernels_cuda
@@ -48,7 +78,6 @@ MAX_LOCAL_BYTES = 256  # per thread: a few spilled values outside the main loops
 MIN_STREAMED_LOADS = 4  # per warp and decode-kernel iteration: rows x unrolled steps (csrc/forward_decode.cuh)
 
 if library is not None:
-    import re
     import subprocess
 
     from lora_kernels.kernels.aot_check import cuobjdump_path

@@ -436,3 +436,24 @@ def test_broken_library_warns_once_and_says_why(tmp_path, monkeypatch):
     finally:
         cuda_ext.load.cache_clear()
         cuda_ext._load_prebuilt.cache_clear()
+
+
+def test_the_library_of_torchs_cuda_major_serves(tmp_path, monkeypatch):
+    """The one wheel holds a library per CUDA major: the one of torch's major is loaded, a source build's serves
+    alone, and a wheel without torch's major says so (info lists the ones not loaded and why)."""
+    for name in ("_C_cu12.abi3.so", "_C_cu13.abi3.so"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setattr(cuda_ext, "PACKAGE_DIR", str(tmp_path))
+    chosen = {}
+    for cuda in ("12.8", "13.0", "14.1", None):
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        library = cuda_ext.prebuilt_library()
+        chosen[cuda] = os.path.basename(library) if library else None
+    assert chosen == {"12.8": "_C_cu12.abi3.so", "13.0": "_C_cu13.abi3.so", "14.1": None, None: None}
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cuda_ext, "load", lambda: None)
+    assert "_C_cu12.abi3.so not loaded (built for CUDA 12, torch has CUDA 13.0)" in cuda_ext.describe()
+    (tmp_path / "_C_cu12.abi3.so").unlink()
+    (tmp_path / "_C_cu13.abi3.so").unlink()
+    (tmp_path / "_C.abi3.so").write_bytes(b"")  # a source build: for the local CUDA, whatever its major
+    assert os.path.basename(cuda_ext.prebuilt_library()) == "_C.abi3.so"

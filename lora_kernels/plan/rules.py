@@ -20,8 +20,8 @@ __all__ = ["forward_unfit", "backward_unfit", "family_of", "family_unavailable",
 
 def kind_unfit(kind: str, name: str, call: Call, single: tuple, mixed_names: tuple) -> str | None:
     """What forward and backward variants share: the name of the call's kind (single adapter or mixed batch), the
-    unfused variants fitting everything, the kernels' dtypes, fp32 through cuBLAS. A reason, "" (fits, nothing more to
-    check) or None (the variant's own checks decide)."""
+    unfused variants fitting everything, the kernels' dtypes, fp32 through cuBLAS, the ranks the kernels serve. A
+    reason, "" (fits, nothing more to check) or None (the variant's own checks decide)."""
     mixed = call.adapters > 0
     names = mixed_names if mixed else single
     if name not in names:
@@ -32,6 +32,10 @@ def kind_unfit(kind: str, name: str, call: Call, single: tuple, mixed_names: tup
         return f"it supports float16, bfloat16 and float32, not {call.dtype}"
     if name.startswith("triton_") and call.dtype == torch.float32 and not mixed:
         return "fp32 runs through cuBLAS (Triton's fp32 dots sum in sequence: less accurate): use 'aten'"
+    if name.startswith("triton_") and padded_rank(call.r) > TRITON_MAX_RANK:
+        return f"its tiles serve ranks up to {TRITON_MAX_RANK} (r = {call.r})"
+    if name.startswith("cuda") and call.r > CUDA_MAX_RANK:
+        return f"the CUDA C++ kernels serve ranks up to {CUDA_MAX_RANK} (r = {call.r})"
     return None
 
 
@@ -42,8 +46,6 @@ def forward_unfit(name: str, call: Call) -> str | None:
     if why is not None:
         return why or None
     if name.startswith("triton_"):
-        if padded_rank(call.r) > TRITON_MAX_RANK:
-            return f"its tiles serve ranks up to {TRITON_MAX_RANK} (r = {call.r})"
         if name == "triton_fused" and call.dropout and not call.dora:
             return "it runs without dropout (the mask would be drawn again by every column of programs)"
         if name == "triton_fused" and padded_rank(call.r) > FUSED_MAX_RANK:
@@ -55,8 +57,6 @@ def forward_unfit(name: str, call: Call) -> str | None:
         if name == "triton_quantized" and call.N * call.K >= 2**31:
             return f"it indexes W0 with 32-bit offsets (N K = {call.N * call.K} >= 2**31)"
         return None
-    if call.r > CUDA_MAX_RANK:
-        return f"the CUDA C++ kernels serve ranks up to {CUDA_MAX_RANK} (r = {call.r})"
     if name == "cuda_decode" and bucket(call.M) > DECODE_MAX_ROWS:
         return f"it serves up to {DECODE_MAX_ROWS} rows (M = {call.M})"
     return None
@@ -67,14 +67,8 @@ def backward_unfit(name: str, call: Call) -> str | None:
     why = kind_unfit("backward", name, call, BACKWARDS, MIXED_BACKWARDS)
     if why is not None:
         return why or None
-    if name.startswith("triton_"):
-        if padded_rank(call.r) > TRITON_MAX_RANK:
-            return f"its tiles serve ranks up to {TRITON_MAX_RANK} (r = {call.r})"
-        if name == "triton_fused" and call.grads == 1:
-            return "it computes dX, and x needs no grad in this call"
-        return None
-    if call.r > CUDA_MAX_RANK:
-        return f"the CUDA C++ kernels serve ranks up to {CUDA_MAX_RANK} (r = {call.r})"
+    if name == "triton_fused" and call.grads == 1:
+        return "it computes dX, and x needs no grad in this call"
     return None
 
 
