@@ -83,6 +83,25 @@ def lm_losses(model, ids, steps: int, lr: float = 1e-2) -> list[float]:
     return losses
 
 
+def llama_4bit(fmt="nf4", dq=True, compute_dtype=torch.float32, layers=2):
+    """A small Llama whose decoder linears are bitsandbytes Linear4bit (sizes multiples of 64, which bitsandbytes'
+    CPU kernels serve exactly in training mode)."""
+    transformers = pytest.importorskip("transformers")
+    bnb = pytest.importorskip("bitsandbytes")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    for name, module in list(model.model.named_modules()):
+        if type(module) is torch.nn.Linear:
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=compute_dtype, quant_type=fmt, compress_statistics=dq)
+            q.load_state_dict(module.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(model.model.get_submodule(parent), child, q)
+    return model.to(DEVICE)
+
+
 def seed_tensor(value, device=DEVICE):
     return torch.tensor([value], dtype=torch.int64, device=device)
 
@@ -104,7 +123,8 @@ def assert_compiled_matches_eager(eager, compiled, inputs, params, seed=123, **t
         torch.testing.assert_close(compiled_out, eager_out, **tol)
 
 
-__all__ = ["DEVICE", "assert_compiled_matches_eager", "DTYPES", "HAS_GPU", "assert_parity", "make_inputs", "seed_tensor", "requires_gpu",
+__all__ = ["DEVICE", "assert_compiled_matches_eager", "DTYPES", "HAS_GPU", "assert_parity", "make_inputs", "seed_tensor",
+           "requires_gpu", "llama_4bit",
            "lora_kernels", "backends", "reference"]
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICE, CountOps, assert_parity
+from conftest import DEVICE, CountOps, assert_parity, llama_4bit
 from lora_kernels import backends
 
 transformers = pytest.importorskip("transformers")
@@ -464,31 +464,13 @@ def test_triton_kernels_serve_the_new_cases(kind, config, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------
 # bitsandbytes bases (QLoRA)
 # --------------------------------------------------------------------------------------------------------------
-def _llama_4bit():
-    """A small Llama whose decoder linears are bitsandbytes Linear4bit (NF4, double quantization; sizes multiples
-    of 64, which bitsandbytes' CPU kernels serve exactly in training mode)."""
-    bnb = pytest.importorskip("bitsandbytes")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    for name, module in list(model.model.named_modules()):
-        if type(module) is nn.Linear:
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, quant_type="nf4",
-                                  compress_statistics=True)
-            q.load_state_dict(module.state_dict())
-            parent, _, child = name.rpartition(".")
-            setattr(model.model.get_submodule(parent), child, q)
-    return model.to(DEVICE)
-
-
 @pytest.mark.parametrize("config", [dict(lora_bias=True), dict(r=80), dict(use_dora=True)],
                          ids=["lora_bias", "r above min", "DoRA (handed back)"])
 def test_quantized_bases(config):
     """PEFT's LoRA over Linear4bit after fuse(): lora_bias and ranks above min(in, out) served (training mode,
     bitsandbytes' exact CPU path, parity rule against PEFT in fp64 on the same quantized weights); DoRA over a
     quantized base handed back with one warning."""
-    pm = peft.get_peft_model(_llama_4bit(), peft.LoraConfig(**{**dict(
+    pm = peft.get_peft_model(llama_4bit(compute_dtype=None, layers=1), peft.LoraConfig(**{**dict(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False), **config}))
     reference = copy.deepcopy(pm)
     fuse(pm, backend="torch")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICE, assert_parity, lm_losses, seed_tensor
+from conftest import DEVICE, assert_parity, llama_4bit, lm_losses, seed_tensor
 from lora_kernels import BackendUnavailableError, FusedLoRALinear, inject, plan, quantized, reference
 from lora_kernels.layers import QuantizedLoRALinear
 from lora_kernels.quantized import QuantizedWeight, qlora_linear
@@ -223,31 +223,13 @@ def test_nothing_of_size_n_by_k_saved_for_backward(backend):
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
-def _llama_4bit(fmt="nf4", dq=True, compute_dtype=torch.float32):
-    """A small Llama whose decoder linears are bitsandbytes Linear4bit (sizes multiples of 64, which bitsandbytes'
-    CPU kernels serve exactly)."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    for name, module in list(model.model.named_modules()):
-        if type(module) is nn.Linear:
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=compute_dtype, quant_type=fmt, compress_statistics=dq)
-            q.load_state_dict(module.state_dict())
-            parent, _, child = name.rpartition(".")
-            setattr(model.model.get_submodule(parent), child, q)
-    return model.to(DEVICE)
-
-
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def test_inject_on_4bit_llama_trains_only_the_adapters():
     from lora_kernels import mark_only_lora_as_trainable
 
-    model = inject(_llama_4bit(), TARGETS, r=4, lora_alpha=8, lora_dropout=0.1, backend="triton")
+    model = inject(llama_4bit(), TARGETS, r=4, lora_alpha=8, lora_dropout=0.1, backend="triton")
     layers = [m for m in model.modules() if isinstance(m, QuantizedLoRALinear)]
     assert len(layers) == 2 * len(TARGETS)
     mark_only_lora_as_trainable(model)
@@ -268,7 +250,7 @@ def test_peft_adapter_on_the_4bit_model_loads_both_ways(tmp_path):
     peft = pytest.importorskip("peft")
     from lora_kernels import load_adapter, save_adapter
 
-    base = _llama_4bit()
+    base = llama_4bit()
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                                   init_lora_weights=False))
     pm.save_pretrained(tmp_path / "peft")
@@ -289,7 +271,7 @@ def test_fuse_takes_peft_layers_over_quantized_bases():
     peft = pytest.importorskip("peft")
     from lora_kernels.peft import fuse
 
-    pm = peft.get_peft_model(_llama_4bit(compute_dtype=torch.bfloat16), peft.LoraConfig(
+    pm = peft.get_peft_model(llama_4bit(compute_dtype=torch.bfloat16), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
     ids = torch.randint(0, 64, (2, 7), device=DEVICE)
     with torch.no_grad():
