@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from . import backends, plan
 from .adapters import adapter_forward
@@ -65,8 +66,6 @@ def _hooks_unsupported(layer, adapters) -> str | None:
     the base layer and the adapters' modules, so their hooks run there; the fused path computes the whole layer at
     once and serves only hooks that move tensors (accelerate's device placement and offloading), entering them
     around the fused computation."""
-    from torch.nn.modules import module as torch_module
-
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return "global module forward hooks (registered with torch.nn.modules.module)"
     base = layer.get_base_layer()
