@@ -10,7 +10,7 @@ with weak references to the storages to see them freed). Everything is per token
 Contenders per layer: ``frozen`` (no adapter: the floor), ``peft`` (PEFT's LoRA with its defaults: fp32 adapters,
 nn.Dropout), ``lora_kernels`` (``lora_kernels.inject`` on the same targets, each layer with the plan ``auto`` runs on
 a GPU by default at the stated batch; Triton launches stubbed: their outputs are allocated as on a GPU), and the same
-two with DoRA (``peft_dora``, ``lora_kernels_dora``) and with QLoRA (``peft_qlora``, ``lora_kernels_qlora``: the
+two with DoRA (``peft_dora``, ``lora_kernels_dora``), with QLoRA (``peft_qlora``, ``lora_kernels_qlora``: the
 layer's linear layers as bitsandbytes NF4 Linear4bit with double quantization, built on the meta device too; needs
 bitsandbytes). The LoRA share is a contender's bytes minus the frozen layer's (QLoRA's: minus the frozen 4-bit
 layer's, ``frozen_qlora``). The whole model is extrapolated from one layer: without
@@ -60,7 +60,11 @@ MODELS = {
 }
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"]}
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONTENDERS = ("frozen", "peft", "lora_kernels", "peft_dora", "lora_kernels_dora", "peft_qlora", "lora_kernels_qlora")
+# QDoRA (DoRA over the 4-bit layers) is this package's alone here: PEFT's DoRA over bitsandbytes layers dequantizes the
+# weight when the adapter is created, which the meta device cannot (its row: bench.train on a GPU).
+CONTENDERS = ("frozen", "peft", "lora_kernels", "peft_dora", "lora_kernels_dora", "peft_qlora", "lora_kernels_qlora",
+              "lora_kernels_qdora")
+QUANTIZED = ("_qlora", "_qdora")  # the contenders over 4-bit base layers (QDoRA: DoRA over them)
 BATCH = (8, 4096)  # the whole-model figures: 8 sequences of 4096 tokens
 
 
@@ -119,10 +123,10 @@ def make_contender(name: str, contender: str, r: int, dropout: float, batch_toke
     targets = TARGETS.get(model_type, DEFAULT_TARGETS)
     model = build_layer(name)
     plans = {}
-    dora = contender.endswith("_dora")
-    if contender.endswith("_qlora"):
+    dora = contender.endswith(("_dora", "_qdora"))
+    if contender.endswith(QUANTIZED):
         quantized_decoder(model, meta_linear4bit)
-        contender = contender[: -len("_qlora")]
+        contender = contender.rsplit("_", 1)[0]
     if contender in ("peft", "peft_dora"):
         from peft import LoraConfig, get_peft_model
 
@@ -134,7 +138,7 @@ def make_contender(name: str, contender: str, r: int, dropout: float, batch_toke
         for module_name, layer in lora_kernels.lora_layers(model).items():
             quant = layer.quantized_weight().quant if isinstance(layer, lora_kernels.QuantizedLoRALinear) else ""
             call = plan.Call(torch.device("cuda"), torch.bfloat16, batch_tokens, layer.in_features,
-                             layer.out_features, r, dropout > 0, 2, False, 0, quant)
+                             layer.out_features, r, dropout > 0, 2, False, 0, quant, dora)
             layer.backend = plans[module_name] = plan.static_plan(call).spec
     elif contender != "frozen":
         raise ValueError(f"contender: expected one of {CONTENDERS} or frozen_qlora, got {contender!r}")
@@ -305,7 +309,7 @@ def rows(models, rs, dropouts, contenders=CONTENDERS, progress=None) -> list[Row
             out.append(frozen)
         frozen_4bit = None
         qlora = MODELS[name][0] != "gpt2"  # GPT-2's projections are Conv1D: bitsandbytes has no 4-bit Conv1D
-        if frozen and qlora and any(c.endswith("_qlora") for c in contenders):
+        if frozen and qlora and any(c.endswith(QUANTIZED) for c in contenders):
             try:
                 frozen_4bit = layer_row(name, "frozen_qlora", 0, 0.0)
                 out.append(frozen_4bit)
@@ -318,8 +322,8 @@ def rows(models, rs, dropouts, contenders=CONTENDERS, progress=None) -> list[Row
                         continue
                     if progress:
                         progress(f"{name} {contender} r={r} p={p}")
-                    floor = frozen_4bit if contender.endswith("_qlora") else frozen
-                    if contender.endswith("_qlora") and (not qlora or (frozen and floor is None)):
+                    floor = frozen_4bit if contender.endswith(QUANTIZED) else frozen
+                    if contender.endswith(QUANTIZED) and (not qlora or (frozen and floor is None)):
                         continue  # GPT-2, or no bitsandbytes
                     try:
                         row = layer_row(name, contender, r, p)
@@ -355,7 +359,7 @@ def ratios(table: list[Row]) -> list[str]:
         peft = next((p for p in table if (p.model, p.r, p.dropout, p.contender) == (row.model, row.r, row.dropout,
                                                                                      theirs)), None)
         if peft and row.lora_share_kib_per_token > 0:
-            kind = {"dora": "DoRA", "qlora": "QLoRA"}.get(theirs.rsplit("_", 1)[-1], "LoRA")
+            kind = {"dora": "DoRA", "qlora": "QLoRA", "qdora": "QDoRA"}.get(theirs.rsplit("_", 1)[-1], "LoRA")
             out.append(f"{row.model} r={row.r} p={row.dropout} {kind}: adapter share "
                        f"{peft.lora_share_kib_per_token:.1f} (PEFT) vs {row.lora_share_kib_per_token:.1f} KiB/token: "
                        f"{peft.lora_share_kib_per_token / row.lora_share_kib_per_token:.1f}x smaller; whole model "

@@ -92,7 +92,8 @@ def adapter_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_
                     backend: str = "auto", quantized_base=None, lora_bias: Tensor | None = None) -> Tensor:
     """One adapter over a base layer (W0 [N, K] and bias): LoRA, or DoRA when `magnitude` is given (`norms`: the
     layer's DoraNorms, which keeps ||W0||^2 per row and, in inference, the whole norm). `quantized_base`: a
-    bitsandbytes layer whose quantized weight is W0 (QLoRA; `weight` is then unused), computed in its compute dtype.
+    bitsandbytes layer whose quantized weight is W0 (QLoRA, and QDoRA with `magnitude`; `weight` is then unused),
+    computed in its compute dtype.
     `lora_bias`: a bias of lora_B [N] (PEFT's ``lora_bias=True``): y gains scaling * lora_bias, which the kernels add
     with the base bias (its grad is scaling times the bias's)."""
     if lora_bias is not None:
@@ -103,12 +104,15 @@ def adapter_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_
         if weight is not None:  # the ops take the bias in the product's dtype (autocast casts it with the rest)
             bias = bias.to(weight.dtype)
     if quantized_base is not None:
-        if magnitude is not None:
-            raise ValueError("magnitude: DoRA over a quantized base layer is not supported")
         from .quantized import compute_dtype, qlora_linear, quantized_weight
 
-        return qlora_linear(x, quantized_weight(quantized_base), bias, lora_A, lora_B, scaling, dropout_p,
-                            backend=backend, compute_dtype=compute_dtype(quantized_base, x))
+        qw, dtype = quantized_weight(quantized_base), compute_dtype(quantized_base, x)
+        if magnitude is not None:  # QDoRA
+            from .dora import qdora_linear
+
+            return qdora_linear(x, qw, bias, lora_A, lora_B, magnitude, scaling, dropout_p, backend=backend,
+                                norms=norms, compute_dtype=dtype)
+        return qlora_linear(x, qw, bias, lora_A, lora_B, scaling, dropout_p, backend=backend, compute_dtype=dtype)
     if magnitude is None:
         from .ops import lora_linear
 

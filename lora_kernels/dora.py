@@ -28,13 +28,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends, entry, reference
+from . import backends, entry, quantized, reference
 from . import plan as planner
 from .contract import (adapters_for, autocast_inputs, check_args, check_seed, grads_needed, is_plain, like_x,
                        master_adapters, resolve_seed, seed_int)
 from .plan import Call
 
-__all__ = ["dora_linear", "dora_weight_norm", "DoraNorms", "dora_linear_fwd", "dora_linear_bwd"]
+__all__ = ["dora_linear", "dora_weight_norm", "DoraNorms", "dora_linear_fwd", "dora_linear_bwd", "qdora_linear",
+           "qdora_linear_fwd", "qdora_linear_bwd"]
 
 
 def _acc(dtype):
@@ -92,12 +93,20 @@ class DoraNorms:
     def __setstate__(self, state):
         self.clear()
 
-    def get(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, kernels: bool = True) -> Tensor:
-        """The norm for these tensors (`kernels`: ``plan.aux_kernels_for`` of the call's backend)."""
-        if torch.compiler.is_compiling() or not is_plain(weight, lora_A, lora_B) or weight.is_inference() \
-                or weight.device.type == "meta":
-            return torch.ops.lora_kernels.dora_weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(),
+    def get(self, weight, lora_A: Tensor, lora_B: Tensor, scaling: float, kernels: bool = True,
+            key: Tensor | None = None) -> Tensor:
+        """The norm for these tensors (`kernels`: ``plan.aux_kernels_for`` of the call's backend). `weight` may be a
+        function giving W0 (a quantized base dequantizes it only when a norm is computed); `key` then stands for it
+        in the kept entries (the quantized codes)."""
+        if key is not None:
+            dense = weight
+        else:
+            key, dense = weight, (lambda: weight)
+        if torch.compiler.is_compiling() or not is_plain(key, lora_A, lora_B) or key.is_inference() \
+                or key.device.type == "meta":
+            return torch.ops.lora_kernels.dora_weight_norm(dense().detach(), lora_A.detach(), lora_B.detach(),
                                                            float(scaling), kernels)
+        weight = key
         tensors = (weight, lora_A, lora_B)
         frozen = not (torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad))
         kept = self._norm
@@ -107,7 +116,7 @@ class DoraNorms:
         sq = self._sq
         w0_sq = sq[2] if sq is not None and sq[0]() is weight and sq[1] == _fingerprint(weight) else None
         with torch.no_grad(), torch.inference_mode(False):
-            norm, squares = dora_weight_norm(weight, lora_A, lora_B, scaling, w0_sq, kernels)
+            norm, squares = dora_weight_norm(dense(), lora_A, lora_B, scaling, w0_sq, kernels)
         if w0_sq is None:
             self._sq = (weakref.ref(weight), _fingerprint(weight), squares)
         self._norm = ((tuple((weakref.ref(t), _fingerprint(t)) for t in tensors), scaling, norm) if frozen and
@@ -295,3 +304,118 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     seed = resolve_seed(seed, x, dropout_p)
     args = (x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p)
     return entry.run(DORA, args, x.shape[:-1], backend, grads_needed(x, lora_A, lora_B, magnitude, bias))
+
+
+# --------------------------------------------------------------------------------------------
+# QDoRA: DoRA over a quantized W0 (bitsandbytes' 4-bit and 8-bit layers)
+# --------------------------------------------------------------------------------------------
+# args = (x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p): DoRA's
+# passes on a transient dequantized W0 (freed when the forward returns, dequantized again in the backward where dX
+# needs it): nothing [N, K]-sized is kept between forward and backward, as for QLoRA.
+def _q_call(args, grads) -> Call:
+    x, qdata, qstate, fmt, sizes, offset, _, lora_A, _, _, _, _, _, dropout_p = args
+    return Call(x.device, x.dtype, x.shape[0], sizes[1], sizes[0], lora_A.shape[0], dropout_p > 0.0, grads,
+                torch.are_deterministic_algorithms_enabled(), 0, fmt + ("_dq" if qstate[2].numel() else ""),
+                dora=True)
+
+
+def _q_forward(plan, args, save):
+    x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p = args
+    weight = quantized.dequantize(quantized.pack(qdata, qstate, fmt, sizes, offset), x.dtype, plan.aux)
+    return _forward(plan, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, save)
+
+
+def _q_backward(plan, grad_y, args, saved, need_dx, deterministic):
+    x, qdata, qstate, fmt, sizes, offset, _, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p = args
+    qw = quantized.pack(qdata, qstate, fmt, sizes, offset)
+    weight = quantized.dequantize(qw, x.dtype, plan.aux) if need_dx else quantized.stand_in_weight(qw, x)
+    return _backward(plan, grad_y, x, weight, lora_A, lora_B, magnitude, norm, *saved, seed, scaling, dropout_p,
+                     need_dx, deterministic)
+
+
+def _q_backward_op(grad_y, args, saved, need_dx, deterministic, spec):
+    x, qdata, qstate, fmt, sizes, offset, _, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p = args
+    return torch.ops.lora_kernels.qdora_linear_bwd(grad_y, x, qdata, qstate, fmt, sizes, offset, lora_A, lora_B,
+                                                   magnitude, norm, *saved, seed, scaling, dropout_p, need_dx,
+                                                   deterministic, spec)
+
+
+QDORA = entry.Kind("qdora", "qdora_linear_fwd", _q_forward, _q_backward, _q_backward_op, _q_call, n_args=14,
+                   tensors=(0, 1, 2, 6, 7, 8, 9, 10, 11), trained=(7, 8, 9), kept=(0, 1, 2, 7, 8, 9, 10, 11),
+                   lists=(2,), bias=6)
+
+
+def check_qdora_args(x, qw, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p) -> None:
+    quantized.check_qargs(x, qw, bias, lora_A, lora_B, scaling, dropout_p)
+    check_dora_args(x, quantized.stand_in_weight(qw, x), bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p)
+
+
+@torch.library.custom_op("lora_kernels::qdora_linear_fwd", mutates_args=())
+def qdora_linear_fwd(x: Tensor, qdata: Tensor, qstate: list[Tensor], fmt: str, sizes: list[int], offset: float,
+                     bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, norm: Tensor,
+                     seed: Optional[Tensor], scaling: float, dropout_p: float, grads: int,
+                     plan: str) -> tuple[Tensor, Tensor, Tensor]:
+    qw = quantized.pack(qdata, qstate, fmt, sizes, offset)
+    check_qdora_args(x, qw, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p)
+    check_seed(seed, x.device, dropout_p)
+    args = (x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p)
+    return _q_forward(planner.resolve_spec(plan, _q_call(args, grads)), args, grads > 0)
+
+
+@qdora_linear_fwd.register_fake
+def _(x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, grads,
+      plan):
+    check_qdora_args(x, quantized.pack(qdata, qstate, fmt, sizes, offset), bias, lora_A, lora_B, magnitude, norm,
+                     scaling, dropout_p)
+    M, N, r = x.shape[0], sizes[0], lora_A.shape[0]
+    return (x.new_empty((M, N)), x.new_empty((M, r) if grads else (0,), dtype=_acc(x.dtype)),
+            x.new_empty((M, N) if grads else (0,)))
+
+
+@torch.library.custom_op("lora_kernels::qdora_linear_bwd", mutates_args=())
+def qdora_linear_bwd(grad_y: Tensor, x: Tensor, qdata: Tensor, qstate: list[Tensor], fmt: str, sizes: list[int],
+                     offset: float, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, norm: Tensor, xa: Tensor,
+                     product: Tensor, seed: Optional[Tensor], scaling: float, dropout_p: float, need_dx: bool,
+                     deterministic: bool, plan: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    M, N, r = x.shape[0], sizes[0], lora_A.shape[0]
+    for name, t, shape in (("grad_y", grad_y, (M, N)), ("xa", xa, (M, r)), ("product", product, (M, N))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    check_seed(seed, x.device, dropout_p)
+    args = (x, qdata, qstate, fmt, sizes, offset, None, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p)
+    chosen = planner.resolve_spec(plan, _q_call(args, 2 if need_dx else 1))
+    return _q_backward(chosen, grad_y, args, (xa, product), need_dx, deterministic)
+
+
+@qdora_linear_bwd.register_fake
+def _(grad_y, x, qdata, qstate, fmt, sizes, offset, lora_A, lora_B, magnitude, norm, xa, product, seed, scaling,
+      dropout_p, need_dx, deterministic, plan):
+    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), torch.empty_like(magnitude)
+
+
+entry.register_op_autograd(qdora_linear_fwd, QDORA)
+
+
+def qdora_linear(x: Tensor, qweight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                 scaling: float, dropout_p: float = 0.0, *, backend: str = "auto", seed: Optional[Tensor] = None,
+                 norms: DoraNorms | None = None, compute_dtype: torch.dtype | None = None) -> Tensor:
+    """QDoRA: ``dora_linear`` over a quantized W0 (``quantized.quantized_weight(layer)``), computed in `compute_dtype`
+    (default x's; autocast's inside a region) with y in x's dtype, as ``qlora_linear``. The weight norm is computed
+    from W0 dequantized for that pass alone; `norms` keeps ||W0||^2 per layer (and the whole norm in inference)."""
+    x, bias, out_dtype = quantized.compute_inputs(x, qweight, bias, compute_dtype)
+    lora_A, lora_B = adapters_for(x, lora_A, lora_B)
+    if isinstance(magnitude, Tensor) and isinstance(lora_A, Tensor) and magnitude.dtype != lora_A.dtype and \
+            not master_adapters(x.dtype, magnitude.dtype):
+        magnitude = magnitude.to(lora_A.dtype)
+    check_qdora_args(x, qweight, bias, lora_A, lora_B, magnitude, None, scaling, dropout_p)
+    planner.check_name(backend)
+    scaling, dropout_p = float(scaling), float(dropout_p)
+    kernels = planner.aux_kernels_for(backend, x.device)
+    norm = (norms or DoraNorms()).get(lambda: quantized.dequantize(qweight, x.dtype, kernels), lora_A, lora_B,
+                                      scaling, kernels, key=qweight.data)
+    seed = resolve_seed(seed, x, dropout_p)
+    args = (x.reshape(-1, x.shape[-1]), *quantized.unpack(qweight), bias, lora_A, lora_B, magnitude, norm, seed,
+            scaling, dropout_p)
+    y = entry.run(QDORA, args, x.shape[:-1], backend, grads_needed(x, lora_A, lora_B, magnitude, bias))
+    return y if y.dtype == out_dtype else y.to(out_dtype)

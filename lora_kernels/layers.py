@@ -431,16 +431,14 @@ class QuantizedLoRALinear(FusedLoRALinear):
 
     Merging into the quantized weight would round the adapter's update to the 4-bit grid: ``merge()`` refuses;
     ``to_linear()`` gives a dense layer with the adapter merged, and ``to_base_layer(merge=True)`` dequantizes, merges
-    and quantizes again (with a warning, as PEFT's merge does). DoRA and mixed-adapter batches over a quantized base are
-    refused."""
+    and quantizes again (with a warning, as PEFT's merge does). DoRA over it (QDoRA) runs fused; mixed-adapter
+    batches are refused."""
 
     def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0, **kwargs):
         if not is_quantized_linear(base_layer):
             raise TypeError(f"base_layer: expected a bitsandbytes Linear4bit or Linear8bitLt, got "
                             f"{type(base_layer).__name__}")
-        for name, refused in (("use_dora", "DoRA over a quantized base layer is not supported (its weight norm would "
-                               "need W0 dequantized at every step); use a dense base for DoRA"),
-                              ("merge_on_eval", "merging rounds the adapter into the quantized weight"),
+        for name, refused in (("merge_on_eval", "merging rounds the adapter into the quantized weight"),
                               ("fan_in_fan_out", "bitsandbytes layers store W0 as [out, in]")):
             if kwargs.get(name):
                 raise ValueError(f"{name}=True: {refused}")
@@ -477,14 +475,18 @@ class QuantizedLoRALinear(FusedLoRALinear):
             raise ValueError("adapter_ids: mixed-adapter batches run over dense base layers; this layer's base is "
                              f"quantized ({type(self.base_layer).__name__}): serve one adapter at a time "
                              "(set_adapter)")
-        adapter = self.adapters[self.active_adapter]
+        name = self.active_adapter
+        adapter = self.adapters[name]
         return adapter_forward(x, None, self.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
                                adapter.lora_dropout if self.training else 0.0, backend=self.backend,
-                               quantized_base=self.base_layer)
+                               quantized_base=self.base_layer, magnitude=adapter.lora_magnitude_vector,
+                               norms=self._norms.get(name))
 
     def merged_weight(self, adapter_name: str | None = None) -> Tensor:
-        """W0 dequantized with an adapter folded in (fp32, [out, in]; the layer is unchanged)."""
-        return self.base_weight().float() + self.delta_weight(adapter_name or self.active_adapter)
+        """W0 dequantized with an adapter folded in (fp32, [out, in]; the layer is unchanged); DoRA as PEFT merges."""
+        adapter = self._named(adapter_name or self.active_adapter)
+        w = self.base_weight().float() + self.delta_weight(adapter_name or self.active_adapter)
+        return w * self._dora_factor(adapter, self._unmerged_norm(adapter)) if adapter.use_dora else w
 
     def merge(self) -> None:
         raise RuntimeError("merge: the base weight is quantized; folding the adapter in would round its update to the "

@@ -131,8 +131,8 @@ class _FusedForward:
         quantized = is_quantized_linear(base)
         if not is_plain_linear(base) and not quantized:
             return f"the base layer type {type(base).__name__}"
-        if quantized and (mixed or adapter in self.lora_variant):
-            return f"{'a mixed batch' if mixed else 'DoRA'} over a quantized base layer"
+        if quantized and mixed:
+            return "a mixed batch over a quantized base layer"
         if mixed and self.lora_bias.get(adapter):
             return "lora_bias in a mixed batch"
         dropout = self.lora_dropout[adapter]
@@ -167,16 +167,15 @@ class _FusedForward:
         return y
 
     def _fused_forward(self, base, x, adapter_names):
-        if is_quantized_linear(base):  # QLoRA: y in x's dtype, as PEFT's bitsandbytes layers return it
-            adapter = next(a for a in self.active_adapters if a in self.lora_A)
-            return adapter_forward(x, None, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                                   self.scaling[adapter], self._dropout_p(adapter), backend=self.fused_backend,
-                                   quantized_base=base, lora_bias=self.lora_B[adapter].bias)
-        weight = base.weight.t() if self.fan_in_fan_out else base.weight
-        # torch.autocast: as PEFT's layers (nn.Linear under autocast) compute
-        x, weight, bias = autocast_inputs(x, weight, base.bias)
-        if adapter_names is not None:
-            return self._mixed_forward(x, weight, bias, adapter_names)
+        quantized = is_quantized_linear(base)
+        if quantized:  # QLoRA / QDoRA: y in x's dtype, as PEFT's bitsandbytes layers return it
+            weight, bias = None, base.bias
+        else:
+            weight = base.weight.t() if self.fan_in_fan_out else base.weight
+            # torch.autocast: as PEFT's layers (nn.Linear under autocast) compute
+            x, weight, bias = autocast_inputs(x, weight, base.bias)
+            if adapter_names is not None:
+                return self._mixed_forward(x, weight, bias, adapter_names)
         adapter = next(a for a in self.active_adapters if a in self.lora_A)
         # PEFT keeps adapters in fp32 next to a 16-bit base (its autocast_adapter_dtype): the ops take them as they are
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
@@ -190,7 +189,7 @@ class _FusedForward:
             norms = self._lk_norms.setdefault(adapter, DoraNorms())
         return adapter_forward(x, weight, bias, a, b, self.scaling[adapter], self._dropout_p(adapter),
                                magnitude=magnitude, norms=norms, backend=self.fused_backend,
-                               lora_bias=self.lora_B[adapter].bias)
+                               quantized_base=base if quantized else None, lora_bias=self.lora_B[adapter].bias)
 
     def _mixed_forward(self, x, weight, bias, adapter_names):
         """PEFT's mixed batch (one adapter name per sample; "__base__" or an adapter this layer lacks: the base

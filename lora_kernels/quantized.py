@@ -39,6 +39,7 @@ from .contract import (adapters_for, autocast_dtype, check_args, check_seed, gra
 from .plan import Call
 
 __all__ = ["QuantizedWeight", "FORMATS", "is_quantized_linear", "quantized_weight", "compute_dtype", "dequantize",
+           "stand_in_weight", "pack", "unpack", "check_qargs", "compute_inputs",
            "qlora_linear", "qlora_linear_fwd", "qlora_linear_bwd", "bitsandbytes_info", "quantize_linear"]
 
 FORMATS = ("nf4", "fp4", "int8")
@@ -203,7 +204,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype, kernels: bool = True) ->
 _STAND_INS: dict = {}
 
 
-def _no_weight(qw: QuantizedWeight, x: Tensor) -> Tensor:
+def stand_in_weight(qw: QuantizedWeight, x: Tensor) -> Tensor:
     """A stand-in [N, K] of x's dtype and device on one element (stride 0), where W0 is not read: the grads of the
     adapters, the argument checks. Kept per shape, dtype and device (no allocation per call)."""
     if x.device.type == "meta" or not is_plain(x):
@@ -230,7 +231,7 @@ def forward(plan, x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa
 
 def backward(plan, grad_y, x, qw, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, deterministic):
     """The plan's backward over a quantized W0 (dequantized again for dX only): (dx or empty, dA, dB)."""
-    weight = dequantize(qw, x.dtype, plan.aux) if need_dx else _no_weight(qw, x)
+    weight = dequantize(qw, x.dtype, plan.aux) if need_dx else stand_in_weight(qw, x)
     return backends.BACKWARD[plan.backward](grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx,
                                             deterministic, plan.aux)
 
@@ -303,7 +304,7 @@ def check_qargs(x, qw, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     check_quantized(qw, x.device)
-    check_args(x, _no_weight(qw, x), bias, lora_A, lora_B, scaling, dropout_p)
+    check_args(x, stand_in_weight(qw, x), bias, lora_A, lora_B, scaling, dropout_p)
 
 
 # The QLoRA kind: args = (x, qdata, qstate, fmt, sizes, offset, bias, lora_A, lora_B, seed, scaling, dropout_p), the
@@ -383,13 +384,9 @@ entry.register_op_autograd(qlora_linear_fwd, QLORA)
 # --------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------
-def qlora_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                 scaling: float, dropout_p: float = 0.0, *, backend: str = "auto", seed: Optional[Tensor] = None,
-                 compute_dtype: torch.dtype | None = None) -> Tensor:
-    """y = x W0^T + bias + scaling * (dropout(x) A^T) B^T over a quantized W0 (``quantized_weight(layer)``); x may
-    have any leading dims. The product runs in `compute_dtype` (default x's; torch.autocast's inside a region) and y
-    comes back in x's dtype; the bias is cast to the compute dtype. Grads reach x, lora_A, lora_B (and a bias that
-    requires grad)."""
+def compute_inputs(x, qweight, bias, compute_dtype):
+    """(x, bias, x's dtype) as a product over a quantized W0 takes them: in `compute_dtype` (default x's;
+    torch.autocast's inside a region), as bitsandbytes' layers compute; y comes back in x's dtype."""
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"qweight: expected a QuantizedWeight (quantized_weight(layer)), got {type(qweight).__name__}")
     if not isinstance(x, Tensor):
@@ -401,6 +398,17 @@ def qlora_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor], lo
         x = x.to(dtype)
     if isinstance(bias, Tensor) and bias.is_floating_point() and bias.dtype != dtype:
         bias = bias.to(dtype)
+    return x, bias, out_dtype
+
+
+def qlora_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                 scaling: float, dropout_p: float = 0.0, *, backend: str = "auto", seed: Optional[Tensor] = None,
+                 compute_dtype: torch.dtype | None = None) -> Tensor:
+    """y = x W0^T + bias + scaling * (dropout(x) A^T) B^T over a quantized W0 (``quantized_weight(layer)``); x may
+    have any leading dims. The product runs in `compute_dtype` (default x's; torch.autocast's inside a region) and y
+    comes back in x's dtype; the bias is cast to the compute dtype. Grads reach x, lora_A, lora_B (and a bias that
+    requires grad)."""
+    x, bias, out_dtype = compute_inputs(x, qweight, bias, compute_dtype)
     lora_A, lora_B = adapters_for(x, lora_A, lora_B)
     check_qargs(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
     planner.check_name(backend)

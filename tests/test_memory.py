@@ -59,6 +59,18 @@ def test_qlora_saves_at_most_peft_over_bitsandbytes():
         assert ours <= peft and ours - frozen == pytest.approx(dense_share)
 
 
+def test_qdora_saves_what_dora_saves_over_a_dense_base():
+    """QDoRA (DoRA over the NF4 linears, on the meta device): the adapter share is DoRA's over a dense base at every
+    dropout (x, [M, r], the product P, the seed: nothing of the dequantized weight)."""
+    pytest.importorskip("bitsandbytes")
+    frozen = memory.layer_row("llama-3-8b", "frozen_qlora", 0, 0.0).saved_kib_per_token
+    dense_share = (memory.layer_row("llama-3-8b", "lora_kernels_dora", 16, 0.0).saved_kib_per_token
+                   - memory.layer_row("llama-3-8b", "frozen", 0, 0.0).saved_kib_per_token)
+    for p in (0.0, 0.05):
+        ours = memory.layer_row("llama-3-8b", "lora_kernels_qdora", 16, p).saved_kib_per_token
+        assert ours - frozen == pytest.approx(dense_share)
+
+
 def _attributed_saves(model_name, dropout, tokens=64):
     """{module name: [(saved tensor's storage key, numel, dtype), ...]} for each FusedLoRALinear of the layer, and
     each one's input storage key, from a forward on `tokens` tokens."""

@@ -465,11 +465,10 @@ def test_triton_kernels_serve_the_new_cases(kind, config, monkeypatch):
 # bitsandbytes bases (QLoRA)
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", [dict(lora_bias=True), dict(r=80), dict(use_dora=True)],
-                         ids=["lora_bias", "r above min", "DoRA (handed back)"])
+                         ids=["lora_bias", "r above min", "DoRA (QDoRA, fused)"])
 def test_quantized_bases(config):
-    """PEFT's LoRA over Linear4bit after fuse(): lora_bias and ranks above min(in, out) served (training mode,
-    bitsandbytes' exact CPU path, parity rule against PEFT in fp64 on the same quantized weights); DoRA over a
-    quantized base handed back with one warning."""
+    """PEFT's LoRA over Linear4bit after fuse(): lora_bias, ranks above min(in, out) and DoRA (QDoRA) served
+    (training mode, bitsandbytes' exact CPU path, parity rule against PEFT in fp64 on the same quantized weights)."""
     pm = peft.get_peft_model(llama_4bit(compute_dtype=None, layers=1), peft.LoraConfig(**{**dict(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False), **config}))
     reference = copy.deepcopy(pm)
@@ -485,9 +484,7 @@ def test_quantized_bases(config):
     assert sorted(g) == sorted(g32)
     for k in g:
         assert_parity(f"grad {k}", g[k], g32[k], g64[k])
-    handed = _hand_backs(caught)
-    assert handed == (["lora_kernels.peft: PEFT's own forward serves DoRA over a quantized base layer"]
-                      if config.get("use_dora") else [])
+    assert _hand_backs(caught) == []
 
 
 def _run_dequantized_fp64(pm, x):

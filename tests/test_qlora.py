@@ -16,6 +16,7 @@ from torch import nn
 from conftest import DEVICE, assert_parity, llama_4bit, lm_losses, seed_tensor
 from lora_kernels import BackendUnavailableError, FusedLoRALinear, inject, plan, quantized, reference
 from lora_kernels.layers import QuantizedLoRALinear
+from lora_kernels.contract import draw_seed
 from lora_kernels.quantized import QuantizedWeight, qlora_linear
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -326,8 +327,6 @@ def test_state_dict_holds_the_base_layers_entries_and_the_adapters():
 
 def test_refusals_name_the_argument():
     base = _linear4bit(72, 40)
-    with pytest.raises(ValueError, match="use_dora"):
-        FusedLoRALinear.from_linear(base, r=4, use_dora=True)
     with pytest.raises(ValueError, match="merge_on_eval"):
         FusedLoRALinear.from_linear(base, r=4, merge_on_eval=True)
     layer = FusedLoRALinear.from_linear(base, r=4)
@@ -445,3 +444,93 @@ def test_without_bitsandbytes_nothing_fails():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "not available" in out.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# QDoRA: DoRA over a quantized base, fused
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt,dq,p", [("nf4", True, 0.0), ("fp4", False, 0.0), ("nf4", True, 0.2)])
+def test_qdora_matches_peft_dora_on_the_same_layer(fmt, dq, p):
+    """PEFT's DoRA over the same Linear4bit (training mode: bitsandbytes' exact CPU path) and fuse()'s, in fp32: the
+    output and the grads of x, A, B and the magnitude by the parity rule against PEFT in fp64 on the dequantized
+    weight. With dropout: PEFT's layer is given our mask (recovered from the seed through the torch reference)."""
+    peft = pytest.importorskip("peft")
+    from lora_kernels.peft import fuse
+
+    base = _linear4bit(128, 64, fmt, dq)
+    model = peft.get_peft_model(nn.Sequential(base), peft.LoraConfig(
+        r=6, lora_alpha=12, target_modules=["0"], use_dora=True, init_lora_weights=False, lora_dropout=p))
+    with torch.no_grad():  # a magnitude away from the norms it starts at
+        model.base_model.model[0].lora_magnitude_vector["default"].weight.mul_(1.3)
+    reference_model = copy.deepcopy(model)
+    fuse(model, backend="torch")
+    x = torch.randn(21, 128, device=DEVICE)
+    grad_y = torch.randn(21, 64, device=DEVICE)
+    got, seed = {}, 1234
+    for name, m in (("fused", model), ("peft", reference_model)):
+        torch.manual_seed(seed)
+        layer = m.base_model.model[0]
+        layer.train()
+        xi = x.clone().requires_grad_()
+        if name == "peft" and p:  # PEFT's dropout module replaced by our mask for this seed
+            torch.manual_seed(seed)
+            s = draw_seed(x.device)
+            keep = reference.dropout_keep_mask(int(s), 21, 128, p, device=x.device)
+            layer.lora_dropout["default"] = _MaskDropout(keep, p)
+        y = layer(xi)
+        y.backward(grad_y)
+        params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                  layer.lora_magnitude_vector["default"].weight]
+        got[name] = (y.detach(), xi.grad, *(t.grad for t in params))
+    dense = copy.deepcopy(reference_model).double()
+    layer64 = dense.base_model.model[0]
+    w = reference.dequantize(quantized.quantized_weight(base), torch.float64)
+    layer64.base_layer = nn.Linear(128, 64, device=DEVICE, dtype=torch.float64)
+    with torch.no_grad():
+        layer64.base_layer.weight.copy_(w)
+        layer64.base_layer.bias.copy_(base.bias.double())
+    layer64.base_layer.requires_grad_(False)
+    if p:
+        layer64.lora_dropout["default"] = _MaskDropout(keep, p)
+    x64 = x.double().requires_grad_()
+    y64 = layer64(x64)
+    y64.backward(grad_y.double())
+    ref = (y64.detach(), x64.grad, layer64.lora_A["default"].weight.grad, layer64.lora_B["default"].weight.grad,
+           layer64.lora_magnitude_vector["default"].weight.grad)
+    for i, what in enumerate(("y", "dx", "dA", "dB", "dm")):
+        assert_parity(f"QDoRA {fmt} {what}", got["fused"][i], got["peft"][i], ref[i])
+
+
+class _MaskDropout(nn.Module):
+    """Dropout with a given keep-mask (PEFT's layer made to drop what the package's seed drops)."""
+
+    def __init__(self, keep, p):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * self.keep.reshape(x.shape).to(x.dtype) / (1 - self.p) if self.training else x
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_qdora_layer_keeps_nothing_of_size_n_by_k(backend):
+    """QuantizedLoRALinear(use_dora=True): trains the adapters and the magnitude, saves no [N, K] tensor for the
+    backward, merges as DoRA (to_linear) and writes PEFT's magnitude key."""
+    K, N, M, r = 128, 192, 24, 8
+    base = _linear4bit(K, N, "nf4", True, compute_dtype=torch.bfloat16)
+    layer = FusedLoRALinear.from_linear(base, r=r, lora_alpha=16, use_dora=True, backend=backend,
+                                        init_lora_weights=False)
+    assert isinstance(layer, QuantizedLoRALinear) and layer.use_dora
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    big = [tuple(t.shape) for t in saved if t.is_floating_point() and t.numel() >= N * K // 4]
+    assert not big, f"floating-point tensors of W0's size saved for backward: {big}"
+    y.float().sum().backward()
+    assert all(t.grad is not None for t in (x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector))
+    with torch.no_grad():
+        dense = layer.to_linear()
+        x32 = torch.randn(5, K, device=DEVICE)
+        layer.eval()
+        torch.testing.assert_close(layer(x32), dense(x32), rtol=0.05, atol=0.05)  # (the layer computes in bf16)

@@ -54,6 +54,8 @@ def forward_unfit(name: str, call: Call) -> str | None:
             return "it runs without dropout (its rows are taken in adapter order, the mask follows row positions)"
         if name == "triton_quantized" and not call.quant:
             return "it reads a quantized base weight (QLoRA), and this call's is dense"
+        if name == "triton_quantized" and call.dora:
+            return "DoRA's passes around it need W0 itself (QDoRA dequantizes it for the call)"
         if name == "triton_quantized" and call.N * call.K >= 2**31:
             return f"it indexes W0 with 32-bit offsets (N K = {call.N * call.K} >= 2**31)"
         return None
