@@ -283,6 +283,15 @@ def _(grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, product, seed, sca
 entry.register_op_autograd(dora_linear_fwd, DORA)
 
 
+def _magnitude_like(magnitude, lora_A, x):
+    """The magnitude in the adapters' dtype (fp32 master magnitudes next to a 16-bit x as they are), differentiably;
+    anything else is left for the argument checks to name."""
+    if isinstance(magnitude, Tensor) and isinstance(lora_A, Tensor) and magnitude.dtype != lora_A.dtype and \
+            not master_adapters(x.dtype, magnitude.dtype):
+        return magnitude.to(lora_A.dtype)
+    return magnitude
+
+
 def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
                 scaling: float, dropout_p: float = 0.0, *, backend: str = "auto", seed: Optional[Tensor] = None,
                 norms: DoraNorms | None = None) -> Tensor:
@@ -291,9 +300,7 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     `norms` (a layer's DoraNorms) keeps ||W0||^2 and, in inference, the whole norm between calls."""
     x, weight, bias = autocast_inputs(x, weight, bias)
     lora_A, lora_B = adapters_for(x, lora_A, lora_B)
-    if isinstance(magnitude, Tensor) and isinstance(lora_A, Tensor) and magnitude.dtype != lora_A.dtype and \
-            not master_adapters(x.dtype, magnitude.dtype):
-        magnitude = magnitude.to(lora_A.dtype)
+    magnitude = _magnitude_like(magnitude, lora_A, x)
     check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, None, scaling, dropout_p)
     planner.check_name(backend)
     if torch.is_grad_enabled() and weight.requires_grad:
@@ -405,9 +412,7 @@ def qdora_linear(x: Tensor, qweight, bias: Optional[Tensor], lora_A: Tensor, lor
     from W0 dequantized for that pass alone; `norms` keeps ||W0||^2 per layer (and the whole norm in inference)."""
     x, bias, out_dtype = quantized.compute_inputs(x, qweight, bias, compute_dtype)
     lora_A, lora_B = adapters_for(x, lora_A, lora_B)
-    if isinstance(magnitude, Tensor) and isinstance(lora_A, Tensor) and magnitude.dtype != lora_A.dtype and \
-            not master_adapters(x.dtype, magnitude.dtype):
-        magnitude = magnitude.to(lora_A.dtype)
+    magnitude = _magnitude_like(magnitude, lora_A, x)
     check_qdora_args(x, qweight, bias, lora_A, lora_B, magnitude, None, scaling, dropout_p)
     planner.check_name(backend)
     scaling, dropout_p = float(scaling), float(dropout_p)

@@ -202,16 +202,22 @@ def test_matches_peft_lora_on_the_same_layer(fmt, dq):
 # --------------------------------------------------------------------------------------------------------------
 # Memory: nothing of size N x K between forward and backward
 # --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["aten", "triton_quantized+triton_split", "triton_cublas+aten"])
-def test_nothing_of_size_n_by_k_saved_for_backward(backend):
-    K, N, M, r = 128, 192, 24, 8
-    layer = _ours(_linear4bit(K, N, "nf4", True, compute_dtype=torch.bfloat16), r, backend, torch.float32)
-    x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+def _forward_saving_nothing_of_w0(layer, x, N, K):
+    """(y, the tensors saved for the backward) of layer(x); none of them floating-point and of W0's size."""
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = layer(x)
     big = [tuple(t.shape) for t in saved if t.is_floating_point() and t.numel() >= N * K // 4]
     assert not big, f"floating-point tensors of W0's size saved for backward: {big}"
+    return y, saved
+
+
+@pytest.mark.parametrize("backend", ["aten", "triton_quantized+triton_split", "triton_cublas+aten"])
+def test_nothing_of_size_n_by_k_saved_for_backward(backend):
+    K, N, M, r = 128, 192, 24, 8
+    layer = _ours(_linear4bit(K, N, "nf4", True, compute_dtype=torch.bfloat16), r, backend, torch.float32)
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    y, saved = _forward_saving_nothing_of_w0(layer, x, N, K)
     # x and the [M, r] product (fp32): nothing else of the step's own
     own = {t.untyped_storage().data_ptr() for t in layer.state_dict(keep_vars=True).values()}
     fresh = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
@@ -522,11 +528,7 @@ def test_qdora_layer_keeps_nothing_of_size_n_by_k(backend):
                                         init_lora_weights=False)
     assert isinstance(layer, QuantizedLoRALinear) and layer.use_dora
     x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = layer(x)
-    big = [tuple(t.shape) for t in saved if t.is_floating_point() and t.numel() >= N * K // 4]
-    assert not big, f"floating-point tensors of W0's size saved for backward: {big}"
+    y, saved = _forward_saving_nothing_of_w0(layer, x, N, K)
     y.float().sum().backward()
     assert all(t.grad is not None for t in (x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector))
     with torch.no_grad():
