@@ -1,6 +1,6 @@
 """The one path every kind of call takes from its public function to its kernels.
 
-A kind (LoRA, a mixed batch, DoRA, QLoRA) is described once by a ``Kind``: its forward custom op, the functions that
+A kind (LoRA, a mixed batch, DoRA, QLoRA, QDoRA) is described once by a ``Kind``: its forward custom op, the functions that
 run a plan's forward and backward on the op's own arguments, which of those arguments get grads, which the backward
 keeps, and how the planner sees the call. ``run`` is then the same for every kind:
 
@@ -12,8 +12,8 @@ keeps, and how the planner sees the call. ``run`` is then the same for every kin
   the dispatcher's Python layers (less host time per call);
 - in inference, the plan's forward directly: no autograd node at all.
 
-The public functions (``lora_linear``, ``lora_linear_mixed``, ``dora_linear``, ``qlora_linear``) do their kind's own
-preparation (autocast, argument checks, the seed, flattening x to [M, K]) and call ``run``.
+The public functions (``lora_linear``, ``lora_linear_mixed``, ``dora_linear``, ``qlora_linear``, ``qdora_linear``) do
+their kind's own preparation (autocast, argument checks, the seed, flattening x to [M, K]) and call ``run``.
 """
 
 from __future__ import annotations
