@@ -287,7 +287,7 @@ def test_sorted_variant_refuses_a_shuffled_rank_owner_and_dropout():
     x, a = torch.randn(4, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE)
     xa = torch.empty(4, 3, device=DEVICE)
     with pytest.raises(ValueError, match="the sorted mixed-batch variant runs without dropout"):
-        triton_forward._launch_xa(x, a, xa, None, None, 1.0, 0.0, gating=None, any_dropout=True,
+        triton_forward.launch_xa(x, a, xa, None, None, 1.0, 0.0, gating=None, any_dropout=True,
                                   sort=(torch.arange(4, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)))
     w = torch.randn(6, 8, device=DEVICE)
     a, bb, owner = _adapters(8, 6, [2, 3], torch.float32)

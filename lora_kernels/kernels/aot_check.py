@@ -67,12 +67,12 @@ def specializations(arch: int):
     every config row in every dtype in its base variant, and every flag (bias, fused xa, dropout,
     determinism, widest rank padding) on every row in bf16 and fp32. fp16 shares bf16's code paths but for
     the element type, so its flag variants are not compiled separately."""
-    from .configs import TABLES, TILE_KEYS, XA_TILE_KEYS, _cfg
+    from .configs import TABLES, TILE_KEYS, XA_TILE_KEYS, config_of
 
     out = []
 
     def add(kernel, dtype, row, flags, keys=TILE_KEYS, precision="ieee"):
-        config = _cfg(row, keys)  # the very config the autotuner would launch
+        config = config_of(row, keys)  # the very config the autotuner would launch
         out.append((kernel, dtype, dict(config.kwargs, **flags, DOT_PRECISION=precision, UPCAST=False),
                     config.num_warps, config.num_stages))
 

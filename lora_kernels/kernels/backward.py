@@ -30,7 +30,7 @@ import triton.language as tl
 from .configs import (AUTOTUNE_KWARGS, BACKWARD_CONFIGS, INTERPRET, LOWRANK_CONFIGS, dot_precision, fixed_config,
                       m_bucket, prune_configs)
 from .dropout import dropout_args, dropout_keep
-from .forward import _tile_ids, block_r, row_gate
+from .forward import tile_ids, block_r, row_gate
 from .memory import empty
 from .numerics import as_type, rounded
 
@@ -59,7 +59,7 @@ def lora_bwd_dx_kernel(
     BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_k = _tile_ids(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    pid_m, pid_k = tile_ids(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     num_k = tl.cdiv(K, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -23,7 +23,7 @@ TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 XA_TILE_KEYS = ("BLOCK_M", None, "BLOCK_K")  # the xa kernel has no N dimension and no tile grouping
 
 
-def _cfg(row, keys=TILE_KEYS):
+def config_of(row, keys=TILE_KEYS):
     meta = {k: v for k, v in zip(keys, row[:3]) if k is not None}
     if keys == TILE_KEYS:
         meta["GROUP_M"] = 8
@@ -91,15 +91,15 @@ def _build(kind, keys=TILE_KEYS):
     for arch, by_size in TABLES[kind].items():
         for elem_bytes, table in by_size.items():
             for row in table:
-                c = _cfg(row, keys)
+                c = config_of(row, keys)
                 configs.append(c)
                 info[id(c)] = (arch, elem_bytes, row)
     return configs, info
 
 
 if INTERPRET:
-    FORWARD_CONFIGS = BACKWARD_CONFIGS = LOWRANK_CONFIGS = QUANT_CONFIGS = [_cfg(_INTERPRETER)]
-    XA_CONFIGS = [_cfg(_INTERPRETER, XA_TILE_KEYS)]
+    FORWARD_CONFIGS = BACKWARD_CONFIGS = LOWRANK_CONFIGS = QUANT_CONFIGS = [config_of(_INTERPRETER)]
+    XA_CONFIGS = [config_of(_INTERPRETER, XA_TILE_KEYS)]
     _INFO = {}
 else:
     FORWARD_CONFIGS, _fwd_info = _build("gemm")

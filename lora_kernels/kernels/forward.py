@@ -30,7 +30,7 @@ from .numerics import as_type, rounded
 
 
 @triton.jit
-def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped order: GROUP_M row-tiles share each column of W0 while it sits in L2.
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -70,7 +70,7 @@ def lora_fwd_kernel(
 ):
     """SORTED (a mixed batch, not FUSE_XA): the tile's rows are taken in adapter order (gathered from x, scattered
     to y) and the low-rank steps run over the window of stacked ranks of the tile's adapters only."""
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows/columns wrap around: loads stay in bounds without masks, stores are masked.
@@ -235,7 +235,7 @@ def block_r(r: int) -> int:
 XA_SPLIT_MIN_STEPS = 4
 
 
-def _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None, any_dropout=False, sort=None,
+def launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p, gating=None, any_dropout=False, sort=None,
                split_target=0):
     """gating: None, or (adapter_ids int32 [M], rank_owner int32 [R], scalings fp32 [n], thresholds int32 [n],
     keep_scales fp32 [n]) for a mixed batch, whose dropout comes per row with the gating (dropout_p is then
@@ -289,12 +289,12 @@ def lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_
 
     if variant == "cublas":
         xs = empty((M, R), x.device, x.dtype)
-        _launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p)
+        launch_xa(x, lora_A, xa, xs, seed, scaling, dropout_p)
         return _cublas_products(x, weight, bias, lora_B, xs), (xa if save_xa else xa.new_empty((0,)))
 
     y = empty((M, N), x.device, x.dtype)
     if variant == "xa_first":
-        _launch_xa(x, lora_A, xa, None, seed, scaling, dropout_p, split_target=xa_splits)
+        launch_xa(x, lora_A, xa, None, seed, scaling, dropout_p, split_target=xa_splits)
     _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, scaling, fuse_xa=variant == "fused", store_xa=need_xa)
     if not save_xa:
         xa = xa.new_empty((0,))
@@ -357,7 +357,7 @@ def rank_starts(rank_owner, n: int):
 def lora_mixed_forward(x, weight, bias, lora_A, lora_B, seed, any_dropout: bool, gating, save: bool, variant: str,
                        xa_splits: int = 0):
     """Mixed batch on 2-D x: every row with its own adapter (see reference.lora_mixed_forward; lora_A/lora_B are
-    the adapters concatenated along the rank, `gating` as in _launch_xa). Returns (y, xs fp32 [M, R] or empty),
+    the adapters concatenated along the rank, `gating` as in launch_xa). Returns (y, xs fp32 [M, R] or empty),
     xs = the gated, scaled dropout(x) A^T. Variants: ``gated`` (the thin kernel applies each row's gate, then
     Triton's GEMM adds xs B^T over the concatenated rank like a single adapter's), ``gated_cublas`` (the same with
     cuBLAS's GEMMs), ``sorted`` (no dropout: rows taken in adapter order in both kernels, each tile computing only
@@ -376,16 +376,16 @@ def lora_mixed_forward(x, weight, bias, lora_A, lora_B, seed, any_dropout: bool,
         order = torch.argsort(ids, stable=True).to(torch.int32)
         starts = rank_starts(owner, gating[2].numel())
         y = empty((M, N), x.device, x.dtype)
-        _launch_xa(x, lora_A, xa, None, seed, 1.0, 0.0, gating, False, sort=(order, starts), split_target=xa_splits)
+        launch_xa(x, lora_A, xa, None, seed, 1.0, 0.0, gating, False, sort=(order, starts), split_target=xa_splits)
         _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, 1.0, fuse_xa=False, store_xa=True,
                      sorted_rows=(order, ids, starts))
         return y, (xa if save else xa.new_empty((0,)))
     if variant == "gated_cublas":
         xs = empty((M, R), x.device, x.dtype)
-        _launch_xa(x, lora_A, xa, xs, seed, 1.0, 0.0, gating, any_dropout)
+        launch_xa(x, lora_A, xa, xs, seed, 1.0, 0.0, gating, any_dropout)
         y = _cublas_products(x, weight, bias, lora_B, xs)
     else:
         y = empty((M, N), x.device, x.dtype)
-        _launch_xa(x, lora_A, xa, None, seed, 1.0, 0.0, gating, any_dropout, split_target=xa_splits)
+        launch_xa(x, lora_A, xa, None, seed, 1.0, 0.0, gating, any_dropout, split_target=xa_splits)
         _launch_gemm(x, weight, bias, lora_A, lora_B, xa, y, 1.0, fuse_xa=False, store_xa=True)
     return y, (xa if save else xa.new_empty((0,)))

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .configs import AUTOTUNE_KWARGS, INTERPRET, QUANT_CONFIGS, dot_precision, m_bucket, prune_configs
-from .forward import _launch_xa, _tile_ids
+from .forward import launch_xa, tile_ids
 from .memory import empty
 from .numerics import as_type, rounded
 
@@ -74,7 +74,7 @@ def lora_fwd_quantized_kernel(
     """y = x W0^T + bias + (scaling xa) B^T with W0 dequantized tile by tile ([BLOCK_K, BLOCK_N] per K step, rounded
     to x's type as the dequantized matrix would be); xa [M, r] fp32 is read (the thin kernel made it). W0's flat
     indices are 32-bit (N K < 2**31, which the planner checks): a tile's indices stay in half the registers."""
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m % M  # out-of-range rows / columns wrap around: loads stay in bounds, stores are masked
@@ -138,7 +138,7 @@ def lora_forward_quantized(x, qw, bias, lora_A, lora_B, seed, scaling: float, dr
     y = empty((M, N), x.device, x.dtype)
     if M == 0:
         return y, (xa if save_xa else xa.new_empty((0,)))
-    _launch_xa(x, lora_A, xa, None, seed, scaling, dropout_p, split_target=xa_splits)
+    launch_xa(x, lora_A, xa, None, seed, scaling, dropout_p, split_target=xa_splits)
     if lora_B.dtype != x.dtype:  # fp32 master adapters: B streamed in x's type (as _launch_gemm does)
         lora_B = lora_B.to(x.dtype)
     tensors, offset, blocksize, blocksize2, int8, nested = _state_args(qw)
