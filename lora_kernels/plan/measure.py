@@ -162,17 +162,22 @@ def tune_call(call: Call, backend: str = "auto", timer=None) -> tuple[Plan, dict
     bwd = fastest("backward", bwds, default.backward) if call.grads else default.backward
     plan = Plan(fwd, bwd, launch_splits(call, fwd), aux)
     us = {k: (round(v * 1e6, 2) if isinstance(v, float) else v) for k, v in times.items()}
-    failed = [k for k, v in times.items() if not isinstance(v, float)]
-    if failed:  # a failure may be transient (memory taken by others, a busy GPU): the key stays unmeasured on disk
+    transient = [k for k, v in times.items() if isinstance(v, str) and _transient(v)]
+    if transient:  # memory taken by others, a CUDA error: another process may time it: the key stays unmeasured on disk
         key = entry_key(backend, call)
         backends.warn_once(f"failed-{key}", f"lora_kernels: measuring {key}: "
-                           f"{', '.join(f'{k} failed ({times[k]})' for k in failed)}; the plan of the others serves "
-                           "this process and nothing is written to the cache")
-    else:
+                           f"{', '.join(f'{k} failed ({times[k]})' for k in transient)}; the plan of the others "
+                           "serves this process and nothing is written to the cache")
+    else:  # (a candidate that cannot run this shape here, a compile or resource limit, is left out for good)
         cache_for(call.device).put(entry_key(backend, call), {
             "plan": plan.spec, "us": us,
             "tuned": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     return plan, us
+
+
+def _transient(error: str) -> bool:
+    """A candidate's failure that says nothing about the candidate itself: out of memory, a CUDA error (sticky or not)."""
+    return error.startswith(("OutOfMemoryError", "AcceleratorError")) or "CUDA error" in error
 
 
 def timed(timer, label, fn):
