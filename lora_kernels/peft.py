@@ -99,28 +99,29 @@ class _FusedForward:
     def extra_repr(self) -> str:
         return f"fused=True, backend={self.fused_backend!r}"
 
-    def _fused_unsupported(self, x, args, kwargs) -> str | None:
-        """Why this call cannot take the fused path (None if it can). Normal states (merged, adapters disabled, no
-        active adapter on this layer) return an empty string: they go to PEFT's forward silently."""
+    def _fused_unsupported(self, x, args, kwargs) -> tuple[str | None, list]:
+        """(why this call cannot take the fused path, None if it can; the adapters it uses here). Normal states
+        (merged, adapters disabled, no active adapter on this layer) give an empty string: they go to PEFT's forward
+        silently."""
         if self.disable_adapters or self.merged:
-            return ""
+            return "", []
         if args or set(kwargs) - {"adapter_names"}:
-            return f"extra forward arguments {sorted(kwargs) or len(args)} (variants)"
+            return f"extra forward arguments {sorted(kwargs) or len(args)} (variants)", []
         names = kwargs.get("adapter_names")
         if names is not None:
             if len(names) != x.shape[0]:
-                return ""  # PEFT raises its own error for this
+                return "", []  # PEFT raises its own error for this
             # names of adapters this layer does not have mean the base layer here, as in PEFT's own path
             used = sorted(set(names) & set(self.lora_A))
             why = next((why for a in used if (why := self._adapter_unsupported(a, x, mixed=True))), None)
         else:
             used = [a for a in self.active_adapters if a in self.lora_A]
             if not used:
-                return ""  # PEFT returns the base layer's output
+                return "", used  # PEFT returns the base layer's output
             if len(used) > 1:
-                return f"{len(used)} active adapters at once"
+                return f"{len(used)} active adapters at once", used
             why = self._adapter_unsupported(used[0], x)
-        return why or _hooks_unsupported(self, used)
+        return why or _hooks_unsupported(self, used), used
 
     def _adapter_unsupported(self, adapter, x, mixed=False) -> str | None:
         if adapter in self.lora_variant:
@@ -147,26 +148,25 @@ class _FusedForward:
         return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
     def forward(self, x, *args, **kwargs):
-        why = self._fused_unsupported(x, args, kwargs)
+        why, used = self._fused_unsupported(x, args, kwargs)
         if why is not None:
             if why:
                 backends.warn_once(f"peft-fallback-{why}", f"lora_kernels.peft: PEFT's own forward serves {why}")
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         names = kwargs.get("adapter_names")
-        hooked = _hooked_parts(self, base, set(names) & set(self.lora_A) if names is not None else
-                               [a for a in self.active_adapters if a in self.lora_A])
+        hooked = _hooked_parts(self, base, used)
         if not hooked:
-            return self._fused_forward(base, x, names)
+            return self._fused_forward(base, x, names, used)
         # accelerate's device hooks, as PEFT's calls of the parts run them: x to the execution device and offloaded
         # weights loaded before; the weights released and the output moved back (the base layer's hook last) after
         moved = [m._hf_hook.pre_forward(m, x)[0][0] for m in hooked]
-        y = self._fused_forward(base, moved[0], names)
+        y = self._fused_forward(base, moved[0], names, used)
         for m in reversed(hooked):
             y = m._hf_hook.post_forward(m, y)
         return y
 
-    def _fused_forward(self, base, x, adapter_names):
+    def _fused_forward(self, base, x, adapter_names, used):
         quantized = is_quantized_linear(base)
         if quantized:  # QLoRA / QDoRA: y in x's dtype, as PEFT's bitsandbytes layers return it
             weight, bias = None, base.bias
@@ -176,7 +176,7 @@ class _FusedForward:
             x, weight, bias = autocast_inputs(x, weight, base.bias)
             if adapter_names is not None:
                 return self._mixed_forward(x, weight, bias, adapter_names)
-        adapter = next(a for a in self.active_adapters if a in self.lora_A)
+        adapter = used[0]  # the one active adapter (a mixed batch returned above)
         # PEFT keeps adapters in fp32 next to a 16-bit base (its autocast_adapter_dtype): the ops take them as they are
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         magnitude = norms = None
