@@ -156,7 +156,7 @@ def triton_import_error() -> str | None:
 def triton_serves(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the Triton kernels run tensors of `dtype` on `device`: CUDA, or CPU under the interpreter. The passes
     that have a plain-PyTorch twin (the dropout mask, DoRA's norm and scale, QLoRA's dequantization) take the kernel
-    only next to a plan of the Triton or CUDA family (``plan.aux_kernels``) and where this holds."""
+    only where the plan's ``aux`` asks for it (``plan.aux_kernels_for``) and this holds."""
     return (dtype in KERNEL_DTYPES and triton_import_error() is None
             and (device.type == "cuda" or (triton_interpreting() and device.type == "cpu")))
 

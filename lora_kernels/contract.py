@@ -21,7 +21,7 @@ from torch import Tensor
 
 __all__ = ["check_args", "check_scaling", "check_probability", "check_seed", "check_index_tensor", "autocast_dtype",
            "autocast_inputs", "adapters_for", "master_adapters", "like_x", "draw_seed", "resolve_seed", "seed_int",
-           "grads_needed", "is_plain", "unflatten", "SIXTEEN_BIT", "KERNEL_DTYPES", "ALL_DTYPES"]
+           "grads_needed", "is_plain", "PLAIN_TYPES", "unflatten", "SIXTEEN_BIT", "KERNEL_DTYPES", "ALL_DTYPES"]
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the kernels compute in
@@ -188,12 +188,12 @@ def grads_needed(x, *params) -> int:
     return 1 if any(t is not None and t.requires_grad for t in params) else 0
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
+PLAIN_TYPES = (Tensor, torch.nn.Parameter)  # tensors that may skip the custom-op dispatcher (no subclass)
 
 
 def is_plain(*tensors) -> bool:
     """No tensor subclass among `tensors` (None allowed): such calls may skip the custom-op dispatcher."""
-    return all(t is None or type(t) in _PLAIN for t in tensors)
+    return all(t is None or type(t) in PLAIN_TYPES for t in tensors)
 
 
 def unflatten(y: Tensor, lead) -> Tensor:

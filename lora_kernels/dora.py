@@ -322,8 +322,8 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
 def _q_call(args, grads) -> Call:
     x, qdata, qstate, fmt, sizes, offset, _, lora_A, _, _, _, _, _, dropout_p = args
     return Call(x.device, x.dtype, x.shape[0], sizes[1], sizes[0], lora_A.shape[0], dropout_p > 0.0, grads,
-                torch.are_deterministic_algorithms_enabled(), 0, fmt + ("_dq" if qstate[2].numel() else ""),
-                dora=True)
+                torch.are_deterministic_algorithms_enabled(), 0,
+                quantized.pack(qdata, qstate, fmt, sizes, offset).quant, dora=True)
 
 
 def _q_forward(plan, args, save):

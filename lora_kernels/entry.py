@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from . import plan as planner
-from .contract import unflatten
+from .contract import PLAIN_TYPES, is_plain, unflatten
 
 __all__ = ["Kind", "run", "EagerCall", "setup_context", "backward_grads", "register_op_autograd"]
 
@@ -56,16 +56,13 @@ class Kind:
         return f"Kind({self.name!r})"
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
 def _plain(args, positions) -> bool:
     """No tensor subclass (DTensor, FakeTensor) among the tensors of args (such calls take the custom op)."""
     for i in positions:
         t = args[i]
-        if t is None or type(t) in _PLAIN:
+        if t is None or type(t) in PLAIN_TYPES:
             continue
-        if type(t) is list and all(type(e) in _PLAIN for e in t):
+        if type(t) is list and is_plain(*t):
             continue
         return False
     return True

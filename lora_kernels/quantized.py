@@ -311,9 +311,8 @@ def check_qargs(x, qw, bias, lora_A, lora_B, scaling, dropout_p) -> None:
 # quantized weight as the op takes it (``unpack``).
 def _call(args, grads) -> Call:
     x, qdata, qstate, fmt, sizes, offset, _, lora_A, _, _, _, dropout_p = args
-    nested = qstate[2].numel() > 0
     return Call(x.device, x.dtype, x.shape[0], sizes[1], sizes[0], lora_A.shape[0], dropout_p > 0.0, grads,
-                torch.are_deterministic_algorithms_enabled(), 0, fmt + ("_dq" if nested else ""))
+                torch.are_deterministic_algorithms_enabled(), 0, pack(qdata, qstate, fmt, sizes, offset).quant)
 
 
 def _kind_forward(plan, args, save):
