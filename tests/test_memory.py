@@ -44,31 +44,25 @@ def test_lora_kernels_saves_at_most_peft_at_every_dropout(model):
     assert saved["peft", 0.05] > saved["peft", 0.0]
 
 
-def test_qlora_saves_at_most_peft_over_bitsandbytes():
-    """QLoRA (the layer's linears in NF4 through bitsandbytes, on the meta device): the package saves no more than
-    PEFT over the same 4-bit layers, its adapter share is LoRA's over a dense base (x, [M, r], the seed: nothing of
-    the dequantized weight), and dropout adds nothing."""
+@pytest.mark.parametrize("quantized,dense,peft_row", [("lora_kernels_qlora", "lora_kernels", "peft_qlora"),
+                                                      ("lora_kernels_qdora", "lora_kernels_dora", None)],
+                         ids=["QLoRA", "QDoRA"])
+def test_over_4bit_bases_the_adapter_share_is_the_dense_one(quantized, dense, peft_row):
+    """QLoRA and QDoRA (the layer's linears in NF4 through bitsandbytes, on the meta device): the adapter share is
+    LoRA's / DoRA's over a dense base at every dropout (x, [M, r], DoRA's product, the seed: nothing of the
+    dequantized weight), and QLoRA saves no more than PEFT over the same 4-bit layers (PEFT's QDoRA cannot be built on
+    the meta device)."""
     pytest.importorskip("bitsandbytes")
-    pytest.importorskip("peft")
+    if peft_row:
+        pytest.importorskip("peft")
     frozen = memory.layer_row("llama-3-8b", "frozen_qlora", 0, 0.0).saved_kib_per_token
-    dense_share = (memory.layer_row("llama-3-8b", "lora_kernels", 16, 0.0).saved_kib_per_token
+    dense_share = (memory.layer_row("llama-3-8b", dense, 16, 0.0).saved_kib_per_token
                    - memory.layer_row("llama-3-8b", "frozen", 0, 0.0).saved_kib_per_token)
     for p in (0.0, 0.05):
-        ours = memory.layer_row("llama-3-8b", "lora_kernels_qlora", 16, p).saved_kib_per_token
-        peft = memory.layer_row("llama-3-8b", "peft_qlora", 16, p).saved_kib_per_token
-        assert ours <= peft and ours - frozen == pytest.approx(dense_share)
-
-
-def test_qdora_saves_what_dora_saves_over_a_dense_base():
-    """QDoRA (DoRA over the NF4 linears, on the meta device): the adapter share is DoRA's over a dense base at every
-    dropout (x, [M, r], the product P, the seed: nothing of the dequantized weight)."""
-    pytest.importorskip("bitsandbytes")
-    frozen = memory.layer_row("llama-3-8b", "frozen_qlora", 0, 0.0).saved_kib_per_token
-    dense_share = (memory.layer_row("llama-3-8b", "lora_kernels_dora", 16, 0.0).saved_kib_per_token
-                   - memory.layer_row("llama-3-8b", "frozen", 0, 0.0).saved_kib_per_token)
-    for p in (0.0, 0.05):
-        ours = memory.layer_row("llama-3-8b", "lora_kernels_qdora", 16, p).saved_kib_per_token
+        ours = memory.layer_row("llama-3-8b", quantized, 16, p).saved_kib_per_token
         assert ours - frozen == pytest.approx(dense_share)
+        if peft_row:
+            assert ours <= memory.layer_row("llama-3-8b", peft_row, 16, p).saved_kib_per_token
 
 
 def _attributed_saves(model_name, dropout, tokens=64):
