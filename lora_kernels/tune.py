@@ -1,6 +1,6 @@
 """Tune plans ahead of time: ``python -m lora_kernels.tune``.
 
-    python -m lora_kernels.tune --shapes 4096x4096x16,4096x14336x16 --tokens 1,16,2048,8192 [--kinds lora,dora,nf4_dq]
+    python -m lora_kernels.tune --shapes 4096x4096x16,4096x14336x16 --tokens 1,16,2048,8192 [--kinds lora,nf4_dq,...]
     python -m lora_kernels.tune --model my_pkg.models:build_model --tokens 16,4096 [--dropout 0.05]
 
 Each (rows, K, N, rank) key is timed as the first call of that key would time it (``lora_kernels.plan``): every
@@ -25,28 +25,49 @@ from . import plan
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-KINDS = ("lora", "dora", "nf4", "nf4_dq", "fp4", "fp4_dq", "int8")  # and "mixed<n>": a mixed batch over n adapters
+FORMATS = ("nf4", "nf4_dq", "fp4", "fp4_dq", "int8")  # a quantized base's (QLoRA); "dora_<format>": QDoRA
+KINDS = ("lora", "dora", *FORMATS)  # and "dora_<format>" (QDoRA), "mixed<n>" (a mixed batch over n adapters)
 
 
-def _quant_kind(base) -> str:
+def kind_fields(kind: str) -> dict:
+    """The Call fields of a kind of call: {"dora", "quant"} or {"adapters"}."""
+    if kind.startswith("mixed") and kind[5:].isdigit():
+        return {"adapters": int(kind[5:])}
+    quant = kind[5:] if kind.startswith("dora_") else ("" if kind in ("lora", "dora") else kind)
+    if quant and quant not in FORMATS:
+        raise ValueError(f"kind: expected one of {KINDS}, dora_<format> or mixed<n>, got {kind!r}")
+    return {"dora": kind == "dora" or kind.startswith("dora_"), "quant": quant}
+
+
+def kind_of(call: plan.Call) -> str:
+    """The kind of a call, as kind_fields reads it."""
+    if call.adapters:
+        return f"mixed{call.adapters}"
+    return ("dora" + (f"_{call.quant}" if call.quant else "")) if call.dora else (call.quant or "lora")
+
+
+def _layer_kind(base, dora: bool) -> str:
+    """A layer's kind from its base layer (quantized or not) and whether the adapter is DoRA."""
     from .quantized import is_quantized_linear, quantized_weight
 
-    return quantized_weight(base).quant if is_quantized_linear(base) else ""
+    quant = quantized_weight(base).quant if is_quantized_linear(base) else ""
+    return ("dora" + (f"_{quant}" if quant else "")) if dora else (quant or "lora")
 
 
 def model_shapes(model: torch.nn.Module) -> list[tuple[int, int, int, float, str]]:
     """(K, N, r, dropout, kind) of every LoRA layer of `model` (each adapter of a layer; kind: "lora", "dora", the
-    quantized format of a QLoRA base, "mixed<n>" for the layer's n adapters stacked), without duplicates."""
+    quantized format of a QLoRA base, "dora_<format>" for QDoRA, "mixed<n>" for the layer's n adapters stacked),
+    without duplicates."""
     from .layers import FusedLoRALinear, QuantizedLoRALinear
 
     out = []
     for module in model.modules():
         if isinstance(module, FusedLoRALinear):
-            quant = _quant_kind(module.base_layer) if isinstance(module, QuantizedLoRALinear) else ""
+            quantized = isinstance(module, QuantizedLoRALinear)
             for adapter in module.adapters.values():
-                kind = quant or ("dora" if adapter.use_dora else "lora")
+                kind = _layer_kind(module.base_layer if quantized else None, adapter.use_dora)
                 out.append((module.in_features, module.out_features, adapter.r, adapter.lora_dropout, kind))
-            if len(module.adapters) > 1 and not quant:
+            if len(module.adapters) > 1 and not quantized:
                 out.append((module.in_features, module.out_features, sum(a.r for a in module.adapters.values()),
                             max(a.lora_dropout for a in module.adapters.values()), f"mixed{len(module.adapters)}"))
         elif hasattr(module, "lora_A") and hasattr(module, "get_base_layer") and hasattr(module, "fused_backend"):
@@ -54,7 +75,7 @@ def model_shapes(model: torch.nn.Module) -> list[tuple[int, int, int, float, str
             k, n = (base.in_features, base.out_features) if hasattr(base, "in_features") else base.weight.shape[::-1]
             for name, a in module.lora_A.items():
                 drop = module.lora_dropout[name]
-                kind = _quant_kind(base) or ("dora" if name in module.lora_variant else "lora")
+                kind = _layer_kind(base, name in module.lora_variant)
                 out.append((k, n, a.weight.shape[0], getattr(drop, "p", 0.0), kind))
     return list(dict.fromkeys(out))
 
@@ -72,10 +93,7 @@ def keys(shapes, tokens, dtype, device, modes, deterministic=False):
     infer), keyed as the layers of that kind key them (``plan.Call``)."""
     calls = []
     for K, N, r, p, kind in shapes:
-        if kind not in KINDS and not (kind.startswith("mixed") and kind[5:].isdigit()):
-            raise ValueError(f"kind: expected one of {KINDS} or mixed<n>, got {kind!r}")
-        extra = dict(dora=kind == "dora", quant=kind if kind not in ("lora", "dora") and not kind.startswith("mixed")
-                     else "", adapters=int(kind[5:]) if kind.startswith("mixed") else 0)
+        extra = kind_fields(kind)
         for M in tokens:
             for mode in modes:
                 grads = 2 if mode == "train" else 0
@@ -104,7 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="module:callable returning a model with LoRA layers")
     ap.add_argument("--tokens", default="1,16,1024,4096,8192", help="rows per call (batch x sequence) to tune")
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout of --shapes in training (0: none)")
-    ap.add_argument("--kinds", default="lora", help=f"kinds of call for --shapes: {', '.join(KINDS)}, mixed<n>")
+    ap.add_argument("--kinds", default="lora",
+                    help=f"kinds of call for --shapes: {', '.join(KINDS)}, dora_<format>, mixed<n>")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--modes", default="train,infer", help="train (forward+backward) and/or infer (forward)")
     ap.add_argument("--backend", default="auto", help="the backend whose plans to tune (default auto)")
@@ -133,8 +152,7 @@ def main(argv=None) -> int:
         seconds = time.time() - t0
         bar.step(f"M={call.M} K={call.K} N={call.N} r={call.r}")
         mode = "train" + (" p>0" if call.dropout else "") if call.grads else "infer"
-        kind = "dora" if call.dora else call.quant or (f"mixed{call.adapters}" if call.adapters else "lora")
-        print(f"\nM={call.M} K={call.K} N={call.N} r={call.r} {args.dtype} {kind} {mode}: "
+        print(f"\nM={call.M} K={call.K} N={call.N} r={call.r} {args.dtype} {kind_of(call)} {mode}: "
               f"{chosen.spec if call.grads else chosen.forward}  (tuned in {seconds:.1f} s)")
         for label, t in sorted(us.items(), key=lambda kv: (kv[0].split(":")[0], kv[1] if isinstance(kv[1], float)
                                                            else float("inf"))):

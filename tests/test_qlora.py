@@ -527,6 +527,9 @@ def test_qdora_layer_keeps_nothing_of_size_n_by_k(backend):
     layer = FusedLoRALinear.from_linear(base, r=r, lora_alpha=16, use_dora=True, backend=backend,
                                         init_lora_weights=False)
     assert isinstance(layer, QuantizedLoRALinear) and layer.use_dora
+    from lora_kernels import tune
+
+    assert [s[-1] for s in tune.model_shapes(layer)] == ["dora_nf4_dq"]  # tuned as the QDoRA calls are keyed
     x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     y, saved = _forward_saving_nothing_of_w0(layer, x, N, K)
     y.float().sum().backward()

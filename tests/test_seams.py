@@ -193,10 +193,14 @@ def test_tune_keys_cover_every_kind():
     model[0].add_adapter("other", r=4)
     shapes = tune.model_shapes(model)
     assert sorted(s[-1] for s in shapes) == ["dora", "lora", "lora", "mixed2"]
-    calls = tune.keys(shapes + [(64, 64, 8, 0.0, "nf4_dq")], [16], torch.bfloat16, DEVICE, ["train"])
+    calls = tune.keys(shapes + [(64, 64, 8, 0.0, "nf4_dq"), (64, 64, 8, 0.0, "dora_fp4")], [16], torch.bfloat16,
+                      DEVICE, ["train"])
     assert {(c.dora, c.quant, c.adapters) for c in calls} == {(False, "", 0), (True, "", 0), (False, "", 2),
-                                                              (False, "nf4_dq", 0)}
+                                                              (False, "nf4_dq", 0), (True, "fp4", 0)}
     assert next(c for c in calls if c.adapters).r == 6  # the stacked rank
+    assert sorted(map(tune.kind_of, calls)) == ["dora", "dora_fp4", "lora", "lora", "mixed2", "nf4_dq"]
+    with pytest.raises(ValueError, match="kind: expected one of"):
+        tune.keys([(64, 64, 8, 0.0, "dora_nf5")], [16], torch.bfloat16, DEVICE, ["train"])
 
 
 # 6. one measurement per new key, whatever the threads ----------------------------------------------------------
