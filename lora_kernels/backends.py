@@ -326,13 +326,84 @@ def _quantized_forward(x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, sa
     return lora_forward_quantized(x, qw, bias, lora_A, lora_B, seed, scaling, dropout_p, save_xa, xa_splits)
 
 
+# --------------------------------------------------------------------------------------------
+# LoRA on MoE experts (lora_kernels.experts): slots sorted by expert, W0 [E, N, K] (or [E, K, N] transposed),
+# A [E, r, K], B [E, N, r], offsets [E]. Same contract for every variant:
+#   forward(x, weight, bias, lora_A, lora_B, offsets, gather, seed, scaling, dropout_p, save_xa, transposed, aux)
+#       -> (y [S, N], xa [S, r] fp32 or empty)
+#   backward(grad_y, x, weight, lora_A, lora_B, xa, offsets, gather, seed, scaling, dropout_p, need_dx,
+#            deterministic, transposed, aux) -> (dx [T, K] or empty, dA, dB)
+# --------------------------------------------------------------------------------------------
+def _experts_torch_forward(x, weight, bias, lora_A, lora_B, offsets, gather, seed, scaling, dropout_p, save_xa,
+                           transposed, aux=False):
+    y, xa = reference.experts_forward(x, weight, bias, *like_x(x, lora_A, lora_B), offsets, gather, scaling,
+                                      dropout_p, seed_int(seed), transposed)
+    return y, (xa.to(_xa_dtype(x.dtype)) if save_xa else x.new_empty((0,), dtype=_xa_dtype(x.dtype)))
+
+
+def _experts_torch_backward(grad_y, x, weight, lora_A, lora_B, xa, offsets, gather, seed, scaling, dropout_p,
+                            need_dx, deterministic, transposed, aux=False):
+    dx, da, db = reference.experts_backward(grad_y, x, weight, *like_x(x, lora_A, lora_B), xa, offsets, gather,
+                                            scaling, dropout_p, seed_int(seed), transposed, need_dx)
+    return (dx if need_dx else _empty_like_none(x)), da.to(lora_A.dtype), db.to(lora_B.dtype)
+
+
+def _experts_aten_forward(x, weight, bias, lora_A, lora_B, offsets, gather, seed, scaling, dropout_p, save_xa,
+                          transposed, aux=False):
+    """Split LoRA: grouped(x, W0) + bias + s grouped(grouped(dropout(x), A^T), B^T), W0 + s B A never formed."""
+    from .grouped import expert_of_slots, grouped_mm
+
+    a, b = like_x(x, lora_A, lora_B)
+    xs = x if gather is None else x[gather]
+    y = grouped_mm(xs, weight if transposed else weight.transpose(1, 2), offsets)
+    if bias is not None:
+        y += bias.index_select(0, expert_of_slots(offsets, xs.shape[0]))
+    xa = grouped_mm(dropped(xs, seed, dropout_p, in_place=gather is not None, kernels=aux), a.transpose(1, 2),
+                    offsets)
+    y += grouped_mm(xa * scaling, b.transpose(1, 2), offsets)
+    return y, (xa.to(_xa_dtype(x.dtype)) if save_xa else x.new_empty((0,), dtype=_xa_dtype(x.dtype)))
+
+
+def _experts_aten_backward(grad_y, x, weight, lora_A, lora_B, xa, offsets, gather, seed, scaling, dropout_p,
+                           need_dx, deterministic, transposed, aux=False):
+    from .grouped import grouped_mm, grouped_mm_t, scatter_rows
+
+    a, b = like_x(x, lora_A, lora_B)
+    xs = x if gather is None else x[gather]
+    g = grouped_mm(grad_y, b, offsets).mul_(scaling)
+    grad_A = grouped_mm_t(g, dropped(xs, seed, dropout_p, kernels=aux), offsets)
+    grad_B = grouped_mm_t(grad_y, (xa * scaling).to(grad_y.dtype), offsets)
+    dx = _empty_like_none(x)
+    if need_dx:
+        dxs = dropped(grouped_mm(g, a, offsets), seed, dropout_p, in_place=True, kernels=aux)
+        dxs += grouped_mm(grad_y, weight.transpose(1, 2) if transposed else weight, offsets)
+        dx = scatter_rows(dxs, gather, x.shape[0])
+    return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+
+
+def _experts_triton_forward(x, weight, bias, lora_A, lora_B, offsets, gather, seed, scaling, dropout_p, save_xa,
+                            transposed, aux=False):
+    from .kernels.experts import experts_forward
+
+    return experts_forward(x, weight, bias, lora_A, lora_B, offsets, gather, seed, scaling, dropout_p, save_xa,
+                           transposed)
+
+
+def _experts_triton_backward(grad_y, x, weight, lora_A, lora_B, xa, offsets, gather, seed, scaling, dropout_p,
+                             need_dx, deterministic, transposed, aux=False):
+    from .kernels.experts import experts_backward
+
+    return experts_backward(grad_y, x, weight, lora_A, lora_B, xa, offsets, gather, seed, scaling, dropout_p,
+                            need_dx, transposed)
+
+
 BACKENDS = {b.name: b for b in (TorchBackend, AtenBackend, TritonBackend, CudaBackend)}
 
 
 class Variant(NamedTuple):
     """One implementation of a pass. `takes`: "dense" (a single adapter over W0 [N, K]: LoRA, DoRA's inner passes,
-    QLoRA over a dequantized W0), "quantized" (a single adapter over the quantized W0 itself) or "mixed" (stacked
-    adapters, one per row)."""
+    QLoRA over a dequantized W0), "quantized" (a single adapter over the quantized W0 itself), "mixed" (stacked
+    adapters, one per row) or "experts" (an adapter per expert over W0 [E, N, K], slots sorted by expert)."""
 
     name: str
     family: str
@@ -363,6 +434,12 @@ VARIANTS = (
     Variant("triton_sorted", "triton", "forward", "mixed", TritonBackend.mixed_forward_as("sorted")),
     Variant("torch", "torch", "backward", "mixed", TorchBackend.mixed_backward),
     Variant("triton_split", "triton", "backward", "mixed", TritonBackend.mixed_backward),
+    Variant("torch", "torch", "forward", "experts", _experts_torch_forward),
+    Variant("aten", "aten", "forward", "experts", _experts_aten_forward),
+    Variant("triton_grouped", "triton", "forward", "experts", _experts_triton_forward),
+    Variant("torch", "torch", "backward", "experts", _experts_torch_backward),
+    Variant("aten", "aten", "backward", "experts", _experts_aten_backward),
+    Variant("triton_grouped", "triton", "backward", "experts", _experts_triton_backward),
 )
 
 
@@ -373,6 +450,7 @@ def _table(direction: str, takes: str) -> dict:
 FORWARD, BACKWARD = _table("forward", "dense"), _table("backward", "dense")
 QUANTIZED_FORWARD = _table("forward", "quantized")
 MIXED_FORWARD, MIXED_BACKWARD = _table("forward", "mixed"), _table("backward", "mixed")
+EXPERTS_FORWARD, EXPERTS_BACKWARD = _table("forward", "experts"), _table("backward", "experts")
 FAMILY_OF = {v.name: v.family for v in VARIANTS}
 
 

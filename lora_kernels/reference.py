@@ -26,6 +26,9 @@ __all__ = [
     "dora_forward",
     "dora_backward",
     "dequantize",
+    "expert_bounds",
+    "experts_forward",
+    "experts_backward",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -277,3 +280,58 @@ def dequantize(qw, dtype, rows=None):
     else:
         scale = qw.absmax[block]
     return (qw.code[nibble] * scale).reshape(r1 - r0, K).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA on Mixture-of-Experts experts: slots (token, expert pairs) sorted by expert.
+# --------------------------------------------------------------------------------------------
+def expert_bounds(offsets: torch.Tensor) -> list[int]:
+    """[0, end of expert 0, end of expert 1, ...] from the inclusive offsets (one host read)."""
+    return [0] + [int(v) for v in offsets.tolist()]
+
+
+def _expert_weight(weight, e: int, transposed: bool):
+    """Expert e's W0 as [K, N] (weight [E, N, K], or [E, K, N] when transposed)."""
+    return weight[e] if transposed else weight[e].t()
+
+
+def experts_forward(x, weight, bias, lora_A, lora_B, offsets, gather, scaling: float, dropout_p: float = 0.0,
+                    seed: int | None = None, transposed: bool = False):
+    """Slot s of expert e (rows offsets[e-1] .. offsets[e] of the sorted slots; slot s reads token gather[s], or row
+    s of x without a gather): y_s = x W0_e^T + b_e + scaling * (dropout(x) A_e^T) B_e^T, expert by expert. The
+    dropout mask is the package's over the [S, K] slot rows. Returns (y [S, N], xa [S, r])."""
+    xs = x if gather is None else x[gather]
+    xd, _ = _dropped(xs, seed, dropout_p)
+    S, N, r = xs.shape[0], lora_B.shape[1], lora_A.shape[1]
+    y, xa = xs.new_zeros((S, N)), xs.new_zeros((S, r))
+    bounds = expert_bounds(offsets)
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        xa[lo:hi] = xd[lo:hi] @ lora_A[e].t()
+        ye = xs[lo:hi] @ _expert_weight(weight, e, transposed) + (xa[lo:hi] @ lora_B[e].t()) * scaling
+        y[lo:hi] = ye if bias is None else ye + bias[e]
+    return y, xa
+
+
+def experts_backward(grad_y, x, weight, lora_A, lora_B, xa, offsets, gather, scaling: float, dropout_p: float = 0.0,
+                     seed: int | None = None, transposed: bool = False, need_dx: bool = True):
+    """Grads (dx [T, K] or None, dA [E, r, K], dB [E, N, r]) of experts_forward from the saved xa; dx sums the
+    slots of each token (the gather's adjoint)."""
+    xs = x if gather is None else x[gather]
+    xd, d = _dropped(xs, seed, dropout_p)
+    grad_A, grad_B = torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    dxs = torch.zeros_like(xs) if need_dx else None
+    bounds = expert_bounds(offsets)
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        dy = grad_y[lo:hi]
+        g = (dy @ lora_B[e]) * scaling
+        grad_A[e] = g.t() @ xd[lo:hi]
+        grad_B[e] = (dy.t() @ xa[lo:hi].to(dy.dtype)) * scaling
+        if need_dx:
+            gl = g @ lora_A[e]
+            dxs[lo:hi] = dy @ _expert_weight(weight, e, transposed).t() + (gl if d is None else gl * d[lo:hi])
+    grad_x = None
+    if need_dx:
+        grad_x = dxs if gather is None else torch.zeros_like(x).index_add_(0, gather, dxs)
+    return grad_x, grad_A, grad_B

@@ -33,19 +33,23 @@ MAX_LOCAL_BYTES = 2048
 DTYPES = ("fp16", "bf16", "fp32")
 # "bf16+fp32": bf16 activations and weights with fp32 master adapters (A, B), which the one-launch forward, the thin
 # xa kernel and the low-rank backward round as they load them (the launchers of the others cast A / B first)
-_ADAPTER_ARGS = {"A", "B"}
+_ADAPTER_ARGS = {"A", "B", "L"}
 _POINTER_TYPES = {"XA": "*fp32", "SEED": "*i64", "DA": "*fp32", "DB": "*fp32", "OUT": "*i8", "IDS": "*i32",
                   "OWNER": "*i32", "SCALES": "*fp32", "THR": "*i32", "KS": "*fp32", "ORDER": "*i32",
                   "RSTART": "*i32", "WA": "*fp32", "SQ": "*fp32", "G": "*fp32", "DM": "*fp32", "CODE": "*fp32",
-                  "ABSMAX2": "*fp32", "CODE2": "*fp32"}
+                  "ABSMAX2": "*fp32", "CODE2": "*fp32", "GATHER": "*i64", "LO": "*fp32", "TILE_EXPERT": "*i32",
+                  "TILE_START": "*i32", "OFFSETS": "*i32"}
 # pointers whose type follows the kernel (the dropout mask kernel writes int8; dropout_apply writes x's type)
-_KERNEL_POINTERS = {"dropout_apply_kernel": {"OUT": None}}
-_FLOAT_ARGS = {"scaling", "keep_scale", "offset"}
-_SIZE_ARGS = {"M", "N", "K", "R"}  # upper case like the pointers, but i32
+_KERNEL_POINTERS = {"dropout_apply_kernel": {"OUT": None}, "experts_gemm_kernel": {"OUT": None},
+                    "experts_shrink_kernel": {"OUT": "*fp32"}, "experts_lowrank_grad_kernel": {"OUT": "*fp32"}}
+# the constexpr that is the dots' M tile, where it is not BLOCK_M (the wgmma check reads it)
+_DOT_ROWS = {"experts_lowrank_grad_kernel": "BLOCK_C"}
+_FLOAT_ARGS = {"scaling", "scale", "keep_scale", "offset"}
+_SIZE_ARGS = {"M", "N", "K", "R", "C"}  # upper case like the pointers, but i32
 
 
 def _kernels():
-    from . import backward, dora, dropout, forward, quantized
+    from . import backward, dora, dropout, experts, forward, quantized
 
     return {
         "lora_fwd_kernel": forward.lora_fwd_kernel,
@@ -59,6 +63,9 @@ def _kernels():
         "dora_grad_kernel": dora.dora_grad_kernel,
         "dequantize_kernel": quantized.dequantize_kernel,
         "lora_fwd_quantized_kernel": quantized.lora_fwd_quantized_kernel,
+        "experts_shrink_kernel": experts.experts_shrink_kernel,
+        "experts_gemm_kernel": experts.experts_gemm_kernel,
+        "experts_lowrank_grad_kernel": experts.experts_lowrank_grad_kernel,
     }
 
 
@@ -159,11 +166,37 @@ def specializations(arch: int):
                 rows, step = norm_block(rank)
                 out.append(("dora_norm_kernel", dtype if adapters == dtype else f"{dtype}+fp32",
                             dict(HAS_SQ=False, BLOCK_R=rank, BLOCK_N=rows, BLOCK_K=step), 4, 2))
+    out += experts_specializations(arch)
     # fp32 inputs with torch.backends.cuda.matmul.allow_tf32 switch the dots to TF32.
     add("lora_fwd_kernel", "fp32", TABLES["gemm"][arch][4][0],
         dict(HAS_BIAS=True, FUSE_XA=True, STORE_XA=True, SORTED=False, BLOCK_R=16), precision="tf32")
     add("lora_bwd_dx_kernel", "fp32", TABLES["dx"][arch][4][0],
         dict(DROPOUT=True, DETERMINISTIC=False, BLOCK_R=16), precision="tf32")
+    return out
+
+
+def experts_specializations(arch: int) -> list:
+    """The MoE experts kernels (16-bit: fp32 experts run the grouped ATen products): each kernel's tile with every
+    flag at the narrowest and the widest rank they serve, in bf16, bf16 with fp32 master adapters, and fp16."""
+    from .experts import MAX_RANK, TILES
+
+    out = []
+    gemm, thin = TILES["gemm"][arch][2], TILES["thin"][arch][2]
+
+    def add(kernel, dtype, row, flags, keys):
+        meta = {k: v for k, v in zip(keys, row[:3]) if k is not None}
+        out.append((kernel, dtype, dict(meta, **flags, DOT_PRECISION="ieee", UPCAST=False), row[3], row[4]))
+
+    for dtype in ("bf16", "bf16+fp32", "fp16"):
+        ranks = (16, MAX_RANK) if dtype != "fp16" else (16,)
+        for rank in ranks:
+            for gather, bias, dropout in ((True, True, False), (False, False, True)):
+                add("experts_gemm_kernel", dtype, gemm, dict(HAS_GATHER=gather, HAS_BIAS=bias, DROPOUT=dropout,
+                                                             BLOCK_R=rank), ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                add("experts_shrink_kernel", dtype, thin, dict(HAS_GATHER=gather, DROPOUT=not dropout, BLOCK_R=rank),
+                    ("BLOCK_M", None, "BLOCK_K"))
+                add("experts_lowrank_grad_kernel", dtype, thin, dict(HAS_GATHER=gather, DROPOUT=gather,
+                                                                     BLOCK_R=rank), ("BLOCK_S", "BLOCK_C", None))
     return out
 
 
@@ -242,7 +275,7 @@ def compile_one(arch: int, spec) -> tuple[str, int, tuple | None, float]:
     smem = compiled.metadata.shared
     if smem > SMEM_LIMIT[arch]:
         raise RuntimeError(f"{desc}: needs {smem} bytes of shared memory, sm_{arch} has {SMEM_LIMIT[arch]}")
-    if (arch == 90 and dtype != "fp32" and constexprs.get("BLOCK_M", 0) >= 64 and warps % 4 == 0
+    if (arch == 90 and dtype != "fp32" and constexprs.get(_DOT_ROWS.get(name, "BLOCK_M"), 0) >= 64 and warps % 4 == 0
             and "wgmma.mma_async" not in compiled.asm["ptx"]):
         raise RuntimeError(f"{desc}: no wgmma in the sm_90 code (its dots fell back to mma.sync)")
     res = resources(compiled.asm["cubin"])

@@ -79,7 +79,8 @@ def entry_key(family: str, call: Call) -> str:
     """The cache key of a call: the family asked for and the call, rows rounded up to a power of two."""
     return (f"{family}|{str(call.dtype).replace('torch.', '')}|M{bucket(call.M)}|K{call.K}|N{call.N}|r{call.r}|"
             f"p{int(call.dropout)}|g{call.grads}|d{int(call.deterministic)}|a{call.adapters}"
-            + (f"|q{call.quant}" if call.quant else "") + ("|dora" if call.dora else ""))
+            + (f"|q{call.quant}" if call.quant else "") + ("|dora" if call.dora else "")
+            + (f"|e{call.experts}" if call.experts else ""))
 
 
 def read_entries(path: str, device: torch.device) -> dict:

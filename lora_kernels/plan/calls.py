@@ -11,7 +11,8 @@ import torch
 from .. import backends
 
 __all__ = ["Call", "Plan", "bucket", "padded_rank", "parse_spec", "check_name", "FORWARDS", "BACKWARDS",
-           "MIXED_FORWARDS", "MIXED_BACKWARDS", "FAMILIES", "AUTO_FAMILIES", "NAMES"]
+           "MIXED_FORWARDS", "MIXED_BACKWARDS", "EXPERTS_FORWARDS", "EXPERTS_BACKWARDS", "FAMILIES", "AUTO_FAMILIES",
+           "NAMES"]
 
 
 def _names(direction: str, *takes: str) -> tuple:
@@ -22,19 +23,23 @@ FORWARDS = _names("forward", "dense", "quantized")
 BACKWARDS = _names("backward", "dense")
 MIXED_FORWARDS = _names("forward", "mixed")
 MIXED_BACKWARDS = _names("backward", "mixed")
+EXPERTS_FORWARDS = _names("forward", "experts")
+EXPERTS_BACKWARDS = _names("backward", "experts")
 
-# The variants each backend family may run: (forwards, backwards, mixed forwards, mixed backwards). `aten` (every
-# product by ATen, the package's dropout mask) belongs to the Triton family too: it is how that family serves fp32
-# (Triton's fp32 dots sum in sequence, less accurate than cuBLAS). The CUDA C++ kernels have no mixed-batch kernels:
-# that family runs the Triton ones there; `aten` runs the reference's per-adapter formulas.
+# The variants each backend family may run: (forwards, backwards, mixed forwards, mixed backwards, experts forwards,
+# experts backwards). `aten` (every product by ATen, the package's dropout mask) belongs to the Triton family too: it
+# is how that family serves fp32 (Triton's fp32 dots sum in sequence, less accurate than cuBLAS). The CUDA C++ kernels
+# have no mixed-batch or experts kernels: that family runs the Triton ones there; `aten` runs the reference's
+# per-adapter formulas for mixed batches and the split-LoRA grouped products for experts.
 FAMILIES = {
-    "torch": (("torch",), ("torch",), ("torch",), ("torch",)),
-    "aten": (("aten",), ("aten",), ("torch",), ("torch",)),
+    "torch": (("torch",), ("torch",), ("torch",), ("torch",), ("torch",), ("torch",)),
+    "aten": (("aten",), ("aten",), ("torch",), ("torch",), ("aten",), ("aten",)),
     "triton": (("triton_fused", "triton_xa_first", "triton_cublas", "triton_quantized", "aten"),
                ("triton_split", "triton_fused", "aten"),
-               ("triton_gated", "triton_gated_cublas", "triton_sorted"), ("triton_split",)),
+               ("triton_gated", "triton_gated_cublas", "triton_sorted"), ("triton_split",),
+               ("triton_grouped", "aten"), ("triton_grouped", "aten")),
     "cuda": (("cuda_decode", "cuda_tiled"), ("cuda",), ("triton_gated", "triton_gated_cublas", "triton_sorted"),
-             ("triton_split",)),
+             ("triton_split",), ("triton_grouped",), ("triton_grouped",)),
 }
 AUTO_FAMILIES = ("aten", "triton", "cuda")  # what `auto` measures on CUDA (torch is the reference, never faster)
 NAMES = ("auto", *FAMILIES)
@@ -64,6 +69,7 @@ class Call(NamedTuple):
     adapters: int = 0  # 0: one adapter; n >= 1: a mixed batch over n adapters
     quant: str = ""  # a quantized W0 (QLoRA): "nf4", "fp4", "int8", "_dq" appended for double quantization
     dora: bool = False  # DoRA: LoRA's variants around its column scale, the forward's on dropout(x) without dropout
+    experts: int = 0  # LoRA on MoE experts: the number of experts (M: the slots, token-expert pairs)
 
 
 class Plan(NamedTuple):
@@ -95,11 +101,12 @@ def parse_spec(spec: str) -> Plan:
     body, _, splits = spec.partition("@")
     fwd, sep, bwd = body.partition("+")
     single, mixed = fwd in FORWARDS and bwd in BACKWARDS, fwd in MIXED_FORWARDS and bwd in MIXED_BACKWARDS
-    if not sep or not (single or mixed) or (splits and not splits.isdigit()):
+    experts = fwd in EXPERTS_FORWARDS and bwd in EXPERTS_BACKWARDS
+    if not sep or not (single or mixed or experts) or (splits and not splits.isdigit()):
         raise ValueError(
             f"backend: unknown name {spec!r}; expected 'auto', a backend ({', '.join(map(repr, FAMILIES))}) or a plan "
-            f"'forward+backward[@xa_splits]' with forward in {FORWARDS} (mixed batches {MIXED_FORWARDS}) and backward "
-            f"in {BACKWARDS} (mixed {MIXED_BACKWARDS})")
+            f"'forward+backward[@xa_splits]' with forward in {FORWARDS} (mixed batches {MIXED_FORWARDS}, experts "
+            f"{EXPERTS_FORWARDS}) and backward in {BACKWARDS} (mixed {MIXED_BACKWARDS}, experts {EXPERTS_BACKWARDS})")
     return Plan(fwd, bwd, int(splits or 0))
 
 

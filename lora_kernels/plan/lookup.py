@@ -28,7 +28,7 @@ _CHOOSE_LOCK = threading.RLock()
 def memo_key(backend: str, call: Call) -> tuple:
     """The memo's key of a call: everything about it, rows rounded to their bucket."""
     return (backend, call.device, call.dtype, bucket(call.M), call.K, call.N, call.r, call.dropout, call.grads,
-            call.deterministic, call.adapters, call.quant, call.dora)
+            call.deterministic, call.adapters, call.quant, call.dora, call.experts)
 
 
 def why_not_measure(call: Call) -> str | None:
@@ -74,6 +74,9 @@ def choose_uncached(call: Call, backend: str, measure: bool, timer) -> tuple[Pla
     if call.adapters and backend == "cuda":
         backends.warn_once("cuda-mixed", "lora_kernels: the CUDA C++ backend has no mixed-batch kernels; mixed "
                                          "batches run the Triton kernels")
+    if call.experts and backend == "cuda":
+        backends.warn_once("cuda-experts", "lora_kernels: the CUDA C++ backend has no experts kernels; experts run "
+                                           "the Triton kernels")
     if backend == "auto" and call.device.type == "cuda":
         why = family_unavailable("triton", call.device, call.dtype)
         if why and call.dtype in backends.KERNEL_DTYPES:

@@ -52,6 +52,7 @@ class Scratch(NamedTuple):
     p: float
     mixed: tuple | None  # (adapter_ids, rank_owner, scalings, dropout_ps)
     qweight: object = None  # QLoRA calls: a QuantizedWeight of W0's shape (weight is then unused)
+    offsets: torch.Tensor | None = None  # experts calls: the slots split evenly over the experts (weight [E, N, K])
 
 
 def scratch(call: Call) -> Scratch:
@@ -73,6 +74,12 @@ def scratch(call: Call) -> Scratch:
         owner = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), torch.tensor(ranks)).to(dev)
         ids = torch.randint(-1, n, (M,), generator=g, device=dev, dtype=torch.int64).to(torch.int32)
         mixed = (ids, owner, [2.0] * n, [p] * n)
+    if call.experts:  # the slots split evenly over the experts (routing balanced, as training aims for)
+        E = call.experts
+        offsets = torch.tensor([(e + 1) * M // E for e in range(E)], dtype=torch.int32, device=dev)
+        return Scratch(rnd(M, K), rnd(E, N, K, scale=K ** -0.5), rnd(E, R, K, scale=K ** -0.5),
+                       rnd(E, N, R, scale=R ** -0.5), rnd(M, N) if call.grads else None, seed, p, None,
+                       offsets=offsets)
     qweight = scratch_quantized(call, g) if call.quant else None
     weight = rnd(N, K, scale=K ** -0.5) if qweight is None else None
     return Scratch(rnd(M, K), weight, rnd(R, K, scale=K ** -0.5), rnd(N, R, scale=R ** -0.5),
@@ -102,6 +109,9 @@ def scratch_quantized(call: Call, g: torch.Generator):
 
 def run_forward(variant: str, s: Scratch, save: bool, xa_splits: int = 0, aux: bool = False):
     """One forward of `variant` on scratch inputs: (y, xa); `aux` as the plan would run it."""
+    if s.offsets is not None:
+        return backends.EXPERTS_FORWARD[variant](s.x, s.weight, None, s.lora_A, s.lora_B, s.offsets, None, s.seed,
+                                                 2.0, s.p, save, False, aux)
     if s.qweight is not None:
         from .. import quantized
 
@@ -116,6 +126,9 @@ def run_forward(variant: str, s: Scratch, save: bool, xa_splits: int = 0, aux: b
 
 def run_backward(variant: str, s: Scratch, xa: torch.Tensor, need_dx: bool, aux: bool = False):
     """One backward of `variant` on scratch inputs, from a forward's saved product; `aux` as the plan would run it."""
+    if s.offsets is not None:
+        return backends.EXPERTS_BACKWARD[variant](s.grad_y, s.x, s.weight, s.lora_A, s.lora_B, xa, s.offsets, None,
+                                                  s.seed, 2.0, s.p, need_dx, False, False, aux)
     if s.qweight is not None:
         from .. import quantized
 
@@ -151,7 +164,7 @@ def tune_call(call: Call, backend: str = "auto", timer=None) -> tuple[Plan, dict
             times[f"forward:{v}"] = timed(timer, f"forward:{v}",
                                           lambda v=v: run_forward(v, fwd_inputs, call.grads > 0, splits, aux))
         if call.grads and bwds:
-            xa = run_forward("torch" if call.adapters else "aten", inputs, True)[1]
+            xa = run_forward("torch" if call.adapters else "aten", inputs, True, 0, aux)[1]
             for v in bwds:
                 times[f"backward:{v}"] = timed(timer, f"backward:{v}",
                                                lambda v=v: run_backward(v, inputs, xa, call.grads == 2, aux))

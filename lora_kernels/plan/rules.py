@@ -10,7 +10,8 @@ import torch
 from .. import backends
 from ..settings import settings
 from .calls import (AUTO_FAMILIES, CUBLAS_MIN_ROWS, CUDA_MAX_RANK, DECODE_MAX_ROWS, FAMILIES, FUSED_MAX_RANK,
-                    SPLIT_MIN_N, TRITON_MAX_RANK, BACKWARDS, FORWARDS, MIXED_BACKWARDS, MIXED_FORWARDS, Call, Plan,
+                    SPLIT_MIN_N, TRITON_MAX_RANK, BACKWARDS, EXPERTS_BACKWARDS, EXPERTS_FORWARDS, FORWARDS,
+                    MIXED_BACKWARDS, MIXED_FORWARDS, Call, Plan,
                     bucket, padded_rank, parse_spec)
 
 __all__ = ["forward_unfit", "backward_unfit", "family_of", "family_unavailable", "xa_split_target", "preferences",
@@ -18,20 +19,27 @@ __all__ = ["forward_unfit", "backward_unfit", "family_of", "family_unavailable",
            "launch_splits", "sm_count", "device_index", "plan_unfit", "check_forced", "SPLITTING"]
 
 
-def kind_unfit(kind: str, name: str, call: Call, single: tuple, mixed_names: tuple) -> str | None:
-    """What forward and backward variants share: the name of the call's kind (single adapter or mixed batch), the
-    unfused variants fitting everything, the kernels' dtypes, fp32 through cuBLAS, the ranks the kernels serve. A
-    reason, "" (fits, nothing more to check) or None (the variant's own checks decide)."""
+# Experts' Triton tiles serve padded ranks up to this (the shrink's [BLOCK_M, r] accumulator; kernels/experts.py)
+EXPERTS_MAX_RANK = 128
+
+
+def kind_unfit(kind: str, name: str, call: Call, single: tuple, mixed_names: tuple, experts_names: tuple) -> str | None:
+    """What forward and backward variants share: the name of the call's kind (single adapter, mixed batch or
+    experts), the unfused variants fitting everything, the kernels' dtypes, fp32 through cuBLAS, the ranks the kernels
+    serve. A reason, "" (fits, nothing more to check) or None (the variant's own checks decide)."""
     mixed = call.adapters > 0
-    names = mixed_names if mixed else single
+    names, label = ((experts_names, "experts ") if call.experts else (mixed_names, "mixed-batch ") if mixed
+                    else (single, ""))
     if name not in names:
-        return f"{name!r} is not a {'mixed-batch ' if mixed else ''}{kind} variant (those are {names})"
+        return f"{name!r} is not a {label}{kind} variant (those are {names})"
     if name in ("torch", "aten"):
         return ""
     if call.dtype not in backends.KERNEL_DTYPES:
         return f"it supports float16, bfloat16 and float32, not {call.dtype}"
     if name.startswith("triton_") and call.dtype == torch.float32 and not mixed:
         return "fp32 runs through cuBLAS (Triton's fp32 dots sum in sequence: less accurate): use 'aten'"
+    if call.experts and padded_rank(call.r) > EXPERTS_MAX_RANK:
+        return f"its tiles serve ranks up to {EXPERTS_MAX_RANK} (r = {call.r})"
     if name.startswith("triton_") and padded_rank(call.r) > TRITON_MAX_RANK:
         return f"its tiles serve ranks up to {TRITON_MAX_RANK} (r = {call.r})"
     if name.startswith("cuda") and call.r > CUDA_MAX_RANK:
@@ -42,7 +50,7 @@ def kind_unfit(kind: str, name: str, call: Call, single: tuple, mixed_names: tup
 def forward_unfit(name: str, call: Call) -> str | None:
     """Why forward variant `name` cannot run `call` (None: it can), from the call alone; the family's
     availability on this machine is ``family_unavailable``'s."""
-    why = kind_unfit("forward", name, call, FORWARDS, MIXED_FORWARDS)
+    why = kind_unfit("forward", name, call, FORWARDS, MIXED_FORWARDS, EXPERTS_FORWARDS)
     if why is not None:
         return why or None
     if name.startswith("triton_"):
@@ -66,7 +74,7 @@ def forward_unfit(name: str, call: Call) -> str | None:
 
 def backward_unfit(name: str, call: Call) -> str | None:
     """Why backward variant `name` cannot run `call` (None: it can)."""
-    why = kind_unfit("backward", name, call, BACKWARDS, MIXED_BACKWARDS)
+    why = kind_unfit("backward", name, call, BACKWARDS, MIXED_BACKWARDS, EXPERTS_BACKWARDS)
     if why is not None:
         return why or None
     if name == "triton_fused" and call.grads == 1:
@@ -98,6 +106,9 @@ def preferences(call: Call) -> tuple[tuple, tuple]:
     LORA_KERNELS_TUNE=off."""
     if call.dtype == torch.float64:
         return ("torch", "aten"), ("torch", "aten")
+    if call.experts:  # fp32: the grouped ATen products; 16-bit: the grouped kernels (measured against aten on CUDA)
+        order = ("aten", "triton_grouped") if call.dtype == torch.float32 else ("triton_grouped", "aten")
+        return order + ("torch",), order + ("torch",)
     if call.adapters:  # fp32: cuBLAS's GEMM (Triton's fp32 dots sum in sequence)
         big = bucket(call.M) >= CUBLAS_MIN_ROWS or call.dtype == torch.float32
         fwd = ("triton_gated_cublas", "triton_gated") if big else ("triton_gated", "triton_gated_cublas")
@@ -131,13 +142,13 @@ def preferences(call: Call) -> tuple[tuple, tuple]:
 
 
 def allowed(family: str, call: Call) -> tuple[tuple, tuple]:
-    f, b, mf, mb = FAMILIES[family] if family != "auto" else union(AUTO_FAMILIES)
-    return (mf, mb) if call.adapters else (f, b)
+    f, b, mf, mb, ef, eb = FAMILIES[family] if family != "auto" else union(AUTO_FAMILIES)
+    return (ef, eb) if call.experts else (mf, mb) if call.adapters else (f, b)
 
 
 @functools.lru_cache(maxsize=None)
 def union(families: tuple) -> tuple:
-    return tuple(tuple(dict.fromkeys(v for fam in families for v in FAMILIES[fam][i])) for i in range(4))
+    return tuple(tuple(dict.fromkeys(v for fam in families for v in FAMILIES[fam][i])) for i in range(6))
 
 
 def candidates(call: Call, family: str = "auto") -> tuple[list, list, dict]:
