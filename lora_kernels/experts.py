@@ -244,7 +244,8 @@ def projections(module) -> tuple[str, str]:
 def is_experts_module(module) -> str | None:
     """Why `module` is not an experts module that ``experts_block`` serves (None: it is): transformers'
     ``use_experts_implementation`` classes (3-D projections, ``num_experts``, the gate or activation they define)."""
-    for attr in ("num_experts", "is_transposed", "has_bias", "act_fn"):
+    gated = getattr(module, "has_gate", True)
+    for attr in ("num_experts", "is_transposed", "has_bias", "_apply_gate" if gated else "act_fn"):
         if not hasattr(module, attr):
             return f"{type(module).__name__} is not a transformers experts module (no {attr})"
     up, down = projections(module)
@@ -254,8 +255,6 @@ def is_experts_module(module) -> str | None:
             return f"{type(module).__name__}.{name} is not a [{module.num_experts}, ., .] parameter"
     if getattr(module, "_is_expert_parallel", False):
         return "expert parallelism (sentinel slots)"
-    if getattr(module, "has_gate", True) and not hasattr(module, "_apply_gate"):
-        return f"{type(module).__name__} has no _apply_gate"
     return None
 
 

@@ -8,12 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, plan
-from .adapters import DEFAULT, Adapter, AdapterSet, adapter_forward, init_lora
+from .adapters import DEFAULT, Adapter, AdapterSet, adapter_forward, check_hparams, init_lora
+from .experts import ExpertAdapter, experts_block, is_experts_module, projections, routing_args
 from .ops import autocast_inputs, check_args, mixed_call
 from .quantized import dequantize, is_quantized_linear, quantized_weight
 from .stacking import AdapterStack, checked_ids, current_adapter_ids, expand_ids
 
-__all__ = ["FusedLoRALinear", "QuantizedLoRALinear"]
+__all__ = ["FusedLoRALinear", "QuantizedLoRALinear", "LoRAExperts", "ExpertFactors"]
 
 def full_tensor(t: Tensor) -> Tensor:
     """The whole tensor behind a parameter: a DTensor (FSDP2 shards, tensor parallel) is gathered (a collective:
@@ -543,3 +544,101 @@ def requantized_like(layer: nn.Module, weight: Tensor) -> nn.Module:
                                        has_fp16_weights=False).to(device)
     out.bias = layer.bias
     return out
+
+
+class ExpertFactors(nn.Module):
+    """One projection's adapter over all experts, in PEFT's layout: ``lora_A`` [E r, in] (expert-major) and
+    ``lora_B`` [out, r E] (rank-major: B_e = lora_B.view(out, r, E)[:, :, e]), so that files and state dicts are
+    PEFT's own and the op reads them as views."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, r: int, lora_alpha: float,
+                 lora_dropout: float, use_rslora: bool, device=None, dtype=None):
+        super().__init__()
+        check_hparams(r, lora_alpha, lora_dropout)
+        self.experts, self.in_features, self.out_features = experts, in_features, out_features
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, float(lora_dropout), use_rslora
+        self.lora_A = nn.Parameter(torch.empty((experts * r, in_features), device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty((out_features, r * experts), device=device, dtype=dtype))
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+
+    def adapter(self, training: bool) -> ExpertAdapter:
+        E, r = self.experts, self.r
+        return ExpertAdapter(self.lora_A.view(E, r, self.in_features),
+                             self.lora_B.view(self.out_features, r, E).permute(2, 0, 1), self.scaling,
+                             self.lora_dropout if training else 0.0)
+
+    def delta(self) -> Tensor:
+        """s B_e A_e for every expert, [E, out, in] (merging, tests)."""
+        a = self.adapter(False)
+        return torch.bmm(a.lora_B, a.lora_A) * a.scaling
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.experts}, in={self.in_features}, out={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}")
+
+
+class LoRAExperts(nn.Module):
+    """LoRA on the projections of a transformers experts module (Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V3, gpt-oss, ...:
+    ``gate_up_proj`` or ``up_proj``, and ``down_proj``), computed by the experts op: the block's forward with both
+    projections grouped over the slots sorted by expert, W0 + s B A never formed, dropout per slot where asked for
+    (beyond PEFT, which refuses it on experts). `base_layer` stays as it is (frozen); `targets` names the projections
+    (PEFT's ``target_parameters``); `r` / `lora_alpha` may be {projection: value}."""
+
+    def __init__(self, base_layer: nn.Module, targets, r=8, lora_alpha=8, lora_dropout: float = 0.0, *,
+                 use_rslora: bool = False, init_lora_weights: bool | str = True, backend: str = "auto",
+                 lora_dtype: torch.dtype | None = None):
+        super().__init__()
+        why = is_experts_module(base_layer)
+        if why:
+            raise TypeError(f"base_layer: {why}")
+        plan.check_name(backend)
+        names = projections(base_layer)
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        unknown = sorted(set(targets) - set(names))
+        if unknown or not targets:
+            raise ValueError(f"targets: expected some of {names} (the projections of {type(base_layer).__name__}), "
+                             f"got {targets}")
+        self.base_layer = base_layer
+        self.backend = backend
+        # PEFT nests its wrappers in the module's parameter order: the first targeted parameter is the innermost
+        self.targets = tuple(n for n, _ in base_layer.named_parameters(recurse=False) if n in targets)
+        self.adapters = nn.ModuleDict()
+        E, transposed = base_layer.num_experts, bool(base_layer.is_transposed)
+        for name in self.targets:
+            p = getattr(base_layer, name)
+            p.requires_grad_(False)
+            K, N = (p.shape[1], p.shape[2]) if transposed else (p.shape[2], p.shape[1])
+            rank = r[name] if isinstance(r, dict) else r
+            alpha = lora_alpha[name] if isinstance(lora_alpha, dict) else lora_alpha
+            factors = ExpertFactors(E, K, N, rank, alpha, lora_dropout, use_rslora, device=p.device,
+                                    dtype=_lora_dtype(lora_dtype, p.dtype))
+            with torch.no_grad():
+                init_lora(factors.lora_A, factors.lora_B, rank, init_lora_weights)
+            self.adapters[name] = factors
+        for name in ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias"):
+            if isinstance(getattr(base_layer, name, None), nn.Parameter):
+                getattr(base_layer, name).requires_grad_(False)
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        routed = routing_args(self.base_layer, (hidden_states, *args), kwargs)
+        if routed is None:
+            raise TypeError(f"LoRAExperts: expected the experts module's arguments (hidden states, expert indices, "
+                            f"routing weights), got {len(args) + 1} positional and {sorted(kwargs)}")
+        adapters = {name: f.adapter(self.training) for name, f in self.adapters.items()}
+        return experts_block(self.base_layer, *routed, adapters, backend=self.backend)
+
+    def to_base_layer(self, merge: bool = True) -> nn.Module:
+        """The experts module, with each adapter's s B_e A_e folded into its projection if `merge`."""
+        if merge:
+            with torch.no_grad():
+                for name, f in self.adapters.items():
+                    p = getattr(self.base_layer, name)
+                    delta = f.delta()
+                    p.add_((delta.transpose(1, 2) if self.base_layer.is_transposed else delta).to(p.dtype))
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"targets={self.targets}, backend={self.backend!r}"

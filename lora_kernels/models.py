@@ -14,10 +14,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .layers import FusedLoRALinear
+from .layers import FusedLoRALinear, LoRAExperts
 from .quantized import is_quantized_linear
 
-__all__ = ["inject", "lora_layers", "mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "unload",
+__all__ = ["inject", "lora_layers", "experts_layers", "mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "unload",
            "add_adapter", "set_adapter", "delete_adapter", "adapter_ids_for", "pattern_value", "is_plain_linear"]
 
 
@@ -60,23 +60,32 @@ def pattern_value(name: str, pattern: dict | None, default):
     return default
 
 
-def inject(model: nn.Module, target_modules: str | Iterable[str], r: int = 8, lora_alpha: float = 8,
+def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, r: int = 8, lora_alpha: float = 8,
            lora_dropout: float = 0.0, *, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
-           exclude_modules: str | Iterable[str] | None = None, **layer_kwargs) -> nn.Module:
+           exclude_modules: str | Iterable[str] | None = None, target_parameters: Iterable[str] | None = None,
+           **layer_kwargs) -> nn.Module:
     """Replace the matching nn.Linear / Conv1D modules of `model` by FusedLoRALinear, and bitsandbytes Linear4bit /
     Linear8bitLt modules by QuantizedLoRALinear (in place; returns `model`). `layer_kwargs` go to the layers
     (use_rslora, init_lora_weights, backend, ...).
 
+    `target_parameters` (PEFT's name; "<module>.<parameter>" matched against the end of full parameter names, e.g.
+    "mlp.experts.gate_up_proj") puts LoRA on the projections of transformers' MoE experts modules: each such module
+    becomes a ``LoRAExperts`` holding an adapter per targeted projection (rank_pattern / alpha_pattern keys are
+    full parameter names).
+
     Raises if a target matches nothing, or matches a module of another type (an embedding or another quantized
     layer kind, for instance, is never replaced by accident)."""
-    if isinstance(target_modules, str):
+    if target_modules is None:
+        targets = []
+    elif isinstance(target_modules, str):
         targets = target_modules
     else:
         targets = list(target_modules)
-        if not targets:
-            raise ValueError("target_modules: expected at least one name or a regular expression")
+    parameters = list(target_parameters or [])
+    if not targets and not parameters:
+        raise ValueError("target_modules: expected at least one name or a regular expression (or target_parameters)")
     replaced, wrong_type = [], []
-    for name, module in list(model.named_modules()):
+    for name, module in list(model.named_modules()) if targets else []:
         if not name or not _matches(name, targets) or isinstance(module, FusedLoRALinear):
             continue
         if exclude_modules is not None and _matches(name, exclude_modules):
@@ -97,12 +106,41 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], r: int = 8, lo
         raise TypeError(f"target_modules {targets} matched modules that are neither nn.Linear, Conv1D nor a "
                         f"bitsandbytes Linear4bit / Linear8bitLt: "
                         f"{', '.join(wrong_type)}")
-    if not replaced:
+    if targets and not replaced:
         linears = [n for n, m in model.named_modules() if is_plain_linear(m) or is_quantized_linear(m)]
         raise ValueError(f"target_modules {targets!r} matched no nn.Linear or Conv1D module of the model; "
                          f"its linear layers are: {', '.join(linears[:20]) or 'none'}"
                          + (" ..." if len(linears) > 20 else ""))
+    if parameters:
+        _inject_experts(model, parameters, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern, layer_kwargs)
     return model
+
+
+def _inject_experts(model, parameters, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern, layer_kwargs):
+    """LoRAExperts in place of each experts module with a targeted projection."""
+    found: dict = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRAExperts):
+            continue
+        for pname, _ in module.named_parameters(recurse=False):
+            key = f"{name}.{pname}" if name else pname
+            if any(key == t or key.endswith("." + t) for t in parameters):
+                found.setdefault(name, (module, []))[1].append(pname)
+    if not found:
+        raise ValueError(f"target_parameters {parameters} matched no parameter of the model")
+    kwargs = {k: v for k, v in layer_kwargs.items() if k in ("use_rslora", "init_lora_weights", "backend",
+                                                             "lora_dtype")}
+    for name, (module, pnames) in found.items():
+        ranks = {p: pattern_value(f"{name}.{p}", rank_pattern, r) for p in pnames}
+        alphas = {p: pattern_value(f"{name}.{p}", alpha_pattern, lora_alpha) for p in pnames}
+        new = LoRAExperts(module, pnames, ranks, alphas, lora_dropout, **kwargs)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def experts_layers(model: nn.Module) -> dict[str, LoRAExperts]:
+    """{module name: layer} of every LoRAExperts in `model`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRAExperts)}
 
 
 def lora_layers(model: nn.Module) -> dict[str, FusedLoRALinear]:
@@ -155,7 +193,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace every FusedLoRALinear by a plain layer of its original kind (nn.Linear, or Conv1D for
     fan_in_fan_out layers), holding the merged weight if `merge`, else the base weight."""
-    for name, layer in lora_layers(model).items():
+    for name, layer in {**lora_layers(model), **experts_layers(model)}.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.to_base_layer(merge=merge))
     return model

@@ -28,6 +28,7 @@ from torch.nn.modules import module as torch_module
 
 from . import backends, plan
 from .adapters import adapter_forward
+from .experts import ExpertAdapter, experts_block, is_experts_module, projections, routing_args
 from .models import is_plain_linear
 from .ops import autocast_dtype, autocast_inputs, check_mixed_args, mixed_call
 from .quantized import is_quantized_linear
@@ -84,20 +85,26 @@ def _hooked_parts(layer, base, adapters) -> list:
     return [m for m in parts if "_hf_hook" in m.__dict__]
 
 
-class _FusedForward:
-    """The forward that FusedPeftLinear puts in front of PEFT's LoRA Linear. It serves exactly what PEFT's forward
-    computes, or hands the call to PEFT's forward (one warning per reason; none for PEFT's normal states)."""
+class _FusedLayer:
+    """What every fused PEFT layer shares: PEFT's class name in reprs, the backend in extra_repr."""
 
     fused_backend = "auto"
-    _lk_stack = None  # mixed batches: the adapters stacked (and cast), kept in inference
-    _lk_norms = None  # DoRA adapters: their DoraNorms by name
 
     def _get_name(self):
         # print(model) and PEFT's tooling read the layer as PEFT's own (lora.Linear(...)); the marking is inside
-        return next(c for c in type(self).__mro__[1:] if c is not _FusedForward).__name__
+        return next(c for c in type(self).__mro__[1:]
+                    if not issubclass(c, _FusedLayer) and c is not _FusedLayer).__name__
 
     def extra_repr(self) -> str:
         return f"fused=True, backend={self.fused_backend!r}"
+
+
+class _FusedForward(_FusedLayer):
+    """The forward that FusedPeftLinear puts in front of PEFT's LoRA Linear. It serves exactly what PEFT's forward
+    computes, or hands the call to PEFT's forward (one warning per reason; none for PEFT's normal states)."""
+
+    _lk_stack = None  # mixed batches: the adapters stacked (and cast), kept in inference
+    _lk_norms = None  # DoRA adapters: their DoraNorms by name
 
     def _fused_unsupported(self, x, args, kwargs) -> tuple[str | None, list]:
         """(why this call cannot take the fused path, None if it can; the adapters it uses here). Normal states
@@ -210,6 +217,118 @@ class _FusedForward:
         return mixed_call(x, weight, bias, a, b, owner, flat, scalings, ps, self.fused_backend, None)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# LoRA on MoE experts (PEFT's target_parameters: ParamWrapper, nested when several parameters of one module are
+# targeted): the outermost wrapper of a transformers experts module runs the whole block on the experts op
+# ------------------------------------------------------------------------------------------------------------
+def _param_wrapper_cls():
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return ParamWrapper
+
+
+def _wrapper_chain(module) -> tuple[list, nn.Module]:
+    """(the ParamWrappers from `module` inwards, the module they wrap)."""
+    cls = _param_wrapper_cls()
+    chain = []
+    while isinstance(module, cls):
+        chain.append(module)
+        module = module.base_layer
+    return chain, module
+
+
+def _chain_unsupported(chain, base) -> str | None:
+    """Why an experts module's wrappers keep PEFT's forward whatever the call (None: the fused block serves them)."""
+    why = is_experts_module(base)
+    if why:
+        return f"LoRA on a parameter of {type(base).__name__} (target_parameters): {why}"
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return "global module forward hooks (registered with torch.nn.modules.module)"
+    if _has_torch_hooks(base) or "_hf_hook" in base.__dict__:
+        return "forward hooks on the experts module"
+    names = projections(base)
+    for w in chain:
+        if w.parameter_name not in names:
+            return f"LoRA on {type(base).__name__}.{w.parameter_name} (the experts block adapts {' and '.join(names)})"
+        if w is not chain[0] and (_has_torch_hooks(w) or "_hf_hook" in w.__dict__):
+            return "forward hooks on a nested ParamWrapper"
+        for a in w.lora_A:
+            if any(_has_torch_hooks(m) or "_hf_hook" in m.__dict__ for m in (w.lora_A[a], w.lora_B[a])):
+                return "forward hooks on the adapters' modules"
+    if len({w.parameter_name for w in chain}) != len(chain):
+        return "one parameter targeted by two ParamWrappers"
+    return None
+
+
+class _FusedExperts(_FusedLayer):
+    """The forward put in front of PEFT's ParamWrapper. The outermost wrapper of an experts module computes the whole
+    block with every wrapper's active adapter (PEFT forms W0 + s B A per expert and keeps it for the backward; this
+    never forms it); inner wrappers are reached only when the outer one hands the call to PEFT's forward, and then
+    hand it on too."""
+
+    _lk_outer = False
+
+    def forward(self, x, *args, **kwargs):
+        if not self._lk_outer:
+            return super().forward(x, *args, **kwargs)
+        why, served = self._fused_unsupported(x, args, kwargs)
+        if why is not None:
+            if why:
+                backends.warn_once(f"peft-fallback-{why}", f"lora_kernels.peft: PEFT's own forward serves {why}")
+            return super().forward(x, *args, **kwargs)
+        base, routed, adapters = served
+        return experts_block(base, *routed, adapters, backend=self.fused_backend)
+
+    def _fused_unsupported(self, x, args, kwargs) -> tuple[str | None, tuple]:
+        chain, base = _wrapper_chain(self)
+        if any(w.disable_adapters or w.merged for w in chain) or kwargs.get("adapter_names") is not None:
+            return "", ()  # PEFT's normal states (and its own error for mixed batches)
+        why = _chain_unsupported(chain, base)
+        if why:
+            return why, ()
+        routed = routing_args(base, (x, *args), kwargs)
+        if routed is None:
+            return f"extra forward arguments {sorted(kwargs) or len(args)} of the experts module", ()
+        adapters = {}
+        for w in chain:
+            used = [a for a in w.active_adapters if a in w.lora_A]
+            if len(used) > 1:
+                return f"{len(used)} active adapters at once", ()
+            if not used:
+                continue
+            a = used[0]
+            param = getattr(base, w.parameter_name)
+            if param.requires_grad and torch.is_grad_enabled():
+                return f"a trained experts parameter ({w.parameter_name} requires grad)", ()
+            if w.lora_B[a].bias is not None or a in w.lora_variant:
+                return "lora_bias or a LoRA variant on experts", ()
+            E, r, K, N = base.num_experts, w.r[a], w.in_features, w.out_features
+            # PEFT's factors: A [E r, K] expert-major, B [N, r E] rank-major (B_e = B.view(N, r, E)[:, :, e])
+            adapters[w.parameter_name] = ExpertAdapter(w.lora_A[a].weight.view(E, r, K),
+                                                       w.lora_B[a].weight.view(N, r, E).permute(2, 0, 1),
+                                                       float(w.scaling[a]), 0.0)
+        return None, (base, routed, adapters)
+
+
+def _fused_wrapper_cls():
+    cls = _param_wrapper_cls()
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type("FusedParamWrapper", (_FusedExperts, cls), {"__module__": __name__})
+    return _FUSED_CLASSES[cls]
+
+
+def _fuse_wrappers(peft_model: nn.Module, backend: str) -> None:
+    """Every ParamWrapper becomes the fused one; the outermost of each chain serves the block."""
+    cls = _param_wrapper_cls()
+    fused = _fused_wrapper_cls()
+    wrappers = [m for m in peft_model.modules() if isinstance(m, cls)]
+    inner = {id(m.base_layer) for m in wrappers}
+    for m in wrappers:
+        m.__class__ = fused
+        m.fused_backend = backend
+        m._lk_outer = id(m) not in inner
+
+
 @functools.lru_cache(maxsize=256)
 def _sample_ids(adapter_names: tuple, used: tuple, device) -> torch.Tensor:
     """Each sample's index into `used` (-1: none), cached: one host-to-device copy per distinct batch layout
@@ -314,10 +433,21 @@ def fuse_report(peft_model: nn.Module) -> FuseReport:
     from peft.tuners.lora.layer import LoraLayer
 
     fused, back = [], {}
+    chains = {}  # each nested ParamWrapper reported as its chain's outermost one is served
+    for module in peft_model.modules():
+        if isinstance(module, _FusedExperts) and module._lk_outer:
+            chain, base = _wrapper_chain(module)
+            why = _chain_unsupported(chain, base)
+            chains.update((id(w), why) for w in chain)
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        if isinstance(module, _FusedForward):
+        if isinstance(module, _FusedExperts):
+            why = chains.get(id(module), "a ParamWrapper outside any chain")
+            if why is None:
+                fused.append(name)
+                continue
+        elif isinstance(module, _FusedForward):
             why = _static_reason(module)
             if why is None:
                 fused.append(name)
@@ -361,6 +491,7 @@ def fuse(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
         if target is not None and (is_plain_linear(base) or is_quantized_linear(base)):
             module.__class__ = target
             module.fused_backend = backend
+    _fuse_wrappers(peft_model, backend)
     report = fuse_report(peft_model)
     for why, names in report.handed_back.items():  # the same key as a call's hand-back: one warning per reason
         backends.warn_once(f"peft-fallback-{why}", f"lora_kernels.peft: PEFT's own forward serves {why} "

@@ -21,8 +21,11 @@ from collections import Counter
 import torch
 from torch import nn
 
+import warnings
+
+from .adapters import DEFAULT
 from .layers import full_tensor
-from .models import pattern_value, lora_layers
+from .models import experts_layers, pattern_value, lora_layers
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -34,9 +37,28 @@ _PREFIX = "base_model.model."
 # ------------------------------------------------------------------------------------------------------------
 # Saving
 # ------------------------------------------------------------------------------------------------------------
-def _adapter_config(layers: dict, adapter_name: str, base_model_name_or_path: str | None,
+def experts_keys(experts: dict) -> dict:
+    """{"<module>.<parameter>": (layer, parameter, PEFT's module path for its factors)} of LoRAExperts layers. PEFT
+    nests one ParamWrapper per targeted parameter, the first in the module's parameter order innermost: its factors
+    sit under "<module>.base_layer...", the outermost's under "<module>"."""
+    out = {}
+    for name, layer in experts.items():
+        n = len(layer.targets)
+        for i, pname in enumerate(layer.targets):
+            out[f"{name}.{pname}"] = (layer, pname, name + ".base_layer" * (n - 1 - i))
+    return out
+
+
+def _experts_hparams(experts: dict) -> dict:
+    return {key: {"r": f.r, "lora_alpha": f.lora_alpha, "use_rslora": f.use_rslora, "use_dora": False,
+                  "lora_dropout": f.lora_dropout}
+            for key, (layer, pname, _) in experts_keys(experts).items() for f in (layer.adapters[pname],)}
+
+
+def _adapter_config(layers: dict, experts: dict, adapter_name: str, base_model_name_or_path: str | None,
                     task_type: str | None) -> dict:
     hps = {name: layer._adapter(adapter_name)[2] for name, layer in layers.items()}
+    hps.update(_experts_hparams(experts))
     ranks = Counter(hp["r"] for hp in hps.values())
     alphas = Counter(hp["lora_alpha"] for hp in hps.values())
     r = ranks.most_common(1)[0][0]
@@ -64,6 +86,7 @@ def _adapter_config(layers: dict, adapter_name: str, base_model_name_or_path: st
         "use_rslora": rslora.pop(),
         "use_dora": dora.pop(),
         "target_modules": sorted(layers),
+        **({"target_parameters": sorted(experts_keys(experts))} if experts else {}),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
@@ -102,11 +125,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
 
     Under torch.distributed, every rank must call it: sharded parameters (FSDP2 DTensors) are gathered, then
     rank 0 alone writes, and all ranks return once the files are in place."""
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("save_adapter: the model has no FusedLoRALinear layers (use lora_kernels.inject first)")
+    layers, experts = lora_layers(model), experts_layers(model)
+    if not layers and not experts:
+        raise ValueError("save_adapter: the model has no FusedLoRALinear or LoRAExperts layers (use lora_kernels.inject "
+                         "first)")
+    if experts and adapter_name != DEFAULT:
+        raise ValueError(f"adapter_name: LoRAExperts layers hold one adapter ({DEFAULT!r}), got {adapter_name!r}")
     path = os.fspath(path)
     tensors = {}
+    for layer, pname, module_path in experts_keys(experts).values():
+        f = layer.adapters[pname]
+        tensors[f"{_PREFIX}{module_path}.lora_A.weight"] = full_tensor(f.lora_A.detach()).contiguous().cpu()
+        tensors[f"{_PREFIX}{module_path}.lora_B.weight"] = full_tensor(f.lora_B.detach()).contiguous().cpu()
     for name, layer in layers.items():
         adapter = layer._named(adapter_name)
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = full_tensor(adapter.lora_A.detach()).contiguous().cpu()
@@ -114,7 +144,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
         if adapter.use_dora:  # PEFT's key for DoRA's magnitude (no .weight)
             magnitude = adapter.lora_magnitude_vector.detach()
             tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = full_tensor(magnitude).contiguous().cpu()
-    config = _adapter_config(layers, adapter_name, base_model_name_or_path, task_type)
+    config = _adapter_config(layers, experts, adapter_name, base_model_name_or_path, task_type)
+    if experts and config["lora_dropout"]:
+        warnings.warn(f"save_adapter: lora_dropout={config['lora_dropout']} with LoRA on experts: PEFT refuses dropout "
+                      "with target_parameters when it loads these files (load_adapter reads them; for PEFT inference "
+                      "set lora_dropout to 0 in adapter_config.json)", UserWarning, stacklevel=2)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and torch.distributed.get_rank() != 0:
         torch.distributed.barrier()  # rank 0 writes
@@ -172,6 +206,25 @@ def _read_adapter(path: str):
     return config, load_file(weights_path)
 
 
+def _load_experts(keyed: dict, tensors: dict, config: dict, r_default, alpha_default, rslora, dropout) -> None:
+    """The experts' factors of a file into LoRAExperts layers (checked first, then copied)."""
+    for key, (layer, pname, path) in keyed.items():
+        f = layer.adapters[pname]
+        a, b = tensors[f"{_PREFIX}{path}.lora_A.weight"], tensors[f"{_PREFIX}{path}.lora_B.weight"]
+        r = pattern_value(key, config.get("rank_pattern"), r_default)
+        if (tuple(a.shape), tuple(b.shape)) != (tuple(f.lora_A.shape), tuple(f.lora_B.shape)) or r != f.r:
+            raise ValueError(f"load_adapter: {key}: the file holds lora_A {list(a.shape)}, lora_B {list(b.shape)} "
+                             f"(config rank {r}); the layer has lora_A {list(f.lora_A.shape)}, lora_B "
+                             f"{list(f.lora_B.shape)} (rank {f.r})")
+    for key, (layer, pname, path) in keyed.items():
+        f = layer.adapters[pname]
+        f.lora_alpha = pattern_value(key, config.get("alpha_pattern"), alpha_default)
+        f.use_rslora, f.lora_dropout = rslora, dropout
+        with torch.no_grad():
+            f.lora_A.copy_(tensors[f"{_PREFIX}{path}.lora_A.weight"])
+            f.lora_B.copy_(tensors[f"{_PREFIX}{path}.lora_B.weight"])
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default") -> nn.Module:
     """Load a PEFT LoRA adapter directory into adapter `adapter_name` of the FusedLoRALinear layers of `model`
     (prepared with `inject` on the same targets). A named adapter the layers do not have yet is added with the
@@ -181,8 +234,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
     path = os.fspath(path)
     config, tensors = _read_adapter(path)
     dora = bool(config.get("use_dora", False))
-    layers = lora_layers(model)
+    layers, experts = lora_layers(model), experts_layers(model)
+    keyed = experts_keys(experts)
+    if experts and adapter_name != DEFAULT:
+        raise ValueError(f"adapter_name: LoRAExperts layers hold one adapter ({DEFAULT!r}), got {adapter_name!r}")
     expected = {f"{_PREFIX}{name}.lora_{ab}.weight" for name in layers for ab in "AB"}
+    expected |= {f"{_PREFIX}{path}.lora_{ab}.weight" for _, _, path in keyed.values() for ab in "AB"}
     if dora:
         expected |= {f"{_PREFIX}{name}.lora_magnitude_vector" for name in layers}
     found = set(tensors)
@@ -213,6 +270,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
             raise ValueError(f"load_adapter: {name}: the file holds lora_A {list(a.shape)}, lora_B {list(b.shape)} "
                              f"(config rank {r}); the layer has lora_A {list(expected[0])}, "
                              f"lora_B {list(expected[1])}")
+    _load_experts(keyed, tensors, config, r_default, alpha_default, rslora, dropout)
     for name, layer in layers.items():
         alpha = pattern_value(name, config.get("alpha_pattern"), alpha_default)
         if new:
