@@ -361,7 +361,8 @@ def _experts_aten_forward(x, weight, bias, lora_A, lora_B, offsets, gather, seed
     xa = grouped_mm(dropped(xs, seed, dropout_p, in_place=gather is not None, kernels=aux), a.transpose(1, 2),
                     offsets)
     y += grouped_mm(xa * scaling, b.transpose(1, 2), offsets)
-    return y, (xa.to(_xa_dtype(x.dtype)) if save_xa else x.new_empty((0,), dtype=_xa_dtype(x.dtype)))
+    # (torch._grouped_mm pads a narrow output's rows to 16 bytes: the saved product is contiguous, as the op says)
+    return y, (xa.to(_xa_dtype(x.dtype)).contiguous() if save_xa else x.new_empty((0,), dtype=_xa_dtype(x.dtype)))
 
 
 def _experts_aten_backward(grad_y, x, weight, lora_A, lora_B, xa, offsets, gather, seed, scaling, dropout_p,

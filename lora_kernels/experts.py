@@ -38,7 +38,7 @@ from torch import Tensor
 from . import backends, entry
 from . import plan as planner
 from .contract import (ALL_DTYPES, adapters_for, autocast_inputs, check_probability, check_scaling, check_seed,
-                       grads_needed, master_adapters, resolve_seed)
+                       grads_needed, is_plain, master_adapters, resolve_seed)
 from .plan import Call
 
 __all__ = ["experts_linear", "check_experts_args", "experts_linear_fwd", "experts_linear_bwd", "EXPERTS",
@@ -109,7 +109,7 @@ def check_experts_args(x, weight, bias, lora_A, lora_B, offsets, gather, scaling
         S = gather.shape[0]
     check_scaling("scaling", scaling)
     check_probability("dropout_p", dropout_p)
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and is_plain(x, offsets, gather):
         if E and (bool((offsets[1:] < offsets[:-1]).any()) or int(offsets[0]) < 0):
             raise ValueError(f"offsets: expected each expert's end (a non-decreasing cumsum of slot counts), got "
                              f"{offsets.tolist()[:8]}{' ...' if E > 8 else ''}")

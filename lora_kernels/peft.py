@@ -312,8 +312,8 @@ class _FusedExperts(_FusedLayer):
 
 def _fused_wrapper_cls():
     cls = _param_wrapper_cls()
-    if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type("FusedParamWrapper", (_FusedExperts, cls), {"__module__": __name__})
+    if cls not in _FUSED_CLASSES:  # PEFT recognises its wrappers by class name (add_adapter nests or extends them)
+        _FUSED_CLASSES[cls] = type("ParamWrapper", (_FusedExperts, cls), {"__module__": __name__})
     return _FUSED_CLASSES[cls]
 
 
