@@ -17,7 +17,14 @@ layer's, ``frozen_qlora``). The whole model is extrapolated from one layer: with
 activation checkpointing every layer keeps its saved bytes; with it (per decoder layer) every layer keeps its input
 and one layer at a time is recomputed (its saved bytes and backward peak on top).
 
-    python -m bench.memory [--quick] [--models llama-3-8b,...] [--r 16,64] [--dropout 0,0.05,0.1] [--out DIR]
+MoE experts blocks (``--experts``, first in the output): every expert of one MoE layer of Qwen3-30B-A3B, Mixtral-8x7B
+and gpt-oss-20b at their published widths, ``frozen`` / ``peft`` (PEFT's ``target_parameters`` on gate_up_proj and
+down_proj, transformers' grouped_mm experts) / ``lora_kernels`` (``inject(target_parameters=...)``, the Triton
+grouped plan, launches stubbed): bytes saved per token (the slope) and per layer (the constant: PEFT keeps W0 + s B A
+of every expert for the backward).
+
+    python -m bench.memory [--quick] [--models llama-3-8b,...] [--r 16,64] [--dropout 0,0.05,0.1] [--experts ...]
+                           [--out DIR]
 """
 
 from __future__ import annotations
@@ -398,6 +405,142 @@ def plot(table: list[Row], path: str) -> str | None:
     return path
 
 
+# ------------------------------------------------------------------------------------------------------------
+# MoE experts: one experts block (every expert of a layer, its routed slots) at the published widths
+# ------------------------------------------------------------------------------------------------------------
+# name: (transformers module, config class, experts class, config kwargs, layers)
+EXPERTS_MODELS = {
+    "qwen3-30b-a3b": ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeExperts",
+                      dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8), 48),
+    "mixtral-8x7b": ("mixtral", "MixtralConfig", "MixtralExperts",
+                     dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2), 32),
+    "gpt-oss-20b": ("gpt_oss", "GptOssConfig", "GptOssExperts",
+                    dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4), 24),
+}
+EXPERTS_CONTENDERS = ("frozen", "peft", "lora_kernels")
+EXPERTS_TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+class ExpertsBlock(nn.Module):
+    """An experts module called as its MoE block calls it; the routing (which experts, their weights) is an input of
+    the right shape (on the meta device nothing is routed: the bytes do not depend on which experts are picked)."""
+
+    def __init__(self, experts, top_k: int):
+        super().__init__()
+        self.experts, self.top_k = experts, top_k
+
+    def forward(self, x):
+        T = x.shape[0]
+        index = torch.empty(T, self.top_k, device=x.device, dtype=torch.int64)
+        weights = torch.empty(T, self.top_k, device=x.device, dtype=x.dtype)
+        return self.experts(x, index, weights)
+
+
+def build_experts(name: str, dtype=torch.bfloat16) -> ExpertsBlock:
+    import importlib
+
+    module, config_cls, experts_cls, kwargs, _ = EXPERTS_MODELS[name]
+    lib = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    config = getattr(importlib.import_module("transformers"), config_cls)(**kwargs)
+    config._experts_implementation = "grouped_mm"  # transformers' default: what PEFT's experts LoRA runs through
+    with torch.device("meta"):
+        experts = getattr(lib, experts_cls)(config).to(dtype)
+    for prm in experts.parameters():
+        prm.requires_grad_(False)
+    return ExpertsBlock(experts, kwargs["num_experts_per_tok"])
+
+
+def make_experts_contender(name: str, contender: str, r: int) -> nn.Module:
+    block = build_experts(name)
+    if contender == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        block = get_peft_model(block, LoraConfig(r=r, lora_alpha=2 * r, target_modules=[],
+                                                 target_parameters=EXPERTS_TARGETS))
+    elif contender == "lora_kernels":
+        lora_kernels.inject(block, target_parameters=EXPERTS_TARGETS, r=r, lora_alpha=2 * r)
+        for layer in lora_kernels.experts_layers(block).values():
+            layer.backend = "triton_grouped+triton_grouped"  # the static plan of a 16-bit experts call on a GPU
+    elif contender != "frozen":
+        raise ValueError(f"contender: expected one of {EXPERTS_CONTENDERS}, got {contender!r}")
+    return block.train()
+
+
+@dataclasses.dataclass
+class ExpertsRow:
+    model: str
+    contender: str
+    r: int
+    saved_kib_per_token: float
+    saved_mib_per_layer: float  # the constant: bytes saved whatever the batch (PEFT: W0 + s B A of every expert)
+    backward_peak_mib_per_layer: float  # the backward's transient constant (PEFT: the grad of W0 + s B A)
+    model_saved_gib: float  # every MoE layer's saved bytes at BATCH tokens
+
+
+@contextlib.contextmanager
+def meta_autocast():
+    """torch.autocast(device_type="meta") as the CPU's (PEFT's experts proxy disables autocast on its weight's device,
+    which torch refuses for "meta")."""
+    real = torch.autocast
+
+    def autocast(device_type, *args, **kwargs):
+        return real("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    torch.autocast = autocast
+    try:
+        yield
+    finally:
+        torch.autocast = real
+
+
+def experts_row(name: str, contender: str, r: int) -> ExpertsRow:
+    hidden = EXPERTS_MODELS[name][3]["hidden_size"]
+    with shapes_only(), meta_autocast():
+        block = make_experts_contender(name, contender, r)
+        params = list(block.parameters()) + list(block.buffers())
+        out = []
+        for tokens in TOKENS:
+            tracker = Tracker(exclude=params)
+            x = torch.empty(tokens, hidden, device="meta", dtype=torch.bfloat16, requires_grad=True)
+            with tracker, torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t):
+                tracker.phase()
+                y = block(x)
+                saved = tracker.saved_bytes()
+                tracker.phase()
+                y.backward(torch.empty_like(y))
+                out.append((saved, tracker.peak))
+            del y
+    (s0, b0), (s1, b1) = out
+    slope_s, slope_b = (s1 - s0) / (TOKENS[1] - TOKENS[0]), (b1 - b0) / (TOKENS[1] - TOKENS[0])
+    const_s, const_b = s0 - slope_s * TOKENS[0], b0 - slope_b * TOKENS[0]
+    layers, batch = EXPERTS_MODELS[name][4], BATCH[0] * BATCH[1]
+    return ExpertsRow(name, contender, r, round(slope_s / KIB, 2), round(const_s / 2**20, 1), round(const_b / 2**20, 1),
+                      round(layers * (const_s + slope_s * batch) / 2**30, 2))
+
+
+def experts_table(models, r: int) -> tuple[list, str]:
+    table = [experts_row(m, c, r) for m in models for c in EXPERTS_CONTENDERS]
+    lines = [f"MoE experts blocks (every expert of one layer, bf16, LoRA r = {r}, alpha = 2r, on gate_up_proj and "
+             f"down_proj; PEFT 0.21 target_parameters vs lora_kernels; meta device, by storage, parameters excluded; "
+             f"per token: slope over {TOKENS[0]} and {TOKENS[1]} tokens, per layer: the constant; whole model: every "
+             f"MoE layer at {BATCH[0]} x {BATCH[1]} tokens)", "",
+             "| model | contender | saved KiB/token | saved MiB/layer (constant) | backward peak MiB/layer "
+             "(constant) | whole model saved GiB |", "|---|---|---|---|---|---|"]
+    for row in table:
+        lines.append(f"| {row.model} | {row.contender} | {row.saved_kib_per_token:.1f} | {row.saved_mib_per_layer:.1f} "
+                     f"| {row.backward_peak_mib_per_layer:.1f} | {row.model_saved_gib:.2f} |")
+    frozen = {row.model: row for row in table if row.contender == "frozen"}
+    for row in table:
+        if row.contender == "lora_kernels":
+            peft = next(p for p in table if p.model == row.model and p.contender == "peft")
+            base = frozen[row.model].saved_kib_per_token
+            lines.append(f"\n{row.model}: LoRA's share per token {row.saved_kib_per_token - base:.1f} KiB "
+                         f"(PEFT {peft.saved_kib_per_token - base:.1f}); per layer {row.saved_mib_per_layer:.1f} MiB "
+                         f"(PEFT {peft.saved_mib_per_layer:.1f}); whole model {row.model_saved_gib:.1f} GiB "
+                         f"(PEFT {peft.model_saved_gib:.1f}, frozen {frozen[row.model].model_saved_gib:.1f})")
+    return table, "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Llama-3-8B and GPT-2 medium, r = 16, dropout 0 and 0.05")
@@ -405,6 +548,9 @@ def main(argv=None) -> int:
     ap.add_argument("--r", default="16,64")
     ap.add_argument("--dropout", default="0,0.05,0.1")
     ap.add_argument("--out", default=None, help="folder for memory.csv, memory.md and memory.png")
+    ap.add_argument("--experts", default=None,
+                    help="MoE models whose experts blocks get the MoE table ('' for none; default: all of them, "
+                         "Qwen3-30B-A3B alone with --quick)")
     args = ap.parse_args(argv)
     models = ["llama-3-8b", "gpt2-medium"] if args.quick else [m for m in args.models.split(",") if m]
     rs = [16] if args.quick else [int(v) for v in args.r.split(",")]
@@ -412,9 +558,16 @@ def main(argv=None) -> int:
     unknown = set(models) - set(MODELS)
     if unknown:
         ap.error(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    if args.experts is None:
+        args.experts = "qwen3-30b-a3b" if args.quick else ",".join(EXPERTS_MODELS)
+    experts_models = [m for m in args.experts.split(",") if m]
+    unknown = set(experts_models) - set(EXPERTS_MODELS)
+    if unknown:
+        ap.error(f"unknown MoE models {sorted(unknown)}; choose from {', '.join(EXPERTS_MODELS)}")
     t0 = time.time()
+    experts_text = experts_table(experts_models, rs[0])[1] + "\n\n" if experts_models else ""
     table = rows(models, rs, dropouts, progress=lambda s: print(f"  {s}", file=sys.stderr))
-    text = (f"Activation memory per token of one decoder layer, bf16, LoRA (alpha = 2r) on "
+    text = experts_text + (f"Activation memory per token of one decoder layer, bf16, LoRA (alpha = 2r) on "
             f"{', '.join(DEFAULT_TARGETS)} (GPT-2: c_attn, c_proj, c_fc); by storage, parameters excluded, slope over "
             f"{TOKENS[0]} and {TOKENS[1]} tokens; whole model at {BATCH[0]} x {BATCH[1]} tokens, activations only "
             f"(embeddings and logits aside)\n\n" + markdown(table) + "\n\n" + "\n".join(ratios(table)))

@@ -124,10 +124,27 @@ def test_whole_model_figures_follow_the_layer():
     assert "c_attn" in row.plans and "+" in row.plans
 
 
+def test_moe_experts_keep_nothing_per_layer_and_a_smaller_share_per_token():
+    """Qwen3-30B-A3B's experts block at full width: PEFT keeps W0 + s B A of all 128 experts for the backward (the
+    per-layer constant, at least the experts' bf16 weights); the fused block keeps nothing of that size, and less
+    than PEFT per token."""
+    pytest.importorskip("transformers")
+    rows = {c: memory.experts_row("qwen3-30b-a3b", c, 16) for c in memory.EXPERTS_CONTENDERS}
+    E, H, I = 128, 2048, 768
+    weights_mib = E * 3 * I * H * 2 / 2**20
+    assert rows["peft"].saved_mib_per_layer >= weights_mib
+    assert abs(rows["lora_kernels"].saved_mib_per_layer) < 0.5 and abs(rows["frozen"].saved_mib_per_layer) < 0.5
+    share = {c: rows[c].saved_kib_per_token - rows["frozen"].saved_kib_per_token for c in ("peft", "lora_kernels")}
+    assert 0 < share["lora_kernels"] < share["peft"] / 2
+    # x [T, H] and the down projection's input [S, I] (the factors' grads need them), xa in fp32: nothing more
+    assert share["lora_kernels"] <= (H * 2 + 8 * I * 2 + 2 * 8 * 16 * 4 + 64) / 1024
+
+
 def test_quick_run_writes_csv_markdown_and_plot(tmp_path):
     assert memory.main(["--quick", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "memory.md").read_text()
     assert "| llama-3-8b | 16 | 0.05 | lora_kernels |" in text and "x smaller" in text
+    assert "| qwen3-30b-a3b | peft |" in text and "LoRA's share per token" in text
     assert (tmp_path / "memory.csv").read_text().startswith("model,contender,r,dropout,saved_kib_per_token")
     assert (tmp_path / "memory.png").stat().st_size > 1000
 
