@@ -565,12 +565,14 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown MoE models {sorted(unknown)}; choose from {', '.join(EXPERTS_MODELS)}")
     t0 = time.time()
-    experts_text = experts_table(experts_models, rs[0])[1] + "\n\n" if experts_models else ""
+    experts_rows, experts_text = experts_table(experts_models, rs[0]) if experts_models else ([], "")
     table = rows(models, rs, dropouts, progress=lambda s: print(f"  {s}", file=sys.stderr))
-    text = experts_text + (f"Activation memory per token of one decoder layer, bf16, LoRA (alpha = 2r) on "
-            f"{', '.join(DEFAULT_TARGETS)} (GPT-2: c_attn, c_proj, c_fc); by storage, parameters excluded, slope over "
-            f"{TOKENS[0]} and {TOKENS[1]} tokens; whole model at {BATCH[0]} x {BATCH[1]} tokens, activations only "
-            f"(embeddings and logits aside)\n\n" + markdown(table) + "\n\n" + "\n".join(ratios(table)))
+    text = "\n\n".join(t for t in (experts_text, (
+        f"Activation memory per token of one decoder layer, bf16, LoRA (alpha = 2r) on "
+        f"{', '.join(DEFAULT_TARGETS)} (GPT-2: c_attn, c_proj, c_fc); by storage, parameters excluded, slope over "
+        f"{TOKENS[0]} and {TOKENS[1]} tokens; whole model at {BATCH[0]} x {BATCH[1]} tokens, activations only "
+        f"(embeddings and logits aside)\n\n" + markdown(table) + "\n\n" + "\n".join(ratios(table))) if table else "")
+        if t)
     if any(row.contender.endswith("_qlora") for row in table):
         text += ("\n\nQLoRA rows: the base layers in NF4 (bitsandbytes, double quantization). Their backward peak is set "
                  "by a dequantized W0, a constant of the layer (both PEFT + bitsandbytes and this package dequantize "
@@ -579,13 +581,16 @@ def main(argv=None) -> int:
     print(f"\n({time.time() - t0:.0f} s)")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "memory.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=[fld.name for fld in dataclasses.fields(Row)])
-            w.writeheader()
-            w.writerows(dataclasses.asdict(row) for row in table)
+        for name, kind, found in (("memory.csv", Row, table), ("memory_experts.csv", ExpertsRow, experts_rows)):
+            if found:
+                with open(os.path.join(args.out, name), "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=[fld.name for fld in dataclasses.fields(kind)])
+                    w.writeheader()
+                    w.writerows(dataclasses.asdict(row) for row in found)
         with open(os.path.join(args.out, "memory.md"), "w") as f:
             f.write(text + "\n")
-        plot(table, os.path.join(args.out, "memory.png"))
+        if table:
+            plot(table, os.path.join(args.out, "memory.png"))
     return 0
 
 
