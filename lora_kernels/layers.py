@@ -602,6 +602,7 @@ class LoRAExperts(nn.Module):
             raise ValueError(f"targets: expected some of {names} (the projections of {type(base_layer).__name__}), "
                              f"got {targets}")
         self.base_layer = base_layer
+        self.num_experts = base_layer.num_experts
         self.backend = backend
         # PEFT nests its wrappers in the module's parameter order: the first targeted parameter is the innermost
         self.targets = tuple(n for n, _ in base_layer.named_parameters(recurse=False) if n in targets)

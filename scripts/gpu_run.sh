@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a machine with a GPU (about 9 minutes): the test suite natively on the GPU (Triton and CUDA C++
-# backends, DoRA, QLoRA), the planner's tuning, the decode benchmark, the layer benchmarks (auto vs eager, DoRA,
-# QLoRA), a training step, the variant sweep and the demo, with logs, CSV, summary and plots left in one folder.
+# backends, DoRA, QLoRA, MoE experts), the planner's tuning, the decode benchmark, the layer benchmarks (auto vs eager,
+# DoRA, QLoRA), the MoE experts block, a training step and the demo, with logs, CSV, summary and plots in one folder.
 #   bash scripts/gpu_run.sh [OUT_DIR]        (default: bench/results/gpu-<date>)
 # Works offline: uses the torch / triton / peft / transformers already installed (installs nothing new).
 # The GPU-compile test is left to CI (it needs no GPU). Each step has its own time limit, so a slow step
@@ -49,10 +49,15 @@ echo "tune: exit $?"
 timeout "${DECODE_S:-60}" $py -m bench.decode --out "$out" --M 1,16 > "$out/decode.txt" 2>&1
 echo "decode bench: exit $?"; cat "$out/decode.txt"
 # The torch provider is the reference formulas (its dropout mask is slow int64 math): left out of GPU timing.
-timeout "${BENCH_S:-130}" $py -m bench --out "$out" --max-minutes 1.9 --no-table1 \
+timeout "${BENCH_S:-110}" $py -m bench --out "$out" --max-minutes 1.6 --no-table1 \
   --providers cublas,eager,peft,aten,triton,auto,peft_dora,dora,peft_qlora,qlora \
   --M 16,1024,8192 --KN 4096x4096,4096x14336 --r 16 > "$out/bench.log" 2>&1
 echo "bench: exit $?"
+# MoE experts blocks (Qwen3-30B-A3B = PEFT #3577's shape, gpt-oss-20b), 4096 tokens: PEFT 0.21 vs the split-LoRA ATen
+# composition vs the fused kernels vs the frozen grouped_mm floor, forward + backward
+timeout "${EXPERTS_S:-50}" $py -m bench.experts --models qwen3-30b-a3b,gpt-oss-20b --tokens 4096 --out "$out" \
+  > "$out/experts.txt" 2>&1
+echo "experts bench: exit $?"; tail -n 4 "$out/experts.txt"
 timeout "${TRAIN_S:-55}" $py -m bench.train --layers 2 --batch 8 --seq 2048 --r 16 --dropout 0.05 --steps 6 \
   --out "$out" > "$out/train.txt" 2>&1
 echo "train: exit $?"; cat "$out/train.txt"

@@ -234,3 +234,18 @@ def test_train_bench_quick_runs_every_contender_with_equal_losses(tmp_path, caps
                                              "peft_qlora", "lora_kernels_qlora"}
     assert {r["metric"] for r in rows} == {"time", "tokens_per_s", "peak_memory"}
     assert (tmp_path / "train.md").read_text().startswith("# One training step")
+
+
+def test_experts_bench_contenders_agree_and_write_files(tmp_path):
+    """bench.experts on CPU (tiny configs): PEFT's target_parameters, the ATen composition and the package agree on
+    the block's output and every LoRA grad; the CSV and the table are written."""
+    pytest.importorskip("peft")
+    from bench import experts
+
+    assert experts.main(["--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "experts.csv")))
+    assert {r["model"] for r in rows} == {"qwen3-30b-a3b", "gpt-oss-20b"}
+    for r in rows:
+        for c in ("aten", "lora_kernels"):
+            assert float(r[f"{c}_rel_err_y"]) < 1e-5 and float(r[f"{c}_rel_err_grads"]) < 1e-5, r
+    assert "| qwen3-30b-a3b | 48 |" in (tmp_path / "experts.md").read_text()
