@@ -10,7 +10,10 @@ layer type; ``fuse_report(model)`` lists them. Mixed-adapter batches (``adapter_
 one-launch mixed kernels. ``register(lora_config)`` puts the fused layer into PEFT's
 custom-module hook (``LoraConfig._register_custom_module``) so PEFT builds fused layers itself (plain ``nn.Linear``
 and ``Conv1D`` bases). ``fuse`` also takes PEFT's LoRA layers over bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` bases
-(QLoRA): their forward runs ``lora_kernels.quantized.qlora_linear`` on the base layer's quantized weight.
+(QLoRA): their forward runs ``lora_kernels.quantized.qlora_linear`` on the base layer's quantized weight. PEFT's
+``ParamWrapper`` (``target_parameters``) on transformers' MoE experts modules becomes a fused ParamWrapper: the
+outermost wrapper of each experts module runs the whole experts block on ``lora_kernels.experts`` with every wrapper's
+adapter (PEFT's W0 + s B A per expert is never formed).
 
 Needs ``peft`` (``pip install lora-kernels[peft]``). The adapter file format is in ``peft_format``.
 """
@@ -476,8 +479,10 @@ def fuse(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
     """Make every LoRA Linear layer of `peft_model` run the fused kernels, in place (returns the model).
 
     Existing layers over an nn.Linear, Conv1D or bitsandbytes Linear4bit / Linear8bitLt base become FusedPeftLinear
-    (a subclass of PEFT's LoRA Linear: same parameters, state dict, saving, merging, repr). Everything else stays
-    PEFT's and computes as before: other LoRA layer types (Embedding, Conv2d, MultiheadAttention, target_parameters),
+    (a subclass of PEFT's LoRA Linear: same parameters, state dict, saving, merging, repr); ParamWrappers on MoE
+    experts modules become the fused ParamWrapper. Everything else stays
+    PEFT's and computes as before: other LoRA layer types (Embedding, Conv2d, MultiheadAttention, target_parameters
+    on other modules),
     other base layers, LoRA variants other than DoRA, layers with forward hooks other than accelerate's device
     placement. One warning says which and why (``fuse_report(model)`` gives the same as data); a model without any
     fusable layer is returned as it is. Layers that adapters create later are PEFT's own unless their config went

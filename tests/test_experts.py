@@ -381,3 +381,49 @@ def test_inject_dropout_on_experts():
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     assert (first - other).abs().max() > 1e-6 and (first - plain).abs().max() > 1e-6
     torch.testing.assert_close(plain, merged, rtol=1e-10, atol=1e-12)
+
+
+EXPERTS_CLASSES = [  # (module, config class, experts class, config kwargs)
+    ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeExperts", dict(moe_intermediate_size=40, num_experts=6)),
+    ("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeExperts", dict(moe_intermediate_size=40, num_experts=6)),
+    ("mixtral", "MixtralConfig", "MixtralExperts", dict(intermediate_size=40, num_local_experts=5)),
+    ("olmoe", "OlmoeConfig", "OlmoeExperts", dict(intermediate_size=40, num_experts=5)),
+    ("deepseek_v3", "DeepseekV3Config", "DeepseekV3Experts", dict(moe_intermediate_size=40, n_routed_experts=6)),
+    ("gpt_oss", "GptOssConfig", "GptOssExperts", dict(intermediate_size=40, num_local_experts=4)),
+]
+
+
+@pytest.mark.parametrize("module,config_cls,experts_cls,kwargs", EXPERTS_CLASSES, ids=[c[0] for c in EXPERTS_CLASSES])
+def test_experts_block_is_each_models_experts_with_the_merged_update(module, config_cls, experts_cls, kwargs):
+    """For every transformers experts class the block serves: experts_block with an adapter per projection equals the
+    module's own (eager) forward over W0 + s B_e A_e, in fp64."""
+    import importlib
+
+    config = getattr(transformers, config_cls)(hidden_size=48, num_experts_per_tok=2, **kwargs)
+    config._experts_implementation = "eager"
+    lib = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    experts = getattr(lib, experts_cls)(config).double().to(DEVICE)
+    assert ex.is_experts_module(experts) is None
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for prm in experts.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g, dtype=prm.dtype) * 0.2)
+    E, k, T = experts.num_experts, 2, 13
+    hidden = torch.randn(T, 48, generator=g, dtype=torch.float64).to(DEVICE)
+    index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEVICE)
+    weights = torch.rand(T, k, generator=g, dtype=torch.float64).to(DEVICE)
+    adapters = {}
+    merged = copy.deepcopy(experts)
+    for name in ex.projections(experts):
+        p = getattr(experts, name)
+        K, N = (p.shape[1], p.shape[2]) if experts.is_transposed else (p.shape[2], p.shape[1])
+        a = torch.randn(E, 3, K, generator=g, dtype=torch.float64).to(DEVICE) * 0.3
+        b = torch.randn(E, N, 3, generator=g, dtype=torch.float64).to(DEVICE) * 0.3
+        adapters[name] = ex.ExpertAdapter(a, b, 0.5)
+        delta = torch.bmm(b, a) * 0.5
+        with torch.no_grad():
+            getattr(merged, name).add_(delta.transpose(1, 2) if experts.is_transposed else delta)
+    with torch.no_grad():
+        got = ex.experts_block(experts, hidden, index, weights, adapters)
+        want = merged(hidden, index, weights)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
