@@ -9,6 +9,7 @@ loss on random tokens, backward and an AdamW step on the adapters. Contenders, w
   peft_dora, lora_kernels_dora   the same with DoRA (use_dora=True; the magnitudes copied too)
   peft_qlora, lora_kernels_qlora QLoRA: the decoder's linear layers in NF4 with double quantization (bitsandbytes'
                  Linear4bit, compute dtype the run's), PEFT's LoRA over them against ``inject`` (needs bitsandbytes)
+  peft_qdora, lora_kernels_qdora QDoRA: DoRA over the same NF4 bases
 
 On a GPU: tokens per second and ``torch.cuda.max_memory_allocated`` per step, p50 / p20 / p80 over the steps after
 warm-up (the planner measures new call shapes in the first steps: their time is reported apart). On CPU: a tiny
@@ -35,10 +36,11 @@ import lora_kernels  # noqa: E402
 
 from .memory import DEFAULT_TARGETS, MODELS, TARGETS, quantized_decoder  # noqa: E402
 
-CONTENDERS = ("peft", "peft+fuse", "lora_kernels", "peft_dora", "lora_kernels_dora", "peft_qlora", "lora_kernels_qlora")
+CONTENDERS = ("peft", "peft+fuse", "lora_kernels", "peft_dora", "lora_kernels_dora", "peft_qlora", "lora_kernels_qlora",
+              "peft_qdora", "lora_kernels_qdora")
 # (widths multiples of 64: bitsandbytes' CPU kernels serve those exactly)
 TINY = dict(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-SUFFIXES = ("_dora", "_qlora")
+SUFFIXES = ("_qdora", "_qlora", "_dora")  # (the first that a name ends with: "_qdora" before "_dora")
 
 
 def _suffix(contender: str) -> str:
@@ -108,27 +110,38 @@ def contenders(name: str, layers: int, vocab, device, dtype, r: int, dropout: fl
                     if dora:
                         layer.lora_magnitude_vector.copy_(src.lora_magnitude_vector["default"].weight)
             out["lora_kernels" + suffix] = model
-    qlora = [c for c in which if _suffix(c) == "_qlora"]
-    if qlora:
+    for suffix, dora in (("_qlora", False), ("_qdora", True)):
+        wanted = [c for c in which if _suffix(c) == suffix]
+        if not wanted:
+            continue
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
-            print(f"QLoRA contenders skipped: {e}")
+            print(f"QLoRA / QDoRA contenders skipped: {e}")
             return out
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, init_lora_weights=False)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, init_lora_weights=False,
+                         use_dora=dora)
         reference = get_peft_model(quantized_model(base_model(name, layers, vocab, device, dtype, tiny), dtype), cfg)
-        if "peft_qlora" in qlora:
-            out["peft_qlora"] = reference
-        if "lora_kernels_qlora" in qlora:
+        if dora:
+            with torch.no_grad():
+                for param_name, param in reference.named_parameters():
+                    if "lora_magnitude_vector" in param_name:
+                        param.mul_(1.1)
+        if "peft" + suffix in wanted:
+            out["peft" + suffix] = reference
+        if "lora_kernels" + suffix in wanted:
             model = quantized_model(base_model(name, layers, vocab, device, dtype, tiny), dtype)
-            lora_kernels.inject(model, targets, r=r, lora_alpha=2 * r, lora_dropout=dropout)
+            lora_kernels.inject(model, targets, r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=dora)
             lora_kernels.mark_only_lora_as_trainable(model)
             peft_modules = dict(reference.base_model.model.named_modules())
             with torch.no_grad():
                 for module_name, layer in lora_kernels.lora_layers(model).items():
-                    layer.lora_A.copy_(peft_modules[module_name].lora_A["default"].weight)
-                    layer.lora_B.copy_(peft_modules[module_name].lora_B["default"].weight)
-            out["lora_kernels_qlora"] = model
+                    src = peft_modules[module_name]
+                    layer.lora_A.copy_(src.lora_A["default"].weight)
+                    layer.lora_B.copy_(src.lora_B["default"].weight)
+                    if dora:
+                        layer.lora_magnitude_vector.copy_(src.lora_magnitude_vector["default"].weight)
+            out["lora_kernels" + suffix] = model
     return out
 
 
@@ -163,7 +176,8 @@ def parity(models: dict, ids, dtype) -> dict:
         with torch.no_grad():
             exact = float(loss_of(_as_fp64(ref).eval(), ids))
             same = float(loss_of(_eval(ref), ids))
-            out["fp64 reference" + {"": "", "_dora": " (DoRA)", "_qlora": " (QLoRA)"}[suffix]] = (exact, True)
+            label = {"": "", "_dora": " (DoRA)", "_qlora": " (QLoRA)", "_qdora": " (QDoRA)"}[suffix]
+            out["fp64 reference" + label] = (exact, True)
             for name, model in group.items():
                 value = float(loss_of(_eval(model), ids))
                 out[name] = (value, abs(value - exact) <= 2 * abs(same - exact) + 2 * eps * abs(exact))

@@ -11,7 +11,7 @@ from . import backends, plan
 from .adapters import DEFAULT, Adapter, AdapterSet, adapter_forward, check_hparams, init_lora
 from .experts import ExpertAdapter, experts_block, is_experts_module, projections, routing_args
 from .ops import autocast_inputs, check_args, mixed_call
-from .quantized import dequantize, is_quantized_linear, quantized_weight
+from .quantized import base_dtype, dequantize, is_quantized_linear, quantized_weight
 from .stacking import AdapterStack, checked_ids, current_adapter_ids, expand_ids
 
 __all__ = ["FusedLoRALinear", "QuantizedLoRALinear", "LoRAExperts", "ExpertFactors"]
@@ -457,9 +457,9 @@ class QuantizedLoRALinear(FusedLoRALinear):
     bias = property(lambda self: self.base_layer.bias)
 
     def _base_dtype(self) -> torch.dtype:
-        state = getattr(self.base_layer.weight, "quant_state", None)
-        if state is not None and state.dtype is not None:
-            return state.dtype
+        dtype = base_dtype(self.base_layer)
+        if dtype is not None:
+            return dtype
         return self.base_layer.bias.dtype if self.base_layer.bias is not None else torch.float16
 
     def quantized_weight(self):

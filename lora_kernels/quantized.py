@@ -40,7 +40,8 @@ from .plan import Call
 
 __all__ = ["QuantizedWeight", "FORMATS", "is_quantized_linear", "quantized_weight", "compute_dtype", "dequantize",
            "stand_in_weight", "pack", "unpack", "check_qargs", "compute_inputs",
-           "qlora_linear", "qlora_linear_fwd", "qlora_linear_bwd", "bitsandbytes_info", "quantize_linear"]
+           "qlora_linear", "qlora_linear_fwd", "qlora_linear_bwd", "bitsandbytes_info", "quantize_linear", "shardable",
+           "is_shardable", "base_dtype"]
 
 FORMATS = ("nf4", "fp4", "int8")
 
@@ -131,7 +132,10 @@ _WEIGHTS = WeakIdKeyDictionary()  # weight -> (fingerprint, QuantizedWeight)
 
 def quantized_weight(layer) -> QuantizedWeight:
     """The quantized W0 of a bitsandbytes layer, read once per weight (kept until the weight's data or state
-    changes: no host sync or small op per call)."""
+    changes: no host sync or small op per call). A layer made ``shardable`` is read from its tensors each call (views,
+    no copy): under FSDP2 its codes are the all-gathered parameter of this forward."""
+    if is_shardable(layer):
+        return _read_shardable(layer)
     weight = layer.weight
     state = getattr(weight, "quant_state", None) if hasattr(weight, "quant_state") else getattr(layer, "state", None)
     key = (weight.data_ptr(), weight._version, id(state), getattr(weight, "SCB", None) is not None)
@@ -177,6 +181,78 @@ def _read_layer(layer) -> QuantizedWeight:
         return QuantizedWeight(weight.data, scb.float() / 127.0, empty, empty, empty, "int8", 0, 0, 0.0,
                                tuple(weight.shape))
     raise TypeError(f"layer: expected a bitsandbytes Linear4bit or Linear8bitLt, got {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# Quantized base layers in a form FSDP2 shards (and DDP broadcasts): plain tensors, no tensor subclass
+# --------------------------------------------------------------------------------------------
+_STATE_BUFFERS = ("quant_absmax", "quant_code", "quant_absmax2", "quant_code2")
+
+
+class ShardableQuantized:
+    """Mixed into a bitsandbytes Linear4bit / Linear8bitLt by ``shardable``: ``weight`` is a plain frozen Parameter
+    holding the codes (uint8 packed 4-bit, or int8), which FSDP2 flattens, shards along dim 0 and all-gathers like any
+    parameter; the quantization state (absmax, the code tables, the double-quantization level, int8's row scales) is
+    in buffers, which every rank holds whole (a few percent of the codes' bytes); the static rest (format, block
+    sizes, offset, W0's shape and dtype) in ``quant_format``. Its own forward is bitsandbytes' dequantize-then-matmul
+    (the same W0 bit for bit, in the compute dtype, y in x's dtype) and the state dict is plain tensors."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        qw = quantized_weight(self)
+        dtype = compute_dtype(self, x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), dequantize(qw, dtype), bias).to(x.dtype)
+
+    _save_to_state_dict = torch.nn.Module._save_to_state_dict
+    _load_from_state_dict = torch.nn.Module._load_from_state_dict
+
+
+_SHARDABLE_CLASSES: dict = {}
+
+
+def is_shardable(layer) -> bool:
+    return isinstance(layer, ShardableQuantized)
+
+
+def base_dtype(layer) -> torch.dtype | None:
+    """The dtype W0 was quantized from (a Linear4bit's quant_state.dtype), None where the layer does not say."""
+    if is_shardable(layer):
+        return layer.quant_format["dtype"]
+    state = getattr(layer.weight, "quant_state", None)
+    return None if state is None else state.dtype
+
+
+def shardable(model: torch.nn.Module) -> torch.nn.Module:
+    """Put every bitsandbytes Linear4bit / Linear8bitLt of `model` (bare, under ``QuantizedLoRALinear`` or PEFT's LoRA
+    layers) into the form FSDP2 can shard (``ShardableQuantized``), in place; returns `model`. Call it after the
+    model is quantized and on its device, before ``fully_shard``. The codes are shared, not copied; QLoRA's fused
+    layers and PEFT's fused layers read them each forward, so a sharded model computes what one process computes."""
+    for module in list(model.modules()):
+        if not is_quantized_linear(module) or is_shardable(module):
+            continue
+        qw = quantized_weight(module)
+        dtype = base_dtype(module)
+        module.weight = torch.nn.Parameter(qw.data, requires_grad=False)
+        for name, t in zip(_STATE_BUFFERS, (qw.absmax, qw.code, qw.absmax2, qw.code2)):
+            module.register_buffer(name, t if t.numel() else t.new_empty((0,)))  # (one object per unused part)
+        module.quant_format = dict(fmt=qw.fmt, blocksize=qw.blocksize, blocksize2=qw.blocksize2, offset=qw.offset,
+                                   shape=qw.shape, dtype=dtype)
+        cls = type(module)
+        if cls not in _SHARDABLE_CLASSES:
+            _SHARDABLE_CLASSES[cls] = type(f"Shardable{cls.__name__}", (ShardableQuantized, cls),
+                                           {"__module__": __name__})
+        module.__class__ = _SHARDABLE_CLASSES[cls]
+    return model
+
+
+def _read_shardable(layer) -> QuantizedWeight:
+    f = layer.quant_format
+    weight = layer.weight
+    if hasattr(weight, "full_tensor"):  # outside FSDP2's forward the codes are a sharded DTensor
+        raise RuntimeError(f"{type(layer).__name__}: its codes are sharded (a DTensor) outside the forward of its "
+                           "FSDP2 unit; call the model (or .full_tensor() the weight) instead")
+    return QuantizedWeight(weight, *(getattr(layer, n) for n in _STATE_BUFFERS), f["fmt"], f["blocksize"],
+                           f["blocksize2"], f["offset"], f["shape"])
 
 
 def compute_dtype(layer, x: Tensor) -> torch.dtype:

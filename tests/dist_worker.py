@@ -144,3 +144,138 @@ def worker(rank: int, port: int, engine: str, p: float, backend: str, out_dir: s
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# FSDP2 over quantized base layers (QLoRA), natively (inject) and through PEFT (fuse)
+# ------------------------------------------------------------------------------------------------------------
+Q_IN, Q_HID = 64, 128  # multiples of 64: bitsandbytes' CPU kernels serve them exactly
+QUANT_CONFIGS = ("nf4_dq", "nf4", "fp4_dq", "fp4", "int8")
+
+
+def build_quantized(config: str, path: str, p: float, backend: str, device="cpu"):
+    """Three linear layers quantized as `config` ("nf4_dq", "fp4", "int8", ...), LoRA on each (r = 4, B non-zero):
+    `path` "inject" (QuantizedLoRALinear) or "peft" (PEFT's bitsandbytes LoRA layers, fused); the bases made
+    shardable. The same weights and adapters for the same arguments."""
+    import bitsandbytes as bnb
+    from lora_kernels.quantized import quantize_linear, shardable
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(Q_IN, Q_HID), nn.GELU(), nn.Linear(Q_HID, Q_HID), nn.GELU(), nn.Linear(Q_HID, Q_IN))
+    fmt, _, dq = config.partition("_")
+    for i in (0, 2, 4):
+        lin = dense[i]
+        if fmt == "int8":
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, has_fp16_weights=False)
+            q.load_state_dict(lin.state_dict())
+            dense[i] = q.to(device)
+        else:
+            dense[i] = quantize_linear(lin.to(device), fmt, bool(dq))
+    if path == "inject":
+        model = lora_kernels.inject(dense, ["0", "2", "4"], r=4, lora_alpha=8, lora_dropout=p,
+                                    init_lora_weights=False, backend=backend)
+        lora_kernels.mark_only_lora_as_trainable(model)
+    else:
+        from peft import LoraConfig, get_peft_model
+        from lora_kernels.peft import fuse
+
+        model = fuse(get_peft_model(dense, LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["0", "2", "4"],
+                                                      init_lora_weights=False)), backend=backend)
+    return shardable(model).to(device)
+
+
+def quantized_lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, (lora_kernels.FusedLoRALinear, LoraLayer))]
+
+
+def quantized_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(WORLD * BATCH, Q_IN, generator=g), torch.randn(WORLD * BATCH, Q_IN, generator=g)
+
+
+def quantized_single(config: str, path: str, p: float, backend: str, checkpointed: bool = False):
+    """One process: each rank's micro-batch with its RNG seed, grads averaged; (losses, LoRA params)."""
+    model = build_quantized(config, path, p, backend)
+    x, t = quantized_data()
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.5)
+    losses = []
+    for step in range(STEPS):
+        total = 0.0
+        for rank in range(WORLD):
+            torch.manual_seed(dropout_seed(step, rank))
+            rows = slice(rank * BATCH, (rank + 1) * BATCH)
+            loss = nn.functional.mse_loss(_forward(model, x[rows], checkpointed).float(), t[rows])
+            (loss / WORLD).backward()
+            total += loss.item() / WORLD
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses, lora_params(model), model
+
+
+def _forward(model, x, checkpointed: bool):
+    if not checkpointed:
+        return model(x)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(model, x, use_reentrant=False)
+
+
+def quantized_worker(rank: int, port: int, path: str, p: float, backend: str, out_dir: str, precision: str):
+    """Every config of QUANT_CONFIGS (precision "fp32"), or nf4_dq under MixedPrecisionPolicy(bf16 compute) with
+    activation checkpointing (precision "bf16_params"): FSDP2 over the shardable quantized bases."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=90))
+    try:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        mixed = precision == "bf16_params"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed \
+            else MixedPrecisionPolicy()
+        results = {}
+        for config in (("nf4_dq",) if mixed else QUANT_CONFIGS):
+            model = build_quantized(config, path, p, backend)
+            codes = [m.weight for m in model.modules() if lora_kernels.quantized.is_shardable(m)]
+            total = sum(c.numel() * c.element_size() for c in codes)
+            for layer in quantized_lora_layers(model):
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
+            codes = [m.weight for m in model.modules() if lora_kernels.quantized.is_shardable(m)]
+            local = sum(c.to_local().numel() * c.element_size() for c in codes)
+            x, t = quantized_data()
+            rows = slice(rank * BATCH, (rank + 1) * BATCH)
+            opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.5)
+            losses = []
+            for step in range(STEPS):
+                torch.manual_seed(dropout_seed(step, rank))
+                loss = nn.functional.mse_loss(_forward(model, x[rows], mixed).float(), t[rows])
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                reported = loss.detach().clone()
+                dist.all_reduce(reported)
+                losses.append(reported.item() / WORLD)
+            params = lora_params(model)
+            adapter_dir = os.path.join(out_dir, f"adapter-{config}")
+            if path == "inject":
+                lora_kernels.save_adapter(model, adapter_dir)
+            else:  # PEFT: the full state dict gathered on every rank, written by rank 0 (PEFT's own save)
+                full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                if rank == 0:
+                    model.save_pretrained(adapter_dir, state_dict=full)
+                dist.barrier()
+            results[config] = {"losses": losses, "params": params, "local_code_bytes": local,
+                               "code_bytes": total}
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "result.pt"))
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -218,7 +218,7 @@ def test_demo_runs_and_passes_parity():
 
 
 def test_train_bench_quick_runs_every_contender_with_equal_losses(tmp_path, capsys):
-    """bench.train on CPU: the tiny config trains with PEFT, PEFT + fuse and inject, LoRA, DoRA and QLoRA, and their
+    """bench.train on CPU: the tiny config trains with PEFT, PEFT + fuse and inject, LoRA, DoRA, QLoRA and QDoRA, and their
     losses (dropout off) meet the parity rule against an fp64 PEFT model (QLoRA's: on the dequantized weights); the rows
     go into bench's CSV."""
     pytest.importorskip("peft")
@@ -227,11 +227,11 @@ def test_train_bench_quick_runs_every_contender_with_equal_losses(tmp_path, caps
 
     assert train.main(["--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("PASS") == 10 and "FAIL" not in out
+    assert out.count("PASS") == 13 and "FAIL" not in out
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["provider"] for r in rows} == {"peft", "peft+fuse", "lora_kernels", "peft_dora", "lora_kernels_dora",
-                                             "peft_qlora", "lora_kernels_qlora"}
+                                             "peft_qlora", "lora_kernels_qlora", "peft_qdora", "lora_kernels_qdora"}
     assert {r["metric"] for r in rows} == {"time", "tokens_per_s", "peak_memory"}
     assert (tmp_path / "train.md").read_text().startswith("# One training step")
 

@@ -98,6 +98,33 @@ def test_mixed_batches_are_tuned_among_their_variants(cache_dir):
     assert {label.split(":")[1] for label in ran} >= {"triton_gated", "triton_gated_cublas", "triton_sorted", "torch"}
 
 
+@pytest.mark.parametrize("winner", [("triton_grouped", "aten"), ("aten", "triton_grouped")])
+def test_experts_calls_are_tuned_among_their_variants_and_keyed_apart(winner, cache_dir, monkeypatch):
+    """An experts call (Call.experts = E) times the grouped variants (on scratch inputs split over the experts), keeps
+    the fastest, and is keyed apart from the dense call of the same shape; the call then runs what was chosen."""
+    from lora_kernels.experts import experts_linear, routing
+
+    call = _call(M=40, K=32, N=48, r=4)._replace(experts=4)
+    fwd, bwd = winner
+    ran = []
+    chosen, _ = plan.tune(call, timer=fake_timer({f"forward:{fwd}": 1e-6, f"backward:{bwd}": 1e-6}, ran=ran))
+    assert chosen[:2] == winner
+    assert {label.split(":")[1] for label in ran} == {"triton_grouped", "aten"}  # (auto never measures torch)
+    assert plan.entry_key("auto", call) != plan.entry_key("auto", call._replace(experts=0))
+    seen = []
+    for table, name in ((backends.EXPERTS_FORWARD, "forward"), (backends.EXPERTS_BACKWARD, "backward")):
+        for v, fn in list(table.items()):
+            monkeypatch.setitem(table, v, lambda *a, v=v, fn=fn, name=name: seen.append(f"{name}:{v}") or fn(*a))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 32, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
+    w = torch.randn(4, 48, 32, generator=g).to(DEVICE, torch.bfloat16)
+    a = torch.randn(4, 4, 32, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
+    bb = torch.randn(4, 48, 4, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
+    perm, offsets = routing(torch.randint(0, 4, (20, 2), generator=g).to(DEVICE), 4)
+    experts_linear(x, w, None, a, bb, offsets, 0.5, gather=perm // 2).float().sum().backward()
+    assert seen == [f"forward:{fwd}", f"backward:{bwd}"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Every candidate: the same result
 # ----------------------------------------------------------------------------------------------------------------

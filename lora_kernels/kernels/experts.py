@@ -287,7 +287,6 @@ def experts_forward(x, weight, bias, lora_A, lora_B, offsets, gather, seed, scal
                     transposed):
     """(y [S, N], xa [S, r] fp32): xa = dropout(x_g) A_e^T (one launch), then y = x_g W0_e^T + b_e + s xa B_e^T
     (one launch)."""
-    S = gather.shape[0] if gather is not None else x.shape[0]
     N = weight.shape[2] if transposed else weight.shape[1]
     xa = shrink(x, gather, lora_A, offsets, seed, dropout_p, 1.0)
     # W_e^T as [reduction K, output N]: weight [E, N, K] (strides e, n, k) or transposed [E, K, N]
