@@ -26,16 +26,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 FORMATS = ("nf4", "nf4_dq", "fp4", "fp4_dq", "int8")  # a quantized base's (QLoRA); "dora_<format>": QDoRA
-KINDS = ("lora", "dora", *FORMATS)  # and "dora_<format>" (QDoRA), "mixed<n>" (a mixed batch over n adapters)
+KINDS = ("lora", "dora", *FORMATS)  # and "dora_<format>" (QDoRA), "mixed<n>" (a mixed batch over n adapters),
+# "experts<E>" (LoRA on E MoE experts: rows are then slots, tokens times top-k)
 
 
 def kind_fields(kind: str) -> dict:
-    """The Call fields of a kind of call: {"dora", "quant"} or {"adapters"}."""
+    """The Call fields of a kind of call: {"dora", "quant"}, {"adapters"} or {"experts"}."""
     if kind.startswith("mixed") and kind[5:].isdigit():
         return {"adapters": int(kind[5:])}
+    if kind.startswith("experts") and kind[7:].isdigit():
+        return {"experts": int(kind[7:])}
     quant = kind[5:] if kind.startswith("dora_") else ("" if kind in ("lora", "dora") else kind)
     if quant and quant not in FORMATS:
-        raise ValueError(f"kind: expected one of {KINDS}, dora_<format> or mixed<n>, got {kind!r}")
+        raise ValueError(f"kind: expected one of {KINDS}, dora_<format>, mixed<n> or experts<E>, got {kind!r}")
     return {"dora": kind == "dora" or kind.startswith("dora_"), "quant": quant}
 
 
@@ -43,6 +46,8 @@ def kind_of(call: plan.Call) -> str:
     """The kind of a call, as kind_fields reads it."""
     if call.adapters:
         return f"mixed{call.adapters}"
+    if call.experts:
+        return f"experts{call.experts}"
     return ("dora" + (f"_{call.quant}" if call.quant else "")) if call.dora else (call.quant or "lora")
 
 
@@ -56,13 +61,16 @@ def _layer_kind(base, dora: bool) -> str:
 
 def model_shapes(model: torch.nn.Module) -> list[tuple[int, int, int, float, str]]:
     """(K, N, r, dropout, kind) of every LoRA layer of `model` (each adapter of a layer; kind: "lora", "dora", the
-    quantized format of a QLoRA base, "dora_<format>" for QDoRA, "mixed<n>" for the layer's n adapters stacked),
-    without duplicates."""
-    from .layers import FusedLoRALinear, QuantizedLoRALinear
+    quantized format of a QLoRA base, "dora_<format>" for QDoRA, "mixed<n>" for the layer's n adapters stacked,
+    "experts<E>" for each projection of a LoRAExperts), without duplicates."""
+    from .layers import FusedLoRALinear, LoRAExperts, QuantizedLoRALinear
 
     out = []
     for module in model.modules():
-        if isinstance(module, FusedLoRALinear):
+        if isinstance(module, LoRAExperts):
+            for f in module.adapters.values():
+                out.append((f.in_features, f.out_features, f.r, f.lora_dropout, f"experts{f.experts}"))
+        elif isinstance(module, FusedLoRALinear):
             quantized = isinstance(module, QuantizedLoRALinear)
             for adapter in module.adapters.values():
                 kind = _layer_kind(module.base_layer if quantized else None, adapter.use_dora)

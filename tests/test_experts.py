@@ -427,3 +427,15 @@ def test_experts_block_is_each_models_experts_with_the_merged_update(module, con
         got = ex.experts_block(experts, hidden, index, weights, adapters)
         want = merged(hidden, index, weights)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_tune_keys_experts_layers_as_their_calls_are_keyed():
+    """python -m lora_kernels.tune reads a LoRAExperts' projections as experts<E> kinds, keyed as the op keys them."""
+    import lora_kernels as lk
+    from lora_kernels import tune
+
+    model = lk.inject(_tiny("qwen3_moe"), target_parameters=TARGETS, r=4)
+    shapes = tune.model_shapes(model)
+    assert sorted(shapes) == [(40, 48, 4, 0.0, "experts6"), (48, 80, 4, 0.0, "experts6")]
+    calls = tune.keys(shapes, [64], torch.bfloat16, DEVICE, ["train"])
+    assert {c.experts for c in calls} == {6} and {tune.kind_of(c) for c in calls} == {"experts6"}
