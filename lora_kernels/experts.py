@@ -37,8 +37,8 @@ from torch import Tensor
 
 from . import backends, entry
 from . import plan as planner
-from .contract import (ALL_DTYPES, adapters_for, autocast_inputs, check_probability, check_scaling, check_seed,
-                       grads_needed, is_plain, master_adapters, resolve_seed)
+from .contract import (ALL_DTYPES, adapters_for, autocast_dtype, autocast_inputs, check_probability, check_scaling,
+                       check_seed, grads_needed, is_plain, master_adapters, resolve_seed)
 from .plan import Call
 
 __all__ = ["experts_linear", "check_experts_args", "experts_linear_fwd", "experts_linear_bwd", "EXPERTS",
@@ -290,12 +290,15 @@ def experts_block(module, hidden: Tensor, top_k_index: Tensor, top_k_weights: Te
     k = top_k_index.shape[-1]
     perm, offsets = routing(top_k_index, module.num_experts)
     up, down = projections(module)
-    h = _project(module, up, hidden, perm // k, offsets, adapters.get(up), backend)
+    x = hidden
+    if autocast_dtype(x) is None and x.dtype != getattr(module, up).dtype:
+        x = x.to(getattr(module, up).dtype)  # (transformers' grouped path casts the input to the experts' dtype)
+    h = _project(module, up, x, perm // k, offsets, adapters.get(up), backend)
     h = module._apply_gate(h) if getattr(module, "has_gate", True) else module.act_fn(h)
     out = _project(module, down, h, None, offsets, adapters.get(down), backend)
     if getattr(module, "has_post_expert_norm", False):
         out = module.post_expert_norm(out)
-    out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(out.dtype)
+    out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.shape[0], device=perm.device)
     return out[inverse].view(T, k, out.shape[-1]).sum(dim=1).to(hidden.dtype)

@@ -439,3 +439,28 @@ def test_tune_keys_experts_layers_as_their_calls_are_keyed():
     assert sorted(shapes) == [(40, 48, 4, 0.0, "experts6"), (48, 80, 4, 0.0, "experts6")]
     calls = tune.keys(shapes, [64], torch.bfloat16, DEVICE, ["train"])
     assert {c.experts for c in calls} == {6} and {tune.kind_of(c) for c in calls} == {"experts6"}
+
+
+def test_fused_experts_take_an_input_of_another_dtype_as_transformers_does():
+    """A bf16 model fed fp32 hidden states outside autocast: transformers' grouped_mm experts cast the input to the
+    experts' dtype; the fused block does the same (no raise where PEFT runs) and returns the input's dtype."""
+    config = peft.LoraConfig(r=4, target_modules=[], target_parameters=TARGETS, init_lora_weights=False)
+    model = peft.get_peft_model(_tiny("qwen3_moe", torch.bfloat16, "grouped_mm"), config)
+    fused = copy.deepcopy(model)
+    from lora_kernels.peft import fuse
+
+    fuse(fused)
+    wrapper = model.base_model.model.model.layers[0].mlp.experts
+    fused_wrapper = fused.base_model.model.model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(7, 48, generator=g).to(DEVICE)
+    index = torch.randint(0, 6, (7, 2), generator=g).to(DEVICE)
+    weights = torch.rand(7, 2, generator=g).to(DEVICE)
+    model64 = copy.deepcopy(model).double()
+    model64.base_model.model.config._experts_implementation = "eager"
+    wrapper64 = model64.base_model.model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        want, got = wrapper(hidden, index, weights), fused_wrapper(hidden, index, weights)
+        want64 = wrapper64(hidden.double(), index, weights.double())
+    assert got.dtype == want.dtype == torch.float32
+    assert_parity("experts output", got, want, want64)
