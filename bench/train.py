@@ -78,14 +78,25 @@ def contenders(name: str, layers: int, vocab, device, dtype, r: int, dropout: fl
 
     targets = TARGETS.get(MODELS[name][0], DEFAULT_TARGETS)
     out = {}
-    for dora in (False, True):
-        suffix = "_dora" if dora else ""
+    for suffix, dora, quantized in (("", False, False), ("_dora", True, False), ("_qlora", False, True),
+                                    ("_qdora", True, True)):
         wanted = [c for c in which if _suffix(c) == suffix]
         if not wanted:
             continue
+        if quantized:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as e:
+                print(f"QLoRA / QDoRA contenders skipped: {e}")
+                continue
+
+        def base():
+            model = base_model(name, layers, vocab, device, dtype, tiny)
+            return quantized_model(model, dtype) if quantized else model
+
         cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, init_lora_weights=False,
                          use_dora=dora)
-        reference = get_peft_model(base_model(name, layers, vocab, device, dtype, tiny), cfg)
+        reference = get_peft_model(base(), cfg)
         if dora:  # off the norms (at init they are equal: DoRA would compute LoRA's function)
             with torch.no_grad():
                 for param_name, param in reference.named_parameters():
@@ -93,48 +104,16 @@ def contenders(name: str, layers: int, vocab, device, dtype, r: int, dropout: fl
                         param.mul_(1.1)
         if "peft" + suffix in wanted:
             out["peft" + suffix] = reference
-        if "peft+fuse" in wanted:
-            fused = get_peft_model(base_model(name, layers, vocab, device, dtype, tiny), cfg)
+        if "peft+fuse" in wanted and not suffix:
+            fused = get_peft_model(base(), cfg)
             fused.load_state_dict(reference.state_dict())
             out["peft+fuse"] = fuse(fused)
         if "lora_kernels" + suffix in wanted:
-            model = base_model(name, layers, vocab, device, dtype, tiny)
+            model = base()
             lora_kernels.inject(model, targets, r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=dora)
             lora_kernels.mark_only_lora_as_trainable(model)
             peft_modules = dict(reference.base_model.model.named_modules())
-            with torch.no_grad():
-                for module_name, layer in lora_kernels.lora_layers(model).items():
-                    src = peft_modules[module_name]
-                    layer.lora_A.copy_(src.lora_A["default"].weight)
-                    layer.lora_B.copy_(src.lora_B["default"].weight)
-                    if dora:
-                        layer.lora_magnitude_vector.copy_(src.lora_magnitude_vector["default"].weight)
-            out["lora_kernels" + suffix] = model
-    for suffix, dora in (("_qlora", False), ("_qdora", True)):
-        wanted = [c for c in which if _suffix(c) == suffix]
-        if not wanted:
-            continue
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as e:
-            print(f"QLoRA / QDoRA contenders skipped: {e}")
-            return out
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, init_lora_weights=False,
-                         use_dora=dora)
-        reference = get_peft_model(quantized_model(base_model(name, layers, vocab, device, dtype, tiny), dtype), cfg)
-        if dora:
-            with torch.no_grad():
-                for param_name, param in reference.named_parameters():
-                    if "lora_magnitude_vector" in param_name:
-                        param.mul_(1.1)
-        if "peft" + suffix in wanted:
-            out["peft" + suffix] = reference
-        if "lora_kernels" + suffix in wanted:
-            model = quantized_model(base_model(name, layers, vocab, device, dtype, tiny), dtype)
-            lora_kernels.inject(model, targets, r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=dora)
-            lora_kernels.mark_only_lora_as_trainable(model)
-            peft_modules = dict(reference.base_model.model.named_modules())
-            with torch.no_grad():
+            with torch.no_grad():  # PEFT's adapters (and magnitudes)
                 for module_name, layer in lora_kernels.lora_layers(model).items():
                     src = peft_modules[module_name]
                     layer.lora_A.copy_(src.lora_A["default"].weight)

@@ -21,7 +21,8 @@ from torch import Tensor
 
 __all__ = ["check_args", "check_scaling", "check_probability", "check_seed", "check_index_tensor", "autocast_dtype",
            "autocast_inputs", "adapters_for", "master_adapters", "like_x", "draw_seed", "resolve_seed", "seed_int",
-           "grads_needed", "is_plain", "PLAIN_TYPES", "unflatten", "SIXTEEN_BIT", "KERNEL_DTYPES", "ALL_DTYPES"]
+           "grads_needed", "is_plain", "check_tensors", "check_like_x", "PLAIN_TYPES", "unflatten", "SIXTEEN_BIT", "KERNEL_DTYPES",
+           "ALL_DTYPES"]
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the kernels compute in
@@ -49,13 +50,7 @@ def _fmt_dtype(dtypes):
 def check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     """Raise a ValueError/TypeError naming the argument and the expected value; x is [..., K]. Any rank >= 1 is
     valid (the planner runs it on the variants that serve it)."""
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, Tensor):
-        raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
-    if x.dtype not in ALL_DTYPES:
-        raise TypeError(f"x: unsupported dtype {x.dtype}; expected one of {_fmt_dtype(ALL_DTYPES)}")
+    check_tensors(x, weight, bias, lora_A, lora_B)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D tensor [out_features, in_features], got shape {tuple(weight.shape)}")
     N, K = weight.shape
@@ -70,6 +65,25 @@ def check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
         raise ValueError(f"lora_B: expected shape [{N}, {r}] (out_features, r), got {tuple(lora_B.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias: expected shape [{N}], got {tuple(bias.shape)}")
+    check_like_x(x, weight, bias, lora_A, lora_B)
+    check_scaling("scaling", scaling)
+    check_probability("dropout_p", dropout_p)
+
+
+def check_tensors(x, weight, bias, lora_A, lora_B) -> None:
+    """Tensors where tensors are expected (bias: or None), x of a dtype the ops take."""
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+    if x.dtype not in ALL_DTYPES:
+        raise TypeError(f"x: unsupported dtype {x.dtype}; expected one of {_fmt_dtype(ALL_DTYPES)}")
+
+
+def check_like_x(x, weight, bias, lora_A, lora_B) -> None:
+    """The base tensors in x's dtype, the adapters too or fp32 masters of a 16-bit x (A and B alike), all on x's
+    device."""
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is None:
             continue
@@ -81,8 +95,6 @@ def check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
             raise ValueError(f"{name}: on device {t.device}, expected x's device {x.device}")
     if lora_B.dtype != lora_A.dtype:
         raise TypeError(f"lora_B: dtype {lora_B.dtype} does not match lora_A's dtype {lora_A.dtype}")
-    check_scaling("scaling", scaling)
-    check_probability("dropout_p", dropout_p)
 
 
 # While torch.compile traces, a float that differs between compiled layers (alpha / r, dropout) is symbolic and has

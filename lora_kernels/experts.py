@@ -37,8 +37,8 @@ from torch import Tensor
 
 from . import backends, entry
 from . import plan as planner
-from .contract import (ALL_DTYPES, adapters_for, autocast_dtype, autocast_inputs, check_probability, check_scaling,
-                       check_seed, grads_needed, is_plain, master_adapters, resolve_seed)
+from .contract import (adapters_for, autocast_dtype, autocast_inputs, check_like_x, check_probability, check_scaling,
+                       check_seed, check_tensors, grads_needed, is_plain, resolve_seed)
 from .plan import Call
 
 __all__ = ["experts_linear", "check_experts_args", "experts_linear_fwd", "experts_linear_bwd", "EXPERTS",
@@ -67,14 +67,7 @@ def check_experts_args(x, weight, bias, lora_A, lora_B, offsets, gather, scaling
     """Raise a ValueError / TypeError naming the argument and the expected value, before any kernel. Values of
     offsets and gather are read where that costs no device sync (CPU tensors); on a GPU they are the caller's
     contract (transformers' routing produces them)."""
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, Tensor):
-        raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
-    if x.dtype not in ALL_DTYPES:
-        raise TypeError(f"x: unsupported dtype {x.dtype}; expected one of "
-                        f"{', '.join(str(d).replace('torch.', '') for d in ALL_DTYPES)}")
+    check_tensors(x, weight, bias, lora_A, lora_B)
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D tensor [tokens, in_features], got shape {_shape(x)}")
     if weight.dim() != 3:
@@ -93,15 +86,7 @@ def check_experts_args(x, weight, bias, lora_A, lora_B, offsets, gather, scaling
         raise ValueError(f"lora_B: expected shape [{E}, {N}, {r}] (experts, out_features, r), got {_shape(lora_B)}")
     if bias is not None and tuple(bias.shape) != (E, N):
         raise ValueError(f"bias: expected shape [{E}, {N}] (experts, out_features), got {_shape(bias)}")
-    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype and not (name.startswith("lora") and master_adapters(x.dtype, t.dtype)):
-            raise TypeError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}; cast one of them")
-        if t.device != x.device:
-            raise ValueError(f"{name}: on device {t.device}, expected x's device {x.device}")
-    if lora_B.dtype != lora_A.dtype:
-        raise TypeError(f"lora_B: dtype {lora_B.dtype} does not match lora_A's dtype {lora_A.dtype}")
+    check_like_x(x, weight, bias, lora_A, lora_B)
     _check_index("offsets", offsets, E, x.device)
     S = x.shape[0]
     if gather is not None:

@@ -289,6 +289,8 @@ class _FusedExperts(_FusedLayer):
         why = _chain_unsupported(chain, base)
         if why:
             return why, ()
+        if getattr(base, "parametrizations", None):  # a wrapper outside this chain (or another tool) is active
+            return "a parametrization on the experts' parameters", ()
         routed = routing_args(base, (x, *args), kwargs)
         if routed is None:
             return f"extra forward arguments {sorted(kwargs) or len(args)} of the experts module", ()

@@ -50,7 +50,12 @@ def dropout_seed(step: int, rank: int) -> int:
 def single_process(p: float, backend: str, dtype=torch.float64, device="cpu", bf16_base: bool = False):
     """The same steps in one process: each rank's micro-batch with that rank's RNG seed, grads averaged."""
     model = build_model(p, backend, dtype, device, bf16_base)
-    x, t = data(dtype, device, bf16_base)
+    return model, train_whole_batch(model, *data(dtype, device, bf16_base), model)
+
+
+def train_whole_batch(model, x, t, forward) -> list:
+    """STEPS SGD steps in one process, each rank's micro-batch with that rank's RNG seed, grads averaged (what WORLD
+    processes compute together); the losses."""
     opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.5)
     losses = []
     for step in range(STEPS):
@@ -58,13 +63,22 @@ def single_process(p: float, backend: str, dtype=torch.float64, device="cpu", bf
         for rank in range(WORLD):
             torch.manual_seed(dropout_seed(step, rank))
             rows = slice(rank * BATCH, (rank + 1) * BATCH)
-            loss = nn.functional.mse_loss(model(x[rows]).to(t.dtype), t[rows])
+            loss = nn.functional.mse_loss(forward(x[rows]).to(t.dtype), t[rows])
             (loss / WORLD).backward()
             total += loss.item() / WORLD
         opt.step()
         opt.zero_grad()
         losses.append(total)
-    return model, losses
+    return losses
+
+
+def step_all_ranks(opt, loss) -> float:
+    """The optimizer step after a backward, and the loss averaged over the ranks."""
+    opt.step()
+    opt.zero_grad()
+    reported = loss.detach().clone()
+    dist.all_reduce(reported)
+    return reported.item() / WORLD
 
 
 def lora_params(model) -> dict:
@@ -124,11 +138,7 @@ def worker(rank: int, port: int, engine: str, p: float, backend: str, out_dir: s
             if engine == "fsdp2":
                 grads = [q.grad for q in model.parameters() if q.requires_grad]
                 assert all(g is not None and g.dtype == torch.float32 for g in grads)
-            opt.step()
-            opt.zero_grad()
-            reported = loss.detach().clone()
-            dist.all_reduce(reported)
-            losses.append(reported.item() / WORLD)
+            losses.append(step_all_ranks(opt, loss))
         params = lora_params(model)
         inner = model.module if engine == "ddp" else model
         lora_kernels.save_adapter(inner, os.path.join(out_dir, "adapter"))
@@ -198,20 +208,7 @@ def quantized_data():
 def quantized_single(config: str, path: str, p: float, backend: str, checkpointed: bool = False):
     """One process: each rank's micro-batch with its RNG seed, grads averaged; (losses, LoRA params)."""
     model = build_quantized(config, path, p, backend)
-    x, t = quantized_data()
-    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.5)
-    losses = []
-    for step in range(STEPS):
-        total = 0.0
-        for rank in range(WORLD):
-            torch.manual_seed(dropout_seed(step, rank))
-            rows = slice(rank * BATCH, (rank + 1) * BATCH)
-            loss = nn.functional.mse_loss(_forward(model, x[rows], checkpointed).float(), t[rows])
-            (loss / WORLD).backward()
-            total += loss.item() / WORLD
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
+    losses = train_whole_batch(model, *quantized_data(), lambda x: _forward(model, x, checkpointed))
     return losses, lora_params(model), model
 
 
@@ -256,11 +253,7 @@ def quantized_worker(rank: int, port: int, path: str, p: float, backend: str, ou
                 torch.manual_seed(dropout_seed(step, rank))
                 loss = nn.functional.mse_loss(_forward(model, x[rows], mixed).float(), t[rows])
                 loss.backward()
-                opt.step()
-                opt.zero_grad()
-                reported = loss.detach().clone()
-                dist.all_reduce(reported)
-                losses.append(reported.item() / WORLD)
+                losses.append(step_all_ranks(opt, loss))
             params = lora_params(model)
             adapter_dir = os.path.join(out_dir, f"adapter-{config}")
             if path == "inject":

@@ -37,6 +37,20 @@ def _tile(TILE_EXPERT, TILE_START, OFFSETS, pid):
 
 
 @triton.jit
+def _slot_rows(GATHER, first, end, BLOCK_M: tl.constexpr, HAS_GATHER: tl.constexpr):
+    """(slot offsets, which are the expert's, the slots clamped in bounds, their rows of the input): BLOCK_M slots
+    from `first`; slots at or past `end` read the first one (their results are masked out)."""
+    offs = first + tl.arange(0, BLOCK_M)
+    ok = offs < end
+    slots = tl.where(ok, offs, first)
+    if HAS_GATHER:
+        rows = tl.load(GATHER + slots).to(tl.int64)
+    else:
+        rows = slots.to(tl.int64)
+    return offs, ok, slots, rows
+
+
+@triton.jit
 def experts_shrink_kernel(
     IN, GATHER, L, SEED, OUT, TILE_EXPERT, TILE_START, OFFSETS,
     K, R,
@@ -47,13 +61,7 @@ def experts_shrink_kernel(
 ):
     e, start, end = _tile(TILE_EXPERT, TILE_START, OFFSETS, tl.program_id(0))
     if e >= 0:
-        offs_m = start + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < end
-        slots = tl.where(row_ok, offs_m, start)
-        if HAS_GATHER:
-            rows = tl.load(GATHER + slots).to(tl.int64)
-        else:
-            rows = slots.to(tl.int64)
+        offs_m, row_ok, slots, rows = _slot_rows(GATHER, start, end, BLOCK_M, HAS_GATHER)
         offs_k = tl.arange(0, BLOCK_K)
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
@@ -91,13 +99,7 @@ def experts_gemm_kernel(
     e, start, end = _tile(TILE_EXPERT, TILE_START, OFFSETS, tl.program_id(0))
     if e >= 0:
         pid_n = tl.program_id(1)
-        offs_m = start + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < end
-        slots = tl.where(row_ok, offs_m, start)
-        if HAS_GATHER:
-            rows = tl.load(GATHER + slots).to(tl.int64)
-        else:
-            rows = slots.to(tl.int64)
+        offs_m, row_ok, slots, rows = _slot_rows(GATHER, start, end, BLOCK_M, HAS_GATHER)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = offs_n % N  # out-of-range columns wrap around: loads stay in bounds, stores are masked
         offs_k = tl.arange(0, BLOCK_K)
@@ -156,13 +158,7 @@ def experts_lowrank_grad_kernel(
     r_ok = offs_r < R
     acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     for s0 in range(start, end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        ok = offs_s < end
-        slots = tl.where(ok, offs_s, start)
-        if HAS_GATHER:
-            rows = tl.load(GATHER + slots).to(tl.int64)
-        else:
-            rows = slots.to(tl.int64)
+        _, ok, slots, rows = _slot_rows(GATHER, s0, end, BLOCK_S, HAS_GATHER)
         lo = tl.load(LO + slots.to(tl.int64)[:, None] * stride_lom + offs_r[None, :], mask=ok[:, None] & r_ok[None, :],
                      other=0.0)
         lo = as_type(lo, IN.dtype.element_ty, UPCAST)
