@@ -87,12 +87,20 @@ def test_aten_bf16_grouped_mm_matches_reference():
     _check(inputs, torch.bfloat16, "aten")
 
 
-def test_rank_zero_is_the_frozen_grouped_projection():
-    x, w, b, _, _, offsets, gather = _inputs(19, 2, 4, 24, 30, 2, torch.float64)
+@pytest.mark.parametrize("dtype,backend", [(torch.float64, "auto"), (torch.bfloat16, TRITON)])
+def test_rank_zero_is_the_frozen_grouped_projection(dtype, backend):
+    """r = 0 (a projection without an adapter in the experts block): the frozen grouped product, x's grad through
+    W0 alone, empty factor grads."""
+    inputs = _inputs(19, 2, 4, 32, 30, 2, dtype)
+    x, w, b, _, _, offsets, gather = inputs
     E, N, K = w.shape
-    y = experts_linear(x, w, b, w.new_zeros(E, 0, K), w.new_zeros(E, N, 0), offsets, 1.0, gather=gather)
-    ref = reference.experts_forward(x, w, b, w.new_zeros(E, 0, K), w.new_zeros(E, N, 0), offsets, gather, 0.0)[0]
-    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    empty = (w.new_zeros(E, 0, K), w.new_zeros(E, N, 0))
+    out = _run((x, w, b, *empty, offsets, gather), dtype, backend)
+    ref64 = _run((x, w, b, *empty, offsets, gather), torch.float64, "torch")
+    same = _run((x, w, b, *empty, offsets, gather), dtype, "torch")
+    for name, o, s, r in zip(("y", "dx", "dA", "dB"), out, same, ref64):
+        assert_parity(name, o, s, r)
+    assert out[2].shape == (E, 0, K) and out[3].shape == (E, N, 0)
 
 
 def test_dropout_mask_per_slot_and_backward_reproduces_it():
@@ -464,3 +472,21 @@ def test_fused_experts_take_an_input_of_another_dtype_as_transformers_does():
         want64 = wrapper64(hidden.double(), index, weights.double())
     assert got.dtype == want.dtype == torch.float32
     assert_parity("experts output", got, want, want64)
+
+
+def test_experts_block_compiles_fullgraph_with_dropout():
+    """A LoRAExperts (routing, both projections, the gate, dropout) under torch.compile(fullgraph=True): the eager
+    outputs and grads for the same seed."""
+    import lora_kernels as lk
+
+    model = lk.inject(_tiny("qwen3_moe", torch.float32), target_parameters=TARGETS, r=4, lora_dropout=0.1,
+                      init_lora_weights=False)
+    layer = lk.experts_layers(model)["model.layers.0.mlp.experts"]
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(0, 6, (9, 2), generator=g).to(DEVICE)
+    weights = torch.rand(9, 2, generator=g).to(DEVICE)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    assert_compiled_matches_eager(lambda x: layer(x, index, weights),
+                                  torch.compile(lambda x: layer(x, index, weights), fullgraph=True,
+                                                backend="aot_eager"),
+                                  [torch.randn(9, 48, generator=g).to(DEVICE)], params)
