@@ -160,18 +160,20 @@ def worker(rank: int, port: int, engine: str, p: float, backend: str, out_dir: s
 # FSDP2 over quantized base layers (QLoRA), natively (inject) and through PEFT (fuse)
 # ------------------------------------------------------------------------------------------------------------
 Q_IN, Q_HID = 64, 128  # multiples of 64: bitsandbytes' CPU kernels serve them exactly
-QUANT_CONFIGS = ("nf4_dq", "nf4", "fp4_dq", "fp4", "int8")
+QUANT_CONFIGS = ("nf4_dq", "nf4", "fp4_dq", "fp4", "int8", "nf4_dq+dora")  # "+dora": QDoRA
 
 
 def build_quantized(config: str, path: str, p: float, backend: str, device="cpu"):
-    """Three linear layers quantized as `config` ("nf4_dq", "fp4", "int8", ...), LoRA on each (r = 4, B non-zero):
-    `path` "inject" (QuantizedLoRALinear) or "peft" (PEFT's bitsandbytes LoRA layers, fused); the bases made
-    shardable. The same weights and adapters for the same arguments."""
+    """Three linear layers quantized as `config` ("nf4_dq", "fp4", "int8", ...; "+dora": DoRA over them), LoRA on each
+    (r = 4, B non-zero): `path` "inject" (QuantizedLoRALinear) or "peft" (PEFT's bitsandbytes LoRA layers, fused); the
+    bases made shardable. The same weights and adapters for the same arguments."""
     import bitsandbytes as bnb
     from lora_kernels.quantized import quantize_linear, shardable
 
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Linear(Q_IN, Q_HID), nn.GELU(), nn.Linear(Q_HID, Q_HID), nn.GELU(), nn.Linear(Q_HID, Q_IN))
+    config, _, variant = config.partition("+")
+    dora = variant == "dora"
     fmt, _, dq = config.partition("_")
     for i in (0, 2, 4):
         lin = dense[i]
@@ -183,14 +185,14 @@ def build_quantized(config: str, path: str, p: float, backend: str, device="cpu"
             dense[i] = quantize_linear(lin.to(device), fmt, bool(dq))
     if path == "inject":
         model = lora_kernels.inject(dense, ["0", "2", "4"], r=4, lora_alpha=8, lora_dropout=p,
-                                    init_lora_weights=False, backend=backend)
+                                    init_lora_weights=False, backend=backend, use_dora=dora)
         lora_kernels.mark_only_lora_as_trainable(model)
     else:
         from peft import LoraConfig, get_peft_model
         from lora_kernels.peft import fuse
 
         model = fuse(get_peft_model(dense, LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["0", "2", "4"],
-                                                      init_lora_weights=False)), backend=backend)
+                                                      init_lora_weights=False, use_dora=dora)), backend=backend)
     return shardable(model).to(device)
 
 

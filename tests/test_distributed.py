@@ -156,7 +156,8 @@ def _checkpointed_and_plain_grads_equal(p):
 def test_fsdp2_over_quantized_bases_matches_one_process(path, tmp_path):
     """FSDP2 (fully_shard per LoRA layer and the root) over bases made shardable: NF4 and FP4 with and without double
     quantization, and int8; dropout on. The adapters after the steps and the losses equal one process running the same
-    micro-batches; each rank holds about half of the codes; rank 0's adapter files equal one process's."""
+    micro-batches; each rank holds about half of the codes; rank 0's adapter files equal one process's. QDoRA (DoRA over
+    NF4) too."""
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("peft")
     from safetensors.torch import load_file
