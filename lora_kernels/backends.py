@@ -351,33 +351,35 @@ def _experts_torch_backward(grad_y, x, weight, lora_A, lora_B, xa, offsets, gath
 def _experts_aten_forward(x, weight, bias, lora_A, lora_B, offsets, gather, seed, scaling, dropout_p, save_xa,
                           transposed, aux=False):
     """Split LoRA: grouped(x, W0) + bias + s grouped(grouped(dropout(x), A^T), B^T), W0 + s B A never formed."""
-    from .grouped import expert_of_slots, grouped_mm
+    from .grouped import Bounds, expert_of_slots, grouped_mm
 
     a, b = like_x(x, lora_A, lora_B)
+    bounds = Bounds(offsets)
     xs = x if gather is None else x[gather]
-    y = grouped_mm(xs, weight if transposed else weight.transpose(1, 2), offsets)
+    y = grouped_mm(xs, weight if transposed else weight.transpose(1, 2), offsets, bounds)
     if bias is not None:
         y += bias.index_select(0, expert_of_slots(offsets, xs.shape[0]))
     xa = grouped_mm(dropped(xs, seed, dropout_p, in_place=gather is not None, kernels=aux), a.transpose(1, 2),
-                    offsets)
-    y += grouped_mm(xa * scaling, b.transpose(1, 2), offsets)
+                    offsets, bounds)
+    y += grouped_mm(xa * scaling, b.transpose(1, 2), offsets, bounds)
     # (torch._grouped_mm pads a narrow output's rows to 16 bytes: the saved product is contiguous, as the op says)
     return y, (xa.to(_xa_dtype(x.dtype)).contiguous() if save_xa else x.new_empty((0,), dtype=_xa_dtype(x.dtype)))
 
 
 def _experts_aten_backward(grad_y, x, weight, lora_A, lora_B, xa, offsets, gather, seed, scaling, dropout_p,
                            need_dx, deterministic, transposed, aux=False):
-    from .grouped import grouped_mm, grouped_mm_t, scatter_rows
+    from .grouped import Bounds, grouped_mm, grouped_mm_t, scatter_rows
 
     a, b = like_x(x, lora_A, lora_B)
+    bounds = Bounds(offsets)
     xs = x if gather is None else x[gather]
-    g = grouped_mm(grad_y, b, offsets).mul_(scaling)
-    grad_A = grouped_mm_t(g, dropped(xs, seed, dropout_p, kernels=aux), offsets)
-    grad_B = grouped_mm_t(grad_y, (xa * scaling).to(grad_y.dtype), offsets)
+    g = grouped_mm(grad_y, b, offsets, bounds).mul_(scaling)
+    grad_A = grouped_mm_t(g, dropped(xs, seed, dropout_p, kernels=aux), offsets, bounds)
+    grad_B = grouped_mm_t(grad_y, (xa * scaling).to(grad_y.dtype), offsets, bounds)
     dx = _empty_like_none(x)
     if need_dx:
-        dxs = dropped(grouped_mm(g, a, offsets), seed, dropout_p, in_place=True, kernels=aux)
-        dxs += grouped_mm(grad_y, weight.transpose(1, 2) if transposed else weight, offsets)
+        dxs = dropped(grouped_mm(g, a, offsets, bounds), seed, dropout_p, in_place=True, kernels=aux)
+        dxs += grouped_mm(grad_y, weight.transpose(1, 2) if transposed else weight, offsets, bounds)
         dx = scatter_rows(dxs, gather, x.shape[0])
     return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["grouped_mm", "grouped_mm_t", "expert_of_slots", "scatter_rows", "GROUPED_MM_DTYPES"]
+__all__ = ["grouped_mm", "grouped_mm_t", "expert_of_slots", "scatter_rows", "Bounds", "GROUPED_MM_DTYPES"]
 
 GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -36,22 +36,36 @@ def _grouped_mm_takes(*tensors: Tensor) -> bool:
     return first.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _bounds(offsets: Tensor) -> list[int]:
-    return [0] + [int(v) for v in offsets.tolist()]
+class Bounds:
+    """Each expert's first slot and end as host integers, read from `offsets` at most once (a device sync) however
+    many per-expert loops of one call need them."""
+
+    def __init__(self, offsets: Tensor):
+        self.offsets, self._list = offsets, None
+
+    def get(self) -> list[int]:
+        if self._list is None:
+            self._list = [0] + [int(v) for v in self.offsets.tolist()]
+        return self._list
 
 
-def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
-    """out [S, N]: slot s of expert e gets a[s] @ b[e], for a [S, K] and b [E, K, N] (any strides)."""
+def _bounds_of(offsets: Tensor, bounds: Bounds | None) -> list[int]:
+    return (bounds or Bounds(offsets)).get()
+
+
+def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, bounds: Bounds | None = None) -> Tensor:
+    """out [S, N]: slot s of expert e gets a[s] @ b[e], for a [S, K] and b [E, K, N] (any strides). `bounds`: the
+    call's host copy of the offsets, shared between its products (read only where a per-expert loop runs)."""
     if _grouped_mm_takes(a, b):
         return torch._grouped_mm(a, b, offs=offsets.to(torch.int32))
     out = a.new_empty((a.shape[0], b.shape[2]))
-    bounds = _bounds(offsets)
+    bounds = _bounds_of(offsets, bounds)
     for e in range(len(bounds) - 1):
         torch.mm(a[bounds[e]:bounds[e + 1]], b[e], out=out[bounds[e]:bounds[e + 1]])
     return out
 
 
-def grouped_mm_t(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+def grouped_mm_t(a: Tensor, b: Tensor, offsets: Tensor, bounds: Bounds | None = None) -> Tensor:
     """out [E, M, N]: expert e gets a_e^T @ b_e over its slots, for a [S, M] and b [S, N] (zeros for an expert
     without slots)."""
     at = a.t()
@@ -59,7 +73,7 @@ def grouped_mm_t(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
         return torch._grouped_mm(at, b, offs=offsets.to(torch.int32))
     E = offsets.shape[0]
     out = a.new_zeros((E, a.shape[1], b.shape[1]))
-    bounds = _bounds(offsets)
+    bounds = _bounds_of(offsets, bounds)
     for e in range(E):
         lo, hi = bounds[e], bounds[e + 1]
         if hi > lo:
