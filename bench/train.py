@@ -11,6 +11,10 @@ loss on random tokens, backward and an AdamW step on the adapters. Contenders, w
                  Linear4bit, compute dtype the run's), PEFT's LoRA over them against ``inject`` (needs bitsandbytes)
   peft_qdora, lora_kernels_qdora QDoRA: DoRA over the same NF4 bases
 
+``--model qwen3-30b-a3b``: an MoE model (Qwen3-30B-A3B's width: 128 experts, top-8), LoRA on attention and, through
+``target_parameters``, on every expert's gate_up_proj and down_proj (PEFT's ParamWrapper; ``inject`` gives
+LoRAExperts); the contenders peft, peft+fuse and lora_kernels, dropout 0 (PEFT refuses it on experts).
+
 On a GPU: tokens per second and ``torch.cuda.max_memory_allocated`` per step, p50 / p20 / p80 over the steps after
 warm-up (the planner measures new call shapes in the first steps: their time is reported apart). On CPU: a tiny
 config that checks every contender runs and that the losses agree by the parity rule (no timing worth reading).
@@ -40,6 +44,15 @@ CONTENDERS = ("peft", "peft+fuse", "lora_kernels", "peft_dora", "lora_kernels_do
               "peft_qdora", "lora_kernels_qdora")
 # (widths multiples of 64: bitsandbytes' CPU kernels serve those exactly)
 TINY = dict(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+# MoE models (a training step through PEFT's target_parameters and inject's LoRAExperts): (model type, config, layers)
+MOE_MODELS = {
+    "qwen3-30b-a3b": ("qwen3_moe", dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128,
+                                        num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4,
+                                        head_dim=128, vocab_size=151936, decoder_sparse_step=1, mlp_only_layers=[]),
+                      48),
+}
+MOE_TINY = dict(moe_intermediate_size=48, num_experts=6, num_experts_per_tok=2, head_dim=16)
+MOE_TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj"], ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
 SUFFIXES = ("_qdora", "_qlora", "_dora")  # (the first that a name ends with: "_qdora" before "_dora")
 
 
@@ -51,16 +64,20 @@ def base_model(name: str, layers: int, vocab: int | None, device, dtype, tiny: b
     """`layers` decoder layers of model `name` at full width (or the tiny config), random init from a fixed seed."""
     import transformers
 
-    model_type, kwargs, _ = MODELS[name]
+    model_type, kwargs, _ = MODELS[name] if name in MODELS else MOE_MODELS[name]
     kwargs = dict(kwargs)
     if tiny:
         kwargs = {k: v for k, v in kwargs.items() if k not in TINY and k not in ("n_embd", "n_head")}
         kwargs.update(TINY if model_type != "gpt2" else dict(n_embd=64, n_head=4, vocab_size=128))
+        if name in MOE_MODELS:
+            kwargs.update(MOE_TINY)
     if vocab and not tiny:
         kwargs["vocab_size" if model_type != "gpt2" else "vocab_size"] = vocab
     layers_key = "n_layer" if model_type == "gpt2" else "num_hidden_layers"
     cfg = transformers.AutoConfig.for_model(model_type, **kwargs, **{layers_key: layers})
     cfg._attn_implementation = "sdpa"
+    if dtype == torch.float64:
+        cfg._experts_implementation = "eager"  # (transformers' grouped_mm experts have no fp64 kernel)
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -76,6 +93,8 @@ def contenders(name: str, layers: int, vocab, device, dtype, r: int, dropout: fl
 
     from lora_kernels.peft import fuse
 
+    if name in MOE_MODELS:
+        return moe_contenders(name, layers, vocab, device, dtype, r, tiny, which)
     targets = TARGETS.get(MODELS[name][0], DEFAULT_TARGETS)
     out = {}
     for suffix, dora, quantized in (("", False, False), ("_dora", True, False), ("_qlora", False, True),
@@ -121,6 +140,37 @@ def contenders(name: str, layers: int, vocab, device, dtype, r: int, dropout: fl
                     if dora:
                         layer.lora_magnitude_vector.copy_(src.lora_magnitude_vector["default"].weight)
             out["lora_kernels" + suffix] = model
+    return out
+
+
+def moe_contenders(name: str, layers: int, vocab, device, dtype, r: int, tiny: bool, which) -> dict:
+    """{contender: model} for an MoE model: LoRA on attention (target_modules) and on the experts' projections
+    (target_parameters), the same adapters in every contender, dropout 0 (PEFT refuses it on experts)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora_kernels.peft import fuse
+
+    modules, parameters = MOE_TARGETS
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=modules, target_parameters=parameters,
+                     init_lora_weights=False)
+    reference = get_peft_model(base_model(name, layers, vocab, device, dtype, tiny), cfg)
+    out = {}
+    if "peft" in which:
+        out["peft"] = reference
+    if "peft+fuse" in which:
+        fused = get_peft_model(base_model(name, layers, vocab, device, dtype, tiny), cfg)
+        fused.load_state_dict(reference.state_dict())
+        out["peft+fuse"] = fuse(fused)
+    if "lora_kernels" in which:
+        import tempfile
+
+        model = lora_kernels.inject(base_model(name, layers, vocab, device, dtype, tiny), modules, r=r,
+                                    lora_alpha=2 * r, target_parameters=parameters)
+        lora_kernels.mark_only_lora_as_trainable(model)
+        with tempfile.TemporaryDirectory() as d:  # PEFT's adapters, through its files
+            reference.save_pretrained(d)
+            lora_kernels.load_adapter(model, d)
+        out["lora_kernels"] = model
     return out
 
 
@@ -193,6 +243,9 @@ def _as_fp64(model):
                     dense.bias.copy_(module.bias)
             parent, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent), child, dense)
+        config = getattr(module, "config", None)
+        if getattr(config, "_experts_implementation", None) not in (None, "eager"):
+            config._experts_implementation = "eager"  # (transformers' grouped_mm experts have no fp64 kernel)
     return model.to(torch.float64)
 
 
@@ -252,7 +305,7 @@ def csv_rows(rows, args, env) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the tiny CPU config: runs and loss parity only")
-    ap.add_argument("--model", default="llama-3-8b", choices=sorted(MODELS))
+    ap.add_argument("--model", default="llama-3-8b", choices=sorted(MODELS) + sorted(MOE_MODELS))
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
@@ -272,6 +325,9 @@ def main(argv=None) -> int:
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     which = [c for c in args.contenders.split(",") if c]
+    if args.model in MOE_MODELS:
+        which = [c for c in which if not _suffix(c)]  # LoRA only (PEFT refuses DoRA and dropout on experts)
+        args.dropout = 0.0
     models = contenders(args.model, args.layers, args.vocab, device, dtype, args.r, args.dropout, tiny, which)
     ids = batch(next(iter(models.values())), args.batch, args.seq, device)
     what = (f"{args.layers} {args.model} decoder layers {'(tiny config)' if tiny else 'at full width'}, "

@@ -249,3 +249,16 @@ def test_experts_bench_contenders_agree_and_write_files(tmp_path):
         for c in ("aten", "lora_kernels"):
             assert float(r[f"{c}_rel_err_y"]) < 1e-5 and float(r[f"{c}_rel_err_grads"]) < 1e-5, r
     assert "| qwen3-30b-a3b | 48 |" in (tmp_path / "experts.md").read_text()
+
+
+def test_train_bench_moe_model_trains_alike(tmp_path, capsys):
+    """bench.train --model qwen3-30b-a3b on CPU (tiny config): LoRA on attention and on the experts through PEFT's
+    target_parameters, PEFT + fuse and inject (LoRAExperts); the losses meet the parity rule against fp64 PEFT."""
+    pytest.importorskip("peft")
+    from bench import train
+
+    assert train.main(["--quick", "--model", "qwen3-30b-a3b", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 4 and "FAIL" not in out
+    with open(tmp_path / "results.csv") as f:
+        assert {r["provider"] for r in csv.DictReader(f)} == {"peft", "peft+fuse", "lora_kernels"}
