@@ -17,9 +17,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Adapter", "AdapterSet", "adapter_forward", "check_hparams", "DEFAULT"]
+__all__ = ["Adapter", "AdapterSet", "adapter_forward", "check_hparams", "lora_scaling", "DEFAULT"]
 
 DEFAULT = "default"
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """LoRA's scaling: alpha / r (rsLoRA: alpha / sqrt(r))."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
 
 
 def check_hparams(r, lora_alpha, lora_dropout):
@@ -72,7 +77,7 @@ class Adapter(nn.Module):
         lora_dropout = getattr(self, "lora_dropout", 0.0) if lora_dropout is None else lora_dropout
         check_hparams(self.r, lora_alpha, lora_dropout)
         self.lora_alpha, self.use_rslora, self.lora_dropout = lora_alpha, bool(use_rslora), float(lora_dropout)
-        self.scaling = lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        self.scaling = lora_scaling(lora_alpha, self.r, use_rslora)
 
     def hparams(self) -> dict:
         return dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, use_rslora=self.use_rslora,

@@ -42,7 +42,7 @@ from .contract import (adapters_for, autocast_dtype, autocast_inputs, check_like
 from .plan import Call
 
 __all__ = ["experts_linear", "check_experts_args", "experts_linear_fwd", "experts_linear_bwd", "EXPERTS",
-           "ExpertAdapter", "experts_block", "is_experts_module", "projections", "routing"]
+           "ExpertAdapter", "experts_block", "is_experts_module", "projections", "expert_features", "routing"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,6 +50,11 @@ __all__ = ["experts_linear", "check_experts_args", "experts_linear_fwd", "expert
 # --------------------------------------------------------------------------------------------
 def _shape(t) -> str:
     return str(list(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
+def expert_features(weight: Tensor, transposed: bool) -> tuple[int, int]:
+    """(in_features K, out_features N) of a projection over all experts: W0 [E, N, K], or [E, K, N] transposed."""
+    return (weight.shape[1], weight.shape[2]) if transposed else (weight.shape[2], weight.shape[1])
 
 
 def _check_index(name: str, t, length: int | None, device) -> None:
@@ -75,7 +80,7 @@ def check_experts_args(x, weight, bias, lora_A, lora_B, offsets, gather, scaling
                          f"{' (transposed: [experts, in_features, out_features])' if transposed else ''}, got "
                          f"shape {_shape(weight)}")
     E = weight.shape[0]
-    K, N = (weight.shape[1], weight.shape[2]) if transposed else (weight.shape[2], weight.shape[1])
+    K, N = expert_features(weight, transposed)
     if x.shape[1] != K:
         raise ValueError(f"x: last dimension must be in_features = {K} (weight.shape[{1 if transposed else 2}]), "
                          f"got shape {_shape(x)}")
@@ -258,8 +263,7 @@ def _project(module, name: str, x: Tensor, gather, offsets: Tensor, adapter: Exp
     bias = getattr(module, f"{name}_bias") if module.has_bias else None
     transposed = bool(module.is_transposed)
     if adapter is None:  # a projection without an adapter: the frozen grouped product (rank 0)
-        E = weight.shape[0]
-        K, N = (weight.shape[1], weight.shape[2]) if transposed else (weight.shape[2], weight.shape[1])
+        E, (K, N) = weight.shape[0], expert_features(weight, transposed)
         adapter = ExpertAdapter(weight.new_zeros((E, 0, K)), weight.new_zeros((E, N, 0)), 0.0)
     return experts_linear(x, weight, bias, adapter.lora_A, adapter.lora_B, offsets, adapter.scaling,
                           adapter.dropout_p, gather=gather, transposed=transposed, backend=backend)

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, plan
-from .adapters import DEFAULT, Adapter, AdapterSet, adapter_forward, check_hparams, init_lora
-from .experts import ExpertAdapter, experts_block, is_experts_module, projections, routing_args
+from .adapters import DEFAULT, Adapter, AdapterSet, adapter_forward, check_hparams, init_lora, lora_scaling
+from .experts import ExpertAdapter, expert_features, experts_block, is_experts_module, projections, routing_args
 from .ops import autocast_inputs, check_args, mixed_call
 from .quantized import base_dtype, dequantize, is_quantized_linear, quantized_weight
 from .stacking import AdapterStack, checked_ids, current_adapter_ids, expand_ids
@@ -562,7 +562,7 @@ class ExpertFactors(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
     def adapter(self, training: bool) -> ExpertAdapter:
         E, r = self.experts, self.r
@@ -611,7 +611,7 @@ class LoRAExperts(nn.Module):
         for name in self.targets:
             p = getattr(base_layer, name)
             p.requires_grad_(False)
-            K, N = (p.shape[1], p.shape[2]) if transposed else (p.shape[2], p.shape[1])
+            K, N = expert_features(p, transposed)
             rank = r[name] if isinstance(r, dict) else r
             alpha = lora_alpha[name] if isinstance(lora_alpha, dict) else lora_alpha
             factors = ExpertFactors(E, K, N, rank, alpha, lora_dropout, use_rslora, device=p.device,
@@ -619,9 +619,10 @@ class LoRAExperts(nn.Module):
             with torch.no_grad():
                 init_lora(factors.lora_A, factors.lora_B, rank, init_lora_weights)
             self.adapters[name] = factors
-        for name in ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias"):
-            if isinstance(getattr(base_layer, name, None), nn.Parameter):
-                getattr(base_layer, name).requires_grad_(False)
+        for name in names:  # the projections' biases (gpt-oss) are frozen with them
+            bias = getattr(base_layer, f"{name}_bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_(False)
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         routed = routing_args(self.base_layer, (hidden_states, *args), kwargs)

@@ -18,7 +18,8 @@ from .layers import FusedLoRALinear, LoRAExperts
 from .quantized import is_quantized_linear
 
 __all__ = ["inject", "lora_layers", "experts_layers", "mark_only_lora_as_trainable", "lora_state_dict", "merge",
-           "unmerge", "unload", "add_adapter", "set_adapter", "delete_adapter", "adapter_ids_for", "pattern_value", "is_plain_linear"]
+           "unmerge", "unload", "add_adapter", "set_adapter", "delete_adapter", "adapter_ids_for", "pattern_value",
+           "is_plain_linear"]
 
 
 _ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude_vector")

@@ -65,13 +65,25 @@ def _has_torch_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _global_hooks() -> str | None:
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return "global module forward hooks (registered with torch.nn.modules.module)"
+    return None
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Any forward hook on `module`: torch's, or accelerate's of any kind."""
+    return _has_torch_hooks(module) or "_hf_hook" in module.__dict__
+
+
 def _hooks_unsupported(layer, adapters) -> str | None:
     """Why hooks around a LoRA layer's parts keep it on PEFT's forward (None: the fused path honours them). PEFT calls
     the base layer and the adapters' modules, so their hooks run there; the fused path computes the whole layer at
     once and serves only hooks that move tensors (accelerate's device placement and offloading), entering them
     around the fused computation."""
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return "global module forward hooks (registered with torch.nn.modules.module)"
+    why = _global_hooks()
+    if why:
+        return why
     base = layer.get_base_layer()
     if _has_torch_hooks(base) or _accelerate_hook_fused(base) is False:
         return "forward hooks on the base layer"
@@ -95,8 +107,7 @@ class _FusedLayer:
 
     def _get_name(self):
         # print(model) and PEFT's tooling read the layer as PEFT's own (lora.Linear(...)); the marking is inside
-        return next(c for c in type(self).__mro__[1:]
-                    if not issubclass(c, _FusedLayer) and c is not _FusedLayer).__name__
+        return next(c for c in type(self).__mro__[1:] if not issubclass(c, _FusedLayer)).__name__
 
     def extra_repr(self) -> str:
         return f"fused=True, backend={self.fused_backend!r}"
@@ -245,19 +256,19 @@ def _chain_unsupported(chain, base) -> str | None:
     why = is_experts_module(base)
     if why:
         return f"LoRA on a parameter of {type(base).__name__} (target_parameters): {why}"
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return "global module forward hooks (registered with torch.nn.modules.module)"
-    if _has_torch_hooks(base) or "_hf_hook" in base.__dict__:
+    why = _global_hooks()
+    if why:
+        return why
+    if _hooked(base):
         return "forward hooks on the experts module"
     names = projections(base)
     for w in chain:
         if w.parameter_name not in names:
             return f"LoRA on {type(base).__name__}.{w.parameter_name} (the experts block adapts {' and '.join(names)})"
-        if w is not chain[0] and (_has_torch_hooks(w) or "_hf_hook" in w.__dict__):
+        if w is not chain[0] and _hooked(w):
             return "forward hooks on a nested ParamWrapper"
-        for a in w.lora_A:
-            if any(_has_torch_hooks(m) or "_hf_hook" in m.__dict__ for m in (w.lora_A[a], w.lora_B[a])):
-                return "forward hooks on the adapters' modules"
+        if any(_hooked(m) for a in w.lora_A for m in (w.lora_A[a], w.lora_B[a])):
+            return "forward hooks on the adapters' modules"
     if len({w.parameter_name for w in chain}) != len(chain):
         return "one parameter targeted by two ParamWrappers"
     return None

@@ -16,12 +16,11 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 
 import torch
 from torch import nn
-
-import warnings
 
 from .adapters import DEFAULT
 from .layers import full_tensor
@@ -49,16 +48,17 @@ def experts_keys(experts: dict) -> dict:
     return out
 
 
-def _experts_hparams(experts: dict) -> dict:
+def _experts_hparams(keyed: dict) -> dict:
     return {key: {"r": f.r, "lora_alpha": f.lora_alpha, "use_rslora": f.use_rslora, "use_dora": False,
                   "lora_dropout": f.lora_dropout}
-            for key, (layer, pname, _) in experts_keys(experts).items() for f in (layer.adapters[pname],)}
+            for key, (layer, pname, _) in keyed.items() for f in (layer.adapters[pname],)}
 
 
-def _adapter_config(layers: dict, experts: dict, adapter_name: str, base_model_name_or_path: str | None,
+def _adapter_config(layers: dict, keyed: dict, adapter_name: str, base_model_name_or_path: str | None,
                     task_type: str | None) -> dict:
+    """`keyed`: ``experts_keys`` of the model's LoRAExperts layers."""
     hps = {name: layer._adapter(adapter_name)[2] for name, layer in layers.items()}
-    hps.update(_experts_hparams(experts))
+    hps.update(_experts_hparams(keyed))
     ranks = Counter(hp["r"] for hp in hps.values())
     alphas = Counter(hp["lora_alpha"] for hp in hps.values())
     r = ranks.most_common(1)[0][0]
@@ -86,7 +86,7 @@ def _adapter_config(layers: dict, experts: dict, adapter_name: str, base_model_n
         "use_rslora": rslora.pop(),
         "use_dora": dora.pop(),
         "target_modules": sorted(layers),
-        **({"target_parameters": sorted(experts_keys(experts))} if experts else {}),
+        **({"target_parameters": sorted(keyed)} if keyed else {}),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
@@ -133,7 +133,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
         raise ValueError(f"adapter_name: LoRAExperts layers hold one adapter ({DEFAULT!r}), got {adapter_name!r}")
     path = os.fspath(path)
     tensors = {}
-    for layer, pname, module_path in experts_keys(experts).values():
+    keyed = experts_keys(experts)
+    for layer, pname, module_path in keyed.values():
         f = layer.adapters[pname]
         tensors[f"{_PREFIX}{module_path}.lora_A.weight"] = full_tensor(f.lora_A.detach()).contiguous().cpu()
         tensors[f"{_PREFIX}{module_path}.lora_B.weight"] = full_tensor(f.lora_B.detach()).contiguous().cpu()
@@ -144,7 +145,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
         if adapter.use_dora:  # PEFT's key for DoRA's magnitude (no .weight)
             magnitude = adapter.lora_magnitude_vector.detach()
             tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = full_tensor(magnitude).contiguous().cpu()
-    config = _adapter_config(layers, experts, adapter_name, base_model_name_or_path, task_type)
+    config = _adapter_config(layers, keyed, adapter_name, base_model_name_or_path, task_type)
     if experts and config["lora_dropout"]:
         warnings.warn(f"save_adapter: lora_dropout={config['lora_dropout']} with LoRA on experts: PEFT refuses dropout "
                       "with target_parameters when it loads these files (load_adapter reads them; for PEFT inference "
