@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..experts import expert_features
 from ..grouped import scatter_rows
 from .configs import INTERPRET, dot_precision
 from .dropout import dropout_args, dropout_keep
@@ -212,18 +213,28 @@ def tile_schedule(offsets: torch.Tensor, S: int, block_m: int) -> tuple[torch.Te
     return torch.where(e < E, ec, -1).to(torch.int32), start.to(torch.int32), n
 
 
+def _schedule(offsets, S: int, block_m: int, schedules: dict | None):
+    """tile_schedule, kept in `schedules` (one call's launches share it: the same offsets and slots) by BLOCK_M."""
+    if schedules is None:
+        return tile_schedule(offsets, S, block_m)
+    if block_m not in schedules:
+        schedules[block_m] = tile_schedule(offsets, S, block_m)
+    return schedules[block_m]
+
+
 def _dropout(p: float):
     return dropout_args(p) if p > 0.0 else (0, 1.0)
 
 
-def shrink(inp, gather, lora, offsets, seed, p: float, scale: float, transpose_lora: bool = False):
+def shrink(inp, gather, lora, offsets, seed, p: float, scale: float, transpose_lora: bool = False,
+           schedules: dict | None = None):
     """out [S, r] fp32 = scale * dropout(inp[gather]) L_e^T per slot; `lora` is [E, r, c] (A), or [E, c, r] with
-    transpose_lora (B, read as its transpose)."""
+    transpose_lora (B, read as its transpose). `schedules`: the call's tile schedules (``_schedule``)."""
     S = gather.shape[0] if gather is not None else inp.shape[0]
     C = inp.shape[1]
     r = lora.shape[2] if transpose_lora else lora.shape[1]
     bm, _, bk, warps, stages = tile("thin", inp.dtype)
-    te, ts, n = tile_schedule(offsets, S, bm)
+    te, ts, n = _schedule(offsets, S, bm, schedules)
     out = empty((S, r), inp.device, torch.float32)
     stride_lj, stride_lk = (lora.stride(2), lora.stride(1)) if transpose_lora else (lora.stride(1), lora.stride(2))
     threshold, keep_scale = _dropout(p)
@@ -234,19 +245,17 @@ def shrink(inp, gather, lora, offsets, seed, p: float, scale: float, transpose_l
             float(scale), threshold, keep_scale,
             HAS_GATHER=gather is not None, DROPOUT=p > 0.0, BLOCK_R=block_r(r), DOT_PRECISION=dot_precision(inp.dtype),
             UPCAST=INTERPRET, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    elif S:
-        out.zero_()
     return out
 
 
 def gemm(inp, gather, weight, w_strides, lo, lora, lora_strides, bias, offsets, seed, p: float, scale: float,
-         n_out: int):
+         n_out: int, schedules: dict | None = None):
     """out [S, n_out] = inp[gather] W_e + scale * (lo L_e) [* mask] + bias_e per slot. `w_strides` (expert, reduction,
     output) and `lora_strides` (expert, rank, output) read W_e and L_e in whatever layout they are stored."""
     S = gather.shape[0] if gather is not None else inp.shape[0]
     K, r = inp.shape[1], lo.shape[1]
     bm, bn, bk, warps, stages = tile("gemm", inp.dtype)
-    te, ts, n = tile_schedule(offsets, S, bm)
+    te, ts, n = _schedule(offsets, S, bm, schedules)
     out = empty((S, n_out), inp.device, inp.dtype)
     threshold, keep_scale = _dropout(p)
     if S and n_out:
@@ -283,13 +292,14 @@ def experts_forward(x, weight, bias, lora_A, lora_B, offsets, gather, seed, scal
                     transposed):
     """(y [S, N], xa [S, r] fp32): xa = dropout(x_g) A_e^T (one launch), then y = x_g W0_e^T + b_e + s xa B_e^T
     (one launch)."""
-    N = weight.shape[2] if transposed else weight.shape[1]
-    xa = shrink(x, gather, lora_A, offsets, seed, dropout_p, 1.0)
+    N = expert_features(weight, transposed)[1]
+    schedules = {}
+    xa = shrink(x, gather, lora_A, offsets, seed, dropout_p, 1.0, schedules=schedules)
     # W_e^T as [reduction K, output N]: weight [E, N, K] (strides e, n, k) or transposed [E, K, N]
     w_strides = ((weight.stride(0), weight.stride(1), weight.stride(2)) if transposed
                  else (weight.stride(0), weight.stride(2), weight.stride(1)))
     b_strides = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))  # B_e^T [r, N]
-    y = gemm(x, gather, weight, w_strides, xa, lora_B, b_strides, bias, offsets, None, 0.0, scaling, N)
+    y = gemm(x, gather, weight, w_strides, xa, lora_B, b_strides, bias, offsets, None, 0.0, scaling, N, schedules)
     return y, (xa if save_xa else x.new_empty((0,), dtype=torch.float32))
 
 
@@ -300,7 +310,8 @@ def experts_backward(grad_y, x, weight, lora_A, lora_B, xa, offsets, gather, see
     E, r, K = lora_A.shape
     N = lora_B.shape[1]
     grad_y = grad_y if grad_y.stride(-1) == 1 else grad_y.contiguous()
-    g = shrink(grad_y, None, lora_B, offsets, None, 0.0, scaling, transpose_lora=True)
+    schedules = {}
+    g = shrink(grad_y, None, lora_B, offsets, None, 0.0, scaling, transpose_lora=True, schedules=schedules)
     grad_A = lowrank_grad(g, x, gather, offsets, seed, dropout_p, 1.0, (E, r, K),
                           lambda o: (o.stride(0), o.stride(1), o.stride(2)))
     grad_B = lowrank_grad(xa, grad_y, None, offsets, None, 0.0, scaling, (E, N, r),
@@ -311,6 +322,6 @@ def experts_backward(grad_y, x, weight, lora_A, lora_B, xa, offsets, gather, see
         w_strides = ((weight.stride(0), weight.stride(2), weight.stride(1)) if transposed
                      else (weight.stride(0), weight.stride(1), weight.stride(2)))
         dxs = gemm(grad_y, None, weight, w_strides, g, lora_A, (lora_A.stride(0), lora_A.stride(1), lora_A.stride(2)),
-                   None, offsets, seed, dropout_p, 1.0, K)
+                   None, offsets, seed, dropout_p, 1.0, K, schedules)
         dx = scatter_rows(dxs, gather, x.shape[0])
     return dx, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
